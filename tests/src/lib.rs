@@ -1,0 +1,1 @@
+//! Workspace-level fixtures and end-to-end tests.

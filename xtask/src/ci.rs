@@ -1,0 +1,43 @@
+//! `cargo xtask ci`: the same steps as `.ci/run`, runnable locally in one command.
+
+use std::process::Command;
+
+use anyhow::bail;
+
+/// The steps, in order; `.ci/run` lists the same commands.
+pub(crate) const STEPS: &[&[&str]] = &[
+    &["fmt", "--all", "--", "--check"],
+    &[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    &["test", "--workspace"],
+];
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    for step in STEPS {
+        eprintln!("$ cargo {}", step.join(" "));
+        let status = Command::new(env!("CARGO")).args(*step).status()?;
+        if !status.success() {
+            bail!("`cargo {}` failed ({status})", step.join(" "));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// `.ci/run` and `cargo xtask ci` must not drift apart.
+    #[test]
+    fn ci_script_runs_the_same_steps() {
+        let script = std::fs::read_to_string(crate::project_root().join(".ci/run")).unwrap();
+        for step in super::STEPS {
+            let line = format!("cargo {}", step.join(" "));
+            assert!(script.contains(&line), ".ci/run lacks `{line}`");
+        }
+    }
+}
