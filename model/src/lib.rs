@@ -1,1 +1,424 @@
-//! placeholder
+//! Trainable causal language models on candle: the Qwen2 family (Qwen2, Qwen3, Llama) with
+//! Hugging Face checkpoints, and a small nanoGPT-style model.
+//!
+//! [`Model`] owns its parameters as [`Var`]s under their Hugging Face names
+//! ([`Model::params`], in a fixed order), and runs every op with a backward pass, so a loss built
+//! on [`Model::forward`] or [`Model::forward_hidden`] trains all of them. `forward` is `&self`,
+//! returns every position, and knows nothing of losses or tokenizers; batching is described by
+//! explicit positions and an [`AttentionMask`] (padding and packing are segment ids).
+//!
+//! Inference uses [`Model::detached`] (no graph is recorded) and a [`KvCache`]; see [`generate`].
+
+mod checkpoint;
+mod config;
+pub mod generate;
+mod gpt;
+mod kernels;
+mod ops;
+mod params;
+pub mod presets;
+mod qwen2;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+pub use crate::config::{GptConfig, ModelConfig, Qwen2Config, GPT_MODEL_TYPE};
+use crate::gpt::Gpt;
+use crate::ops::Rope;
+use crate::qwen2::Qwen2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    Config { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("{}: tensor {name} is missing", path.display())]
+    MissingTensor { name: String, path: PathBuf },
+    #[error("{}: unexpected tensor {name} (not a parameter of this model)", path.display())]
+    UnexpectedTensor { name: String, path: PathBuf },
+    #[error("{}: tensor {name} has shape {found:?}, the config implies {expected:?}", path.display())]
+    ShapeMismatch {
+        name: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("unsupported dtype {dtype:?} (use f32, f64, bf16 or f16)")]
+    UnsupportedDtype { dtype: DType },
+    /// Arguments of a forward pass or of generation that the model cannot take.
+    #[error("invalid model input: {reason}")]
+    Input { reason: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn input_error<T>(reason: impl Into<String>) -> Result<T> {
+    Err(Error::Input {
+        reason: reason.into(),
+    })
+}
+
+/// Which key positions each query may attend to.
+#[derive(Debug, Clone, Copy)]
+pub enum AttentionMask<'a> {
+    /// Plain causal, no padding (every row full).
+    Causal,
+    /// (batch, seq) u32 segment ids: query q may attend key k iff `k <= q && seg[q] == seg[k] &&
+    /// seg[q] != 0`. Right padding is segment 0; packed samples are segments 1, 2, 3, ... of a
+    /// row, with positions restarting per sample (given by the caller). A padding query attends
+    /// nothing; its outputs are finite and meaningless.
+    Segments(&'a Tensor),
+}
+
+/// Weights by name, for assembling a network from its parameter list.
+pub(crate) struct Weights {
+    map: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    /// Every name comes from `params::param_specs`, so a miss is a bug in this crate.
+    fn get(&self, name: &str) -> Tensor {
+        match self.map.get(name) {
+            Some(t) => t.clone(),
+            None => panic!("parameter {name} is not in the parameter list"),
+        }
+    }
+
+    fn maybe(&self, name: &str) -> Option<Tensor> {
+        self.map.get(name).cloned()
+    }
+}
+
+/// The keys and values one layer has seen so far, (batch, kv_heads, len, head_dim) each.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LayerKv {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl LayerKv {
+    /// Appends this step's keys and values; returns the whole sequence's.
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let kv = match self.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.kv = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+/// Keys and values of every layer for incremental decoding ([`Model::forward_cached`]). All rows
+/// of a batch share one length.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens cached so far: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.kv = None);
+        self.len = 0;
+    }
+}
+
+// One per model: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+enum Net {
+    Qwen2(Qwen2),
+    Gpt(Gpt),
+}
+
+/// A trainable causal LM: config, named parameters, and the network built on them. Not `Clone`:
+/// a copy would share the trainable storage; [`Model::detached`] is the explicit way to do that.
+#[derive(Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    params: Vec<(String, Var)>,
+    net: Net,
+    dtype: DType,
+    device: Device,
+}
+
+impl Model {
+    /// A fresh model: Normal(0, initializer_range) Linear and Embedding weights (nanoGPT's
+    /// smaller residual projections for GPT), zero biases, unit norm gains. Each tensor's values
+    /// depend only on `seed` and its name.
+    pub fn init(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Model> {
+        check_dtype(dtype)?;
+        let specs = params::param_specs(cfg);
+        let params = params::init_params(&specs, seed, dtype, device)?;
+        Model::assemble(cfg.clone(), params, dtype, device, false, None)
+    }
+
+    /// Builds the network on `params`; `detached` builds it on graph-free views of them.
+    fn assemble(
+        cfg: ModelConfig,
+        params: Vec<(String, Var)>,
+        dtype: DType,
+        device: &Device,
+        detached: bool,
+        rope: Option<Rope>,
+    ) -> Result<Model> {
+        let map = params
+            .iter()
+            .map(|(n, v)| {
+                let t = if detached {
+                    v.as_detached_tensor()
+                } else {
+                    v.as_tensor().clone()
+                };
+                (n.clone(), t)
+            })
+            .collect();
+        let weights = Weights { map };
+        let net = match &cfg {
+            ModelConfig::Qwen2(c) => {
+                let rope = match rope {
+                    Some(r) => r,
+                    None => Rope::new(
+                        c.rope_theta,
+                        c.head_dim(),
+                        c.max_position_embeddings,
+                        device,
+                    )?,
+                };
+                Net::Qwen2(Qwen2::new(c, &weights, rope))
+            }
+            ModelConfig::Gpt(c) => Net::Gpt(Gpt::new(c, &weights)),
+        };
+        Ok(Model {
+            cfg,
+            params,
+            net,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Every trainable tensor exactly once, under its Hugging Face name, in construction order:
+    /// embeddings, layers in order, final norm, `lm_head.weight` when untied.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// (vocab, hidden): the embedding when tied, else `lm_head.weight`. The head has no bias.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        match &self.net {
+            Net::Qwen2(m) => m.lm_head(),
+            Net::Gpt(m) => m.lm_head(),
+        }
+    }
+
+    /// A copy whose weights share storage with the trainable ones but record no gradient graph:
+    /// for evaluation and generation. It sees optimizer updates made in place.
+    pub fn detached(&self) -> Model {
+        let rope = match &self.net {
+            Net::Qwen2(m) => Some(m.rope().clone()),
+            Net::Gpt(_) => None,
+        };
+        Model::assemble(
+            self.cfg.clone(),
+            self.params.clone(),
+            self.dtype,
+            &self.device,
+            true,
+            rope,
+        )
+        .expect("re-assembling an existing model cannot fail")
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![LayerKv::default(); self.cfg.num_layers()],
+            len: 0,
+        }
+    }
+
+    /// Logits (batch, seq, vocab) in f32 for `input_ids` (batch, seq) u32 at `positions`
+    /// (batch, seq) u32. `dropout_seed: None` is evaluation; `Some(seed)` is training mode, with
+    /// dropout masks drawn from `seed` (only the GPT has dropout).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttentionMask<'_>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, positions, mask, dropout_seed)?;
+        self.logits(&hidden)
+    }
+
+    /// Hidden states after the final norm, (batch, seq, hidden) in the model dtype; `forward` is
+    /// the head applied to them.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttentionMask<'_>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        if positions.dims() != [b, t] || positions.dtype() != DType::U32 {
+            return input_error(format!(
+                "positions must be ({b}, {t}) u32 like input_ids, got {:?} {:?}",
+                positions.dims(),
+                positions.dtype()
+            ));
+        }
+        let max_pos = positions.max_all()?.to_scalar::<u32>()? as usize;
+        if max_pos >= self.cfg.max_positions() {
+            return input_error(format!(
+                "position {max_pos} is beyond the model's {} positions",
+                self.cfg.max_positions()
+            ));
+        }
+        let mask = match mask {
+            AttentionMask::Causal => ops::causal_mask(t, 0, self.dtype, &self.device)?,
+            AttentionMask::Segments(seg) => {
+                if seg.dims() != [b, t] {
+                    return input_error(format!(
+                        "segment ids are {:?}, input_ids ({b}, {t})",
+                        seg.dims()
+                    ));
+                }
+                ops::segment_mask(seg, self.dtype)?
+            }
+        };
+        match &self.net {
+            Net::Qwen2(m) => m.forward_hidden(input_ids, positions, Some(&mask), None),
+            Net::Gpt(m) => m.forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed),
+        }
+    }
+
+    /// Incremental decoding: `input_ids` (batch, t_new) continue the cached sequence at
+    /// positions `cache.len()..`; returns their logits (batch, t_new, vocab) in f32 and appends
+    /// their keys and values to `cache`. Equal to the matching rows of a full `forward`.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_cached_hidden(input_ids, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// [`Model::forward_cached`] before the head: generation applies the head to the last
+    /// position only (a long prompt's logits would cost seq x vocab floats).
+    pub(crate) fn forward_cached_hidden(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        if cache.layers.len() != self.cfg.num_layers() {
+            return input_error("the cache belongs to a model with another number of layers");
+        }
+        let start = cache.len;
+        if start + t > self.cfg.max_positions() {
+            return input_error(format!(
+                "positions {start}..{} are beyond the model's {} positions",
+                start + t,
+                self.cfg.max_positions()
+            ));
+        }
+        let pos: Vec<u32> = (0..b)
+            .flat_map(|_| (start..start + t).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::from_vec(pos, (b, t), &self.device)?;
+        // A single new token may attend every cached key: no mask needed.
+        let mask = match t {
+            1 => None,
+            _ => Some(ops::causal_mask(t, start, self.dtype, &self.device)?),
+        };
+        let hidden = match &self.net {
+            Net::Qwen2(m) => m.forward_hidden(
+                input_ids,
+                &positions,
+                mask.as_ref(),
+                Some(cache.layers.as_mut_slice()),
+            ),
+            Net::Gpt(m) => m.forward_hidden(
+                input_ids,
+                &positions,
+                mask.as_ref(),
+                Some(cache.layers.as_mut_slice()),
+                None,
+            ),
+        }?;
+        cache.len += t;
+        Ok(hidden)
+    }
+
+    pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear(hidden, self.lm_head_weight(), None)?.to_dtype(DType::F32)?)
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = match ids.dims() {
+            &[b, t] if b > 0 && t > 0 => (b, t),
+            d => {
+                return input_error(format!(
+                    "input_ids must be (batch, seq) and non-empty, got {d:?}"
+                ))
+            }
+        };
+        if ids.dtype() != DType::U32 {
+            return input_error(format!("input_ids must be u32, got {:?}", ids.dtype()));
+        }
+        let max_id = ids.max_all()?.to_scalar::<u32>()? as usize;
+        if max_id >= self.cfg.vocab_size() {
+            return input_error(format!(
+                "token id {max_id} is outside the vocabulary ({})",
+                self.cfg.vocab_size()
+            ));
+        }
+        Ok((b, t))
+    }
+}
+
+fn check_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F64 | DType::BF16 | DType::F16 => Ok(()),
+        other => Err(Error::UnsupportedDtype { dtype: other }),
+    }
+}
+
+/// The dtype name `transformers` writes in `config.json`.
+pub(crate) fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "float32",
+        DType::F64 => "float64",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "unsupported",
+    }
+}

@@ -1,0 +1,437 @@
+//! The differentiable building blocks of both architectures, each written with candle ops that
+//! have a backward pass.
+//!
+//! candle's fused kernels (`softmax_last_dim`, `rms_norm`, `LayerNorm::forward`, `rope`) record no
+//! gradient and cut the graph without an error, so none is used here. Every op of the forward
+//! pass goes through this module, which makes it the one place to swap in faster fused kernels
+//! (with a hand-written backward) later.
+//!
+//! Layout rule: candle 0.11's CPU matmul silently returns wrong values for an lhs whose last two
+//! dims are transposed when the rhs batch is broadcast. [`linear`] therefore flattens its input
+//! to 2-D (a copy when the input is not contiguous) and [`attention`] makes q/k/v contiguous.
+
+use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::{kernels, Result};
+
+/// Additive attention-mask value for a forbidden key. Finite, so that a fully masked row (a
+/// padding query) gives a uniform softmax instead of NaN; large enough that `exp` underflows to
+/// exactly zero next to any real score.
+pub(crate) fn mask_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -3.0e4,
+        _ => -1.0e9,
+    }
+}
+
+/// The dtype norms and softmax compute in: at least f32, as `transformers` does for half types.
+fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// `x @ w^T + b` over the last dim of `x`; `w` is (out, in) as stored by `nn.Linear`.
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (&n_in, lead) = dims
+        .split_last()
+        .expect("linear input has at least one dim");
+    let rows = lead.iter().product::<usize>();
+    // 2-D on both sides: no batch folding, so no layout trap; reshape copies a permuted input.
+    let y = x.reshape((rows, n_in))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(w.dim(0)?);
+    Ok(y.reshape(out_dims)?)
+}
+
+/// RMSNorm over the last dim: `w * x / sqrt(mean(x^2) + eps)`, normalised in at least f32.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xc = x.to_dtype(compute_dtype(dtype))?;
+    let ms = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    Ok(y.broadcast_mul(w)?)
+}
+
+/// LayerNorm over the last dim, with an optional bias.
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xc = x.to_dtype(compute_dtype(dtype))?;
+    let centred = xc.broadcast_sub(&xc.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?;
+    let y = y.broadcast_mul(w)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// Softmax over the last dim, in at least f32, returned in the input dtype.
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let y = candle_nn::ops::softmax(&x.to_dtype(compute_dtype(dtype))?, D::Minus1)?;
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// SwiGLU's gate: `silu(gate) * up`.
+pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
+}
+
+/// GPT-2's tanh-approximated GELU (`gelu_new`).
+pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu()?)
+}
+
+/// RoPE tables for positions `0..max_positions`, in the "rotate half" layout of `transformers`,
+/// kept in f32 whatever the model dtype (a bf16 angle loses integer positions above 256).
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    /// (max_positions, head_dim / 2): `cos(p f_i)`.
+    cos: Tensor,
+    /// (max_positions, head_dim / 2): `sin(p f_i)`.
+    sin: Tensor,
+}
+
+impl Rope {
+    pub(crate) fn new(
+        theta: f64,
+        head_dim: usize,
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<Rope> {
+        let half = head_dim / 2;
+        // As transformers: inv_freq and the angle are f32 values; only cos/sin are taken more
+        // precisely (torch's f32 cos is accurate to an ulp, so this matches it closely).
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let angles = || {
+            (0..max_positions).flat_map(|p| inv_freq.iter().map(move |&f| ((p as f32) * f) as f64))
+        };
+        let cos: Vec<f32> = angles().map(|a| a.cos() as f32).collect();
+        let sin: Vec<f32> = angles().map(|a| a.sin() as f32).collect();
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+        })
+    }
+
+    /// The tables at `positions` (b, t) for [`apply_rope`], each (b, t, 1, head_dim) to
+    /// broadcast over heads: `[cos | cos]` and `[-sin | sin]` (the sign of `rotate_half`).
+    pub(crate) fn gather(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let flat = positions.flatten_all()?;
+        let cos = self.cos.index_select(&flat, 0)?;
+        let sin = self.sin.index_select(&flat, 0)?;
+        let cos = Tensor::cat(&[&cos, &cos], 1)?;
+        let sin = Tensor::cat(&[&sin.neg()?, &sin], 1)?;
+        let shape = (b, t, 1, cos.dim(1)?);
+        Ok((
+            cos.reshape(shape)?.to_dtype(dtype)?,
+            sin.reshape(shape)?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+/// Rotates `x` (b, t, heads, head_dim) by the gathered tables: `x cos + rotate_half(x) sin`.
+pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let swapped = Tensor::cat(
+        &[
+            x.narrow(D::Minus1, half, half)?,
+            x.narrow(D::Minus1, 0, half)?,
+        ],
+        3,
+    )?;
+    Ok((x.broadcast_mul(cos)? + swapped.broadcast_mul(sin)?)?)
+}
+
+/// Scaled dot-product attention with grouped-query heads.
+///
+/// `q` (b, heads, t, d); `k`, `v` (b, kv_heads, t_k, d); `mask` additive, broadcastable to
+/// (b, heads, t, t_k). Returns (b, heads, t, d).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let (_, kv_heads, t_k, _) = k.dims4()?;
+    let group = heads / kv_heads;
+    // Query heads sharing a K/V head are folded into the row dim, so K/V are never repeated.
+    let q = (q.contiguous()? * (1.0 / (d as f64).sqrt()))?.reshape((b, kv_heads, group * t, d))?;
+    let k = k.contiguous()?;
+    let v = v.contiguous()?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, heads, t, t_k))?;
+    let mut probs = match mask {
+        Some(m) => kernels::masked_softmax(&scores, m)?,
+        None => softmax_last_dim(&scores)?,
+    };
+    if let Some(dropout) = dropout {
+        probs = dropout.apply(&probs)?;
+    }
+    let y = probs.reshape((b, kv_heads, group * t, t_k))?.matmul(&v)?;
+    Ok(y.reshape((b, heads, t, d))?)
+}
+
+/// Inverted dropout with a mask drawn on the host from a seeded ChaCha8 stream, so a training
+/// step is reproducible bit for bit whatever the device or thread count.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dropout {
+    pub(crate) p: f64,
+    pub(crate) seed: u64,
+    /// Which dropout site of the forward pass this is; each site has its own stream.
+    pub(crate) site: u64,
+}
+
+impl Dropout {
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(self.site);
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let p = self.p as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}
+
+/// Additive causal mask for `t` queries at absolute positions `offset..offset + t` over keys
+/// `0..offset + t`, shaped (1, 1, t, offset + t).
+pub(crate) fn causal_mask(
+    t: usize,
+    offset: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let t_k = offset + t;
+    let neg = mask_value(dtype) as f32;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t_k).map(move |j| if j <= offset + i { 0.0 } else { neg }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (1, 1, t, t_k), device)?.to_dtype(dtype)?)
+}
+
+/// Additive mask (b, 1, t, t) from segment ids (b, t): query q sees key k iff `k <= q`,
+/// `seg[k] == seg[q]` and `seg[q] != 0`.
+pub(crate) fn segment_mask(segments: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, t) = segments.dims2()?;
+    let device = segments.device();
+    let segments = segments.to_dtype(DType::U32)?;
+    let seg_q = segments.unsqueeze(2)?;
+    let seg_k = segments.unsqueeze(1)?;
+    let same = seg_q.broadcast_eq(&seg_k)?;
+    let real = seg_q.ne(0u32)?.broadcast_as((b, t, t))?;
+    let causal = Tensor::tril2(t, DType::U8, device)?.broadcast_as((b, t, t))?;
+    let allowed = ((same * real)? * causal)?;
+    let zero = Tensor::zeros((b, t, t), dtype, device)?;
+    let neg = Tensor::full(mask_value(dtype), (b, t, t), device)?.to_dtype(dtype)?;
+    Ok(allowed.where_cond(&zero, &neg)?.unsqueeze(1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_distr::{Distribution, StandardNormal};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Reference `x @ w^T` with explicit loops over host data.
+    fn naive_linear(x: &[Vec<Vec<f32>>], w: &[Vec<f32>]) -> Vec<Vec<Vec<f32>>> {
+        x.iter()
+            .map(|m| {
+                m.iter()
+                    .map(|row| {
+                        w.iter()
+                            .map(|wr| row.iter().zip(wr).map(|(a, b)| a * b).sum())
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn linear_on_a_transposed_batch_matches_naive_loops() {
+        // candle_nn::Linear on this input returns wrong numbers (the 0.11 CPU matmul trap).
+        let x = randn(&[2, 5, 3], 1).transpose(1, 2).unwrap(); // (2, 3, 5), not contiguous
+        let w = randn(&[4, 5], 2);
+        let got = linear(&x, &w, None).unwrap();
+        let want = naive_linear(&x.to_vec3().unwrap(), &w.to_vec2().unwrap());
+        let want = Tensor::new(want, &Device::Cpu).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let trap = candle_nn::Module::forward(&candle_nn::Linear::new(w, None), &x).unwrap();
+        assert!(
+            max_abs_diff(&trap, &want) > 1e-2,
+            "candle fixed the trap: simplify linear"
+        );
+    }
+
+    #[test]
+    fn attention_batch_equals_rows_alone() {
+        let q = randn(&[2, 4, 6, 8], 3)
+            .transpose(2, 1)
+            .unwrap()
+            .transpose(2, 1)
+            .unwrap();
+        let k = randn(&[2, 6, 2, 8], 4).transpose(1, 2).unwrap(); // (2, 2, 6, 8), strided
+        let v = randn(&[2, 6, 2, 8], 5).transpose(1, 2).unwrap();
+        let mask = causal_mask(6, 0, DType::F32, &Device::Cpu).unwrap();
+        let both = attention(&q, &k, &v, Some(&mask), None).unwrap();
+        for row in 0..2 {
+            let one = |t: &Tensor| t.narrow(0, row, 1).unwrap();
+            let alone = attention(&one(&q), &one(&k), &one(&v), Some(&mask), None).unwrap();
+            assert!(max_abs_diff(&one(&both), &alone) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn grouped_query_attention_equals_repeated_kv() {
+        let q = randn(&[1, 4, 5, 8], 6);
+        let k = randn(&[1, 2, 5, 8], 7);
+        let v = randn(&[1, 2, 5, 8], 8);
+        let got = attention(&q, &k, &v, None, None).unwrap();
+        // Head h uses K/V head h / 2, as transformers' repeat_kv.
+        let rep = |t: &Tensor| {
+            let heads: Vec<Tensor> = (0..4).map(|h| t.narrow(1, h / 2, 1).unwrap()).collect();
+            Tensor::cat(&heads, 1).unwrap()
+        };
+        let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() / 8f64.sqrt()).unwrap();
+        let want = softmax_last_dim(&scores).unwrap().matmul(&rep(&v)).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6);
+    }
+
+    #[test]
+    fn segment_mask_rules() {
+        let seg = Tensor::new(&[[1u32, 1, 2, 2, 0]], &Device::Cpu).unwrap();
+        let m = segment_mask(&seg, DType::F32)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let allowed: Vec<Vec<u8>> = m
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| r.iter().map(|&x| u8::from(x == 0.0)).collect())
+            .collect();
+        let want = vec![
+            vec![1, 0, 0, 0, 0],
+            vec![1, 1, 0, 0, 0],
+            vec![0, 0, 1, 0, 0],
+            vec![0, 0, 1, 1, 0],
+            vec![0, 0, 0, 0, 0],
+        ];
+        assert_eq!(allowed, want);
+        let causal = causal_mask(2, 3, DType::F32, &Device::Cpu).unwrap();
+        let causal: Vec<Vec<f32>> = causal
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(causal[0].iter().filter(|&&x| x == 0.0).count(), 4);
+        assert_eq!(causal[1].iter().filter(|&&x| x == 0.0).count(), 5);
+    }
+
+    #[test]
+    fn rope_matches_rotate_half_definition() {
+        let rope = Rope::new(10_000.0, 4, 8, &Device::Cpu).unwrap();
+        let pos = Tensor::new(&[[3u32]], &Device::Cpu).unwrap();
+        let (cos, sin) = rope.gather(&pos, DType::F32).unwrap();
+        let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &Device::Cpu).unwrap();
+        let got: Vec<f32> = apply_rope(&x, &cos, &sin)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let f = [3.0f64, 3.0 / 100.0];
+        let (x1, x2) = ([1.0, 2.0], [3.0, 4.0]);
+        let mut want = vec![];
+        for i in 0..2 {
+            want.push(x1[i] * f[i].cos() - x2[i] * f[i].sin());
+        }
+        for i in 0..2 {
+            want.push(x2[i] * f[i].cos() + x1[i] * f[i].sin());
+        }
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scaled() {
+        let x = Tensor::ones((64, 64), DType::F32, &Device::Cpu).unwrap();
+        let d = Dropout {
+            p: 0.25,
+            seed: 9,
+            site: 3,
+        };
+        let a: Vec<f32> = d
+            .apply(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = d
+            .apply(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+        let zeros = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.03, "{zeros}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        let other = Dropout { site: 4, ..d }
+            .apply(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(a, other);
+    }
+}

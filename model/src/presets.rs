@@ -1,0 +1,109 @@
+//! Named architectures for fresh models: `config.json` objects without `vocab_size`, which the
+//! caller sets from its tokenizer (and may override any other field) before
+//! [`crate::ModelConfig::from_json_str`] and [`crate::Model::init`].
+
+use serde_json::{json, Value};
+
+/// Every preset name, smallest first.
+pub const NAMES: &[&str] = &[
+    "tiny-gpt",
+    "nanogpt-char",
+    "nanopoet-gpt",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "bench-qwen2",
+    "qwen2.5-0.5b",
+];
+
+/// The preset's config fields, or `None` for an unknown name.
+pub fn preset(name: &str) -> Option<Value> {
+    let v = match name {
+        // Seconds per step on a laptop CPU: smoke tests and demos.
+        "tiny-gpt" => json!({
+            "model_type": crate::GPT_MODEL_TYPE,
+            "n_embd": 64, "n_layer": 2, "n_head": 4, "block_size": 128,
+            "dropout": 0.0, "bias": true, "tie_word_embeddings": true,
+        }),
+        // nanoGPT's config/train_shakespeare_char.py (10.7M parameters with a 65-char vocab).
+        "nanogpt-char" => json!({
+            "model_type": crate::GPT_MODEL_TYPE,
+            "n_embd": 384, "n_layer": 6, "n_head": 6, "block_size": 256,
+            "dropout": 0.2, "bias": false, "tie_word_embeddings": true,
+        }),
+        // The nanopoet tutorial's model (and benchmark configuration (c)).
+        "nanopoet-gpt" => json!({
+            "model_type": crate::GPT_MODEL_TYPE,
+            "n_embd": 256, "n_layer": 8, "n_head": 8, "block_size": 256,
+            "dropout": 0.1, "bias": true, "tie_word_embeddings": true,
+        }),
+        // Benchmark configurations (a) and (b): a small Qwen2 whose cost the vocabulary dominates.
+        "bench-qwen2" => json!({
+            "model_type": "qwen2",
+            "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+            "hidden_act": "silu", "initializer_range": 0.02,
+        }),
+        "tiny-qwen2" => json!({
+            "model_type": "qwen2",
+            "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+            "hidden_act": "silu", "initializer_range": 0.02,
+        }),
+        "tiny-qwen3" => json!({
+            "model_type": "qwen3",
+            "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "max_position_embeddings": 512, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": true, "attention_bias": false, "hidden_act": "silu",
+            "initializer_range": 0.02,
+        }),
+        // Qwen2.5-0.5B's architecture (494M parameters with its 151,936-token vocabulary).
+        "qwen2.5-0.5b" => json!({
+            "model_type": "qwen2",
+            "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+            "hidden_act": "silu", "initializer_range": 0.02, "use_sliding_window": false,
+        }),
+        _ => return None,
+    };
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelConfig;
+
+    #[test]
+    fn every_preset_is_a_valid_config_once_given_a_vocabulary() {
+        for name in NAMES {
+            let mut v = preset(name).unwrap();
+            assert!(v.get("vocab_size").is_none(), "{name}");
+            v["vocab_size"] = json!(65);
+            let cfg = ModelConfig::from_json_str(&v.to_string())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(cfg.vocab_size(), 65);
+        }
+        assert!(preset("gpt-9000").is_none());
+        let mut v = preset("nanogpt-char").unwrap();
+        v["vocab_size"] = json!(65);
+        // nanoGPT reports 10.65M (it excludes position embeddings): 10,745,088 - 256 * 384.
+        assert_eq!(
+            ModelConfig::from_json_str(&v.to_string())
+                .unwrap()
+                .num_params(),
+            10_745_088
+        );
+        let mut v = preset("qwen2.5-0.5b").unwrap();
+        v["vocab_size"] = json!(151936);
+        assert_eq!(
+            ModelConfig::from_json_str(&v.to_string())
+                .unwrap()
+                .num_params(),
+            494_032_768
+        );
+    }
+}
