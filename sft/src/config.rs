@@ -1,0 +1,474 @@
+//! `TrainConfig`: one TOML file describes a run; `--set section.key=value` overrides any key.
+//!
+//! Overrides are applied to the parsed TOML tree before deserialising, so they are type-checked
+//! exactly like the file. Unknown keys are errors (`deny_unknown_fields` everywhere). Relative
+//! paths are relative to the working directory, as in the command line. The resolved config is
+//! saved next to every checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+use sft_data::{Format, LengthPolicy, TemplateChoice, TrainOn};
+
+use crate::optim::OptimConfig;
+use crate::schedule::ScheduleConfig;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub tokenizer: TokenizerSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub train: TrainSection,
+    pub run: RunSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    /// Acceptance check for `cargo xtask train` (CI): the run fails when it is not met.
+    #[serde(default)]
+    pub check: CheckSection,
+}
+
+/// Where the weights come from: exactly one of `path` (a checkpoint directory to fine-tune),
+/// `preset` and/or `init` (a fresh, randomly initialised model).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face-layout checkpoint directory (`config.json`, `model.safetensors`).
+    pub path: Option<PathBuf>,
+    /// A named architecture for a fresh model (see `sft_model::presets`).
+    pub preset: Option<String>,
+    /// `config.json` fields for a fresh model (override the preset's); `vocab_size` defaults to
+    /// the tokenizer's.
+    pub init: Option<toml::Table>,
+    /// Training dtype: `f32` (default; the only sensible choice on CPU), `bf16`, `f16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// dtype of saved weights; default: the checkpoint's own `torch_dtype` for `path` models,
+    /// `f32` for fresh ones.
+    pub save_dtype: Option<String>,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+/// Where the tokenizer comes from: a path, the model directory (default), or built from the
+/// training data.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSection {
+    /// A tokenizer file or directory; defaults to `model.path`.
+    pub path: Option<PathBuf>,
+    /// Build one from the training files: `char` or `bpe`.
+    pub build: Option<BuildTokenizer>,
+    /// Marker set of a built tokenizer: `poem` (nanopoet markers) or `chatml`.
+    pub specials: Option<SpecialsPreset>,
+    /// Vocabulary size of a built BPE (default 4096).
+    pub vocab_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildTokenizer {
+    Char,
+    Bpe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpecialsPreset {
+    Poem,
+    Chatml,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training JSONL files.
+    pub train: Vec<PathBuf>,
+    /// Validation JSONL files; when empty, `val_ratio` of the training records is held out.
+    #[serde(default)]
+    pub validation: Vec<PathBuf>,
+    #[serde(default)]
+    pub val_ratio: f64,
+    /// Record format; detected from each line's keys when absent.
+    pub format: Option<Format>,
+    #[serde(default = "default_template")]
+    pub template: TemplateChoice,
+    /// A Jinja chat template file to use instead of the tokenizer's.
+    pub chat_template: Option<PathBuf>,
+    /// Extra chat-template variables, as `apply_chat_template(**kwargs)` takes them
+    /// (`enable_thinking = false` for Qwen3).
+    #[serde(default)]
+    pub template_vars: toml::Table,
+    /// Which tokens are trained on; per-record default when absent (assistant turns for chats,
+    /// the completion for prompt/completion and poems, everything for text).
+    pub train_on: Option<TrainOn>,
+    /// Longest sample in tokens; default: the model's context length.
+    pub max_len: Option<usize>,
+    /// What happens to longer samples: `drop` (default), `truncate` or `error`.
+    #[serde(default)]
+    pub length_policy: LengthPolicy,
+    /// Pack several samples per row (block-diagonal attention, positions restart per sample).
+    #[serde(default)]
+    pub packing: bool,
+    /// Poems: probability of keeping each of author/style/title, redrawn every epoch.
+    #[serde(default = "default_keep_prob")]
+    pub metadata_keep_prob: f64,
+    /// Count and report invalid lines instead of stopping at the first.
+    #[serde(default)]
+    pub skip_invalid: bool,
+    /// Batch samples of similar length together (less padding).
+    #[serde(default)]
+    pub group_by_length: bool,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+fn default_template() -> TemplateChoice {
+    TemplateChoice::Auto
+}
+
+fn default_keep_prob() -> f64 {
+    0.5
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Rows per micro-batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    #[serde(default = "one_u64")]
+    pub epochs: u64,
+    /// Stop after this many optimizer steps (overrides `epochs` for the schedule's length).
+    pub max_steps: Option<u64>,
+    /// Compute threads; default: the physical cores.
+    pub threads: Option<usize>,
+}
+
+fn default_batch_size() -> usize {
+    8
+}
+
+fn one() -> usize {
+    1
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            batch_size: default_batch_size(),
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: None,
+            threads: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Where checkpoints, `metrics.jsonl` and the loss plot go.
+    pub out_dir: PathBuf,
+    /// The one seed every random choice derives from.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Log a metrics line every this many optimizer steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Evaluate every this many steps (and always at the end).
+    pub eval_every: Option<u64>,
+    /// Save a checkpoint every this many steps (and always at the end).
+    pub save_every: Option<u64>,
+    /// Checkpoints kept besides `best/`.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+fn default_log_every() -> u64 {
+    10
+}
+
+fn default_keep_last() -> usize {
+    2
+}
+
+/// Validation batches and the sample generations shown at each evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Rows per validation batch (default: `train.batch_size`).
+    pub batch_size: Option<usize>,
+    /// Prompts to generate from at each evaluation, as records: `{style = "七言绝句"}` for poems,
+    /// `{messages = [...]}` for chats, `{prompt = "..."}` for plain text.
+    #[serde(default)]
+    pub samples: Vec<serde_json::Value>,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[serde(default)]
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+}
+
+fn default_max_new_tokens() -> usize {
+    64
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            batch_size: None,
+            samples: vec![],
+            max_new_tokens: default_max_new_tokens(),
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSection {
+    /// The final validation loss must be below this.
+    pub max_val_loss: Option<f64>,
+}
+
+impl TrainConfig {
+    /// Reads a TOML file and applies `--set` overrides (`section.key=value`).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text, overrides)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn from_toml_str(
+        text: &str,
+        overrides: &[String],
+    ) -> std::result::Result<TrainConfig, String> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        // Re-serialising makes toml's error messages quote the offending key in context.
+        let merged = toml::to_string(&table).map_err(|e| e.to_string())?;
+        let cfg: TrainConfig = toml::from_str(&merged).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("the config always serialises")
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let m = &self.model;
+        match (&m.path, m.preset.is_some() || m.init.is_some()) {
+            (Some(_), true) => {
+                return Err(
+                    "model: set `path` (fine-tune) or `preset`/`init` (fresh model), not both"
+                        .into(),
+                )
+            }
+            (None, false) => return Err(
+                "model: set `path` (a checkpoint to fine-tune) or `preset`/`init` (a fresh model)"
+                    .into(),
+            ),
+            _ => {}
+        }
+        parse_dtype(&m.dtype).map_err(|e| format!("model.dtype: {e}"))?;
+        if let Some(d) = &m.save_dtype {
+            parse_dtype(d).map_err(|e| format!("model.save_dtype: {e}"))?;
+        }
+        let t = &self.tokenizer;
+        if t.path.is_some() && t.build.is_some() {
+            return Err("tokenizer: set `path` or `build`, not both".into());
+        }
+        if t.path.is_none() && t.build.is_none() && m.path.is_none() {
+            return Err(
+                "tokenizer: a fresh model needs `tokenizer.path` or `tokenizer.build`".into(),
+            );
+        }
+        if self.data.train.is_empty() {
+            return Err("data.train: at least one training file is required".into());
+        }
+        if !(0.0..1.0).contains(&self.data.val_ratio) {
+            return Err(format!(
+                "data.val_ratio: {} is outside [0, 1)",
+                self.data.val_ratio
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.data.metadata_keep_prob) {
+            return Err(format!(
+                "data.metadata_keep_prob: {} is outside [0, 1]",
+                self.data.metadata_keep_prob
+            ));
+        }
+        if self.data.max_len == Some(0) {
+            return Err("data.max_len: must be positive".into());
+        }
+        if self.train.batch_size == 0 || self.train.grad_accum == 0 {
+            return Err("train.batch_size and train.grad_accum must be positive".into());
+        }
+        if self.train.epochs == 0 && self.train.max_steps.is_none() {
+            return Err("train.epochs: must be positive (or set train.max_steps)".into());
+        }
+        if self.train.threads == Some(0) {
+            return Err("train.threads: must be positive".into());
+        }
+        if self.run.log_every == 0
+            || self.run.eval_every == Some(0)
+            || self.run.save_every == Some(0)
+        {
+            return Err("run: log_every, eval_every and save_every must be positive".into());
+        }
+        self.optim.validate()?;
+        self.schedule.validate()?;
+        Ok(())
+    }
+}
+
+/// `f32`/`float32`, `bf16`/`bfloat16`, `f16`/`float16`.
+pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        "f64" | "float64" => Ok(DType::F64),
+        other => Err(format!(
+            "unknown dtype {other:?} (expected f32, bf16 or f16)"
+        )),
+    }
+}
+
+/// Applies `a.b.c=value`; the value is read as TOML (`3`, `1e-4`, `true`, `"x"`, `[1, 2]`) and
+/// falls back to a plain string, so `--set run.out_dir=runs/x` needs no quotes.
+fn apply_override(table: &mut toml::Table, spec: &str) -> std::result::Result<(), String> {
+    let (path, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("--set {spec:?}: expected section.key=value"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(format!("--set {spec:?}: empty key in {path:?}"));
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {}", raw.trim())) {
+        Ok(mut t) => t.remove("v").expect("parsed above"),
+        Err(_) => toml::Value::String(raw.trim().to_owned()),
+    };
+    let (last, parents) = keys.split_last().expect("split yields at least one key");
+    let mut cur = table;
+    for k in parents {
+        let entry = cur
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {spec:?}: `{k}` is not a section"))?;
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [model]
+        path = "ckpt"
+
+        [data]
+        train = ["train.jsonl"]
+
+        [run]
+        out_dir = "runs/x"
+    "#;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let cfg = TrainConfig::from_toml_str(BASE, &[]).unwrap();
+        assert_eq!(cfg.optim.lr, 2e-5);
+        assert_eq!(cfg.optim.max_grad_norm, 1.0);
+        assert_eq!(cfg.train.batch_size, 8);
+        assert_eq!(cfg.run.seed, 42);
+        assert_eq!(cfg.data.length_policy, LengthPolicy::Drop);
+        assert_eq!(cfg.data.template, TemplateChoice::Auto);
+        assert!(cfg.data.shuffle);
+        // The saved form reads back to the same config.
+        let again = TrainConfig::from_toml_str(&cfg.to_toml_string(), &[]).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn overrides_are_type_checked() {
+        let sets = [
+            "optim.lr=3e-4".to_string(),
+            "train.batch_size=2".into(),
+            "run.out_dir=runs/other".into(),
+            "data.train_on=last".into(),
+            "data.packing=true".into(),
+            "schedule.kind=linear".into(),
+        ];
+        let cfg = TrainConfig::from_toml_str(BASE, &sets).unwrap();
+        assert_eq!(cfg.optim.lr, 3e-4);
+        assert_eq!(cfg.train.batch_size, 2);
+        assert_eq!(cfg.run.out_dir, PathBuf::from("runs/other"));
+        assert_eq!(cfg.data.train_on, Some(TrainOn::Last));
+        assert!(cfg.data.packing);
+        let err = TrainConfig::from_toml_str(BASE, &["train.batch_size=two".into()]).unwrap_err();
+        assert!(
+            err.contains("batch_size") || err.contains("invalid type"),
+            "{err}"
+        );
+        let err = TrainConfig::from_toml_str(BASE, &["optim.lr".into()]).unwrap_err();
+        assert!(err.contains("section.key=value"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = TrainConfig::from_toml_str(BASE, &["optim.lrr=1".into()]).unwrap_err();
+        assert!(err.contains("lrr"), "{err}");
+        let err =
+            TrainConfig::from_toml_str(&format!("{BASE}\n[bogus]\nx = 1\n"), &[]).unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+        let err =
+            TrainConfig::from_toml_str(BASE, &["data.train_on=everything".into()]).unwrap_err();
+        assert!(err.contains("everything"), "{err}");
+        let err = TrainConfig::from_toml_str(BASE, &["optim.lr=-1".into()]).unwrap_err();
+        assert!(err.contains("optim.lr"), "{err}");
+        let err =
+            TrainConfig::from_toml_str(BASE, &["model.preset=tiny-qwen2".into()]).unwrap_err();
+        assert!(err.contains("not both"), "{err}");
+        let err = TrainConfig::from_toml_str(BASE, &["model.dtype=f8".into()]).unwrap_err();
+        assert!(err.contains("model.dtype"), "{err}");
+        let err = TrainConfig::from_toml_str(BASE, &["data.val_ratio=1.5".into()]).unwrap_err();
+        assert!(err.contains("val_ratio"), "{err}");
+    }
+}

@@ -1,0 +1,208 @@
+//! Building the pieces of a run from its config: device, tokenizer, model, sample prompts.
+
+use candle_core::{DType, Device};
+use sft_data::{Record, Sample, Template, TemplateOptions};
+use sft_model::generate::{generate, SamplingParams};
+use sft_model::{Model, ModelConfig};
+use sft_tokenizer::{
+    train_bpe, BpeTrainOptions, CharRoles, CharTokenizer, Tokenizer, TokenizerConfig,
+    CHATML_SPECIALS, POEM_SPECIALS,
+};
+
+use crate::config::{parse_dtype, BuildTokenizer, EvalSection, SpecialsPreset, TrainConfig};
+use crate::{Error, Result};
+
+/// The CPU, or the first CUDA GPU when built with the `cuda` feature and one is present.
+pub fn device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    if candle_core::utils::cuda_is_available() {
+        return Ok(Device::new_cuda(0)?);
+    }
+    Ok(Device::Cpu)
+}
+
+/// The tokenizer named by the config, the model's own, or one built from the training text.
+pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
+    let t = &cfg.tokenizer;
+    if let Some(path) = &t.path {
+        return Ok(Tokenizer::from_path(path)?);
+    }
+    let Some(build) = t.build else {
+        let path = cfg
+            .model
+            .path
+            .as_ref()
+            .expect("validated: a fresh model names its tokenizer");
+        return Ok(Tokenizer::from_path(path)?);
+    };
+    let texts: Vec<&str> = records.iter().flat_map(record_texts).collect();
+    let preset = t
+        .specials
+        .unwrap_or(match records.first().map(|r| &r.sample) {
+            Some(Sample::Poem(_)) => SpecialsPreset::Poem,
+            _ => SpecialsPreset::Chatml,
+        });
+    let (specials, roles) = match preset {
+        SpecialsPreset::Poem => (
+            POEM_SPECIALS.all(),
+            CharRoles {
+                bos_token: Some(POEM_SPECIALS.begin.into()),
+                eos_token: Some(POEM_SPECIALS.content.1.into()),
+                pad_token: Some(POEM_SPECIALS.pad.into()),
+                unk_token: POEM_SPECIALS.unk.into(),
+            },
+        ),
+        SpecialsPreset::Chatml => (
+            CHATML_SPECIALS.to_vec(),
+            CharRoles {
+                bos_token: None,
+                eos_token: Some("<|im_end|>".into()),
+                pad_token: Some("<|pad|>".into()),
+                unk_token: "<|unk|>".into(),
+            },
+        ),
+    };
+    match build {
+        BuildTokenizer::Char => Ok(Tokenizer::from_char(CharTokenizer::from_corpus(
+            texts, &specials, roles,
+        )?)),
+        BuildTokenizer::Bpe => {
+            let config = TokenizerConfig {
+                bos_token: roles.bos_token,
+                eos_token: roles.eos_token,
+                pad_token: roles.pad_token,
+                unk_token: None,
+                ..TokenizerConfig::default()
+            };
+            let opts = BpeTrainOptions {
+                vocab_size: t.vocab_size.unwrap_or(4096),
+                min_frequency: 2,
+                special_tokens: specials.iter().map(|s| s.to_string()).collect(),
+                config,
+            };
+            Ok(train_bpe(texts.into_iter(), &opts)?)
+        }
+    }
+}
+
+/// The chat template and its options from the `data` section.
+pub fn template(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Template> {
+    let chat_template = match &cfg.data.chat_template {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
+        None => None,
+    };
+    let variables = serde_json::to_value(&cfg.data.template_vars)
+        .map_err(|e| Error::Config(format!("data.template_vars: {e}")))?;
+    let opts = TemplateOptions {
+        chat_template,
+        variables: variables.as_object().cloned().unwrap_or_default(),
+    };
+    Ok(Template::with_options(cfg.data.template, tok, &opts)?)
+}
+
+/// Every piece of text a record carries: the corpus a built tokenizer learns from.
+fn record_texts(r: &Record) -> Vec<&str> {
+    match &r.sample {
+        Sample::Chat(c) => c.messages().iter().map(|m| m.content.as_str()).collect(),
+        Sample::Completion { prompt, completion } => vec![prompt, completion],
+        Sample::Text(t) => vec![t],
+        Sample::Poem(p) => vec![&p.author, &p.style, &p.title, &p.content],
+    }
+}
+
+/// The model to train: a checkpoint, or a fresh one from a preset and/or an `init` table.
+pub fn model(cfg: &TrainConfig, tok: &Tokenizer, dtype: DType, device: &Device) -> Result<Model> {
+    if let Some(path) = &cfg.model.path {
+        return Ok(Model::load(path, dtype, device)?);
+    }
+    let mut json = match &cfg.model.preset {
+        Some(name) => sft_model::presets::preset(name).ok_or_else(|| {
+            Error::Config(format!(
+                "model.preset: unknown preset {name:?} (known: {})",
+                sft_model::presets::NAMES.join(", ")
+            ))
+        })?,
+        None => serde_json::Value::Object(Default::default()),
+    };
+    let obj = json.as_object_mut().expect("presets are objects");
+    if let Some(init) = &cfg.model.init {
+        let init =
+            serde_json::to_value(init).map_err(|e| Error::Config(format!("model.init: {e}")))?;
+        for (k, v) in init.as_object().expect("a table").iter() {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    obj.entry("vocab_size")
+        .or_insert_with(|| tok.vocab_size().into());
+    let config = ModelConfig::from_json_str(&json.to_string())
+        .map_err(|e| Error::Config(format!("model.init: {e}")))?;
+    Ok(Model::init(&config, cfg.run.seed, dtype, device)?)
+}
+
+/// Every id the tokenizer can produce must have a row in the embedding.
+pub fn check_vocab(model: &Model, tok: &Tokenizer) -> Result<()> {
+    let (m, t) = (model.config().vocab_size(), tok.vocab_size());
+    if t > m {
+        return Err(Error::Config(format!(
+            "the tokenizer has {t} tokens but the model's vocabulary is {m}: they do not belong together"
+        )));
+    }
+    Ok(())
+}
+
+/// Padding never reaches the loss or attention, so any valid id will do; the tokenizer's own
+/// pad (or eos) keeps batches readable when printed.
+pub fn pad_id(tok: &Tokenizer) -> u32 {
+    tok.pad_id().or(tok.eos_id()).unwrap_or(0)
+}
+
+/// The dtype the exported model is written in: `model.save_dtype`, else the checkpoint's own
+/// `torch_dtype`, else the training dtype.
+pub fn save_dtype(cfg: &TrainConfig, model: &Model) -> Result<DType> {
+    if let Some(d) = &cfg.model.save_dtype {
+        return parse_dtype(d).map_err(Error::Config);
+    }
+    if let Some(path) = &cfg.model.path {
+        let text = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if let Some(d) = v
+            .get("torch_dtype")
+            .or(v.get("dtype"))
+            .and_then(|d| d.as_str())
+        {
+            if let Ok(d) = parse_dtype(d) {
+                return Ok(d);
+            }
+        }
+    }
+    Ok(model.dtype())
+}
+
+/// Generations for the configured sample prompts: `(prompt as text, generated text)`.
+pub fn sample_generations(
+    model: &Model,
+    tok: &Tokenizer,
+    template: &Template,
+    eval: &EvalSection,
+    seed: u64,
+) -> Result<Vec<(String, String)>> {
+    let mut prompts = Vec::with_capacity(eval.samples.len());
+    for value in &eval.samples {
+        prompts.push(sft_data::prompt_ids(value, template, tok)?);
+    }
+    let params = SamplingParams {
+        max_new_tokens: eval.max_new_tokens,
+        temperature: eval.temperature,
+        top_k: eval.top_k,
+        top_p: eval.top_p,
+        repetition_penalty: 1.0,
+        stop_ids: template.stop_ids().to_vec(),
+        seed,
+    };
+    let generations = generate(model, &prompts, &params)?;
+    let mut out = Vec::with_capacity(prompts.len());
+    for (value, g) in eval.samples.iter().zip(generations) {
+        out.push((value.to_string(), tok.decode_skip_special(&g.ids)?));
+    }
+    Ok(out)
+}

@@ -1,0 +1,634 @@
+//! The training run: `train(config) -> Summary`, readable top to bottom.
+//!
+//! 1. tokenizer (loaded, or built from the training text), 2. records and template,
+//! 3. model (checkpoint, preset or init; or the checkpoint being resumed), 4. preflight report,
+//! 5. the step loop: micro-batches -> accumulated gradients -> clip + AdamW -> log, evaluate,
+//!    save.
+//!
+//! Every random draw derives from `run.seed` and the position in the run, which is what makes
+//! resuming bit-identical without replaying data.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::Serialize;
+use sft_data::{
+    collate, plan_epoch, prepare, read_jsonl, split_train_val, BatchPlanOptions, InvalidPolicy,
+    Prepared, ReadOutcome, Record, RenderOptions, Report, Sample, Template,
+};
+use sft_model::Model;
+use sft_tokenizer::Tokenizer;
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{parse_dtype, TrainConfig};
+use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
+use crate::optim::AdamW;
+use crate::setup;
+use crate::step::{accumulate_micro_batch, evaluate_batch, LossStats};
+use crate::{plot, Error, Result};
+
+/// What the caller is told while the run goes (the CLI draws progress from these).
+pub enum Event<'a> {
+    /// The data as it will be trained on, before any step.
+    Preflight {
+        split: &'static str,
+        report: &'a Report,
+    },
+    Started {
+        total_steps: u64,
+        start_step: u64,
+        n_params: usize,
+        out_dir: &'a Path,
+    },
+    Step(&'a StepMetrics),
+    Eval(&'a EvalMetrics),
+    Sample {
+        step: u64,
+        prompt: &'a str,
+        text: &'a str,
+    },
+    Checkpoint {
+        step: u64,
+        path: &'a Path,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub out_dir: PathBuf,
+    pub steps: u64,
+    pub final_train_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub final_val_accuracy: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub best_step: Option<u64>,
+    /// The last checkpoint (resumable, training dtype).
+    pub last_checkpoint: PathBuf,
+    /// The exported model (`save_dtype`).
+    pub final_model: PathBuf,
+    pub metrics: PathBuf,
+    pub plot: PathBuf,
+    pub elapsed_s: f64,
+}
+
+pub struct RunOptions {
+    /// A checkpoint directory of this run to continue from.
+    pub resume: Option<PathBuf>,
+}
+
+const RNG_NOTE: &str =
+    "derived: shuffling, packing and metadata dropout from (seed, epoch); dropout from (seed, step, micro-batch); no RNG state is carried";
+
+pub fn train(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Summary> {
+    let t0 = Instant::now();
+    let out_dir = cfg.run.out_dir.clone();
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let device = setup::device()?;
+    let dtype = parse_dtype(&cfg.model.dtype).map_err(Error::Config)?;
+
+    // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.
+    let train_read = read_all(&cfg.data.train, cfg)?;
+    let tok = match &opts.resume {
+        Some(dir) => Tokenizer::from_path(dir)?,
+        None => setup::tokenizer(cfg, &train_read.records)?,
+    };
+    let template = setup::template(cfg, &tok)?;
+    let (train_records, val_records) = split_records(cfg, train_read)?;
+
+    // 3. Model.
+    let model = match &opts.resume {
+        Some(dir) => Model::load(dir, dtype, &device)?,
+        None => setup::model(cfg, &tok, dtype, &device)?,
+    };
+    setup::check_vocab(&model, &tok)?;
+    let max_len = cfg.data.max_len.unwrap_or(model.config().max_positions());
+    let render_opts = RenderOptions {
+        train_on: cfg.data.train_on,
+        max_len: Some(max_len),
+        length_policy: cfg.data.length_policy,
+        metadata_keep_prob: cfg.data.metadata_keep_prob,
+        seed: cfg.run.seed,
+        check_invariants: true,
+    };
+    let stochastic = train_records
+        .records
+        .iter()
+        .any(|r| matches!(r.sample, Sample::Poem(_)))
+        && cfg.data.metadata_keep_prob < 1.0
+        && cfg.data.metadata_keep_prob > 0.0;
+
+    // 4. Preflight: the data exactly as epoch 0 will see it.
+    let mut epoch_cache = EpochCache::default();
+    let first = epoch_cache.get(0, &train_records, &template, &tok, &render_opts, stochastic)?;
+    on_event(Event::Preflight {
+        split: "train",
+        report: &first.report,
+    });
+    write_json(&out_dir.join("preflight.json"), &first.report)?;
+    if first.samples.is_empty() {
+        return Err(Error::Config(
+            "no training sample survived rendering; see the preflight report".into(),
+        ));
+    }
+    let data_fingerprint =
+        checkpoint::fingerprint(first.samples.iter().map(|(_, r)| ids_bytes(r.ids())));
+    let val = match &val_records {
+        Some(records) => {
+            let p = prepare(records, &template, &tok, &render_opts, 0)?;
+            on_event(Event::Preflight {
+                split: "validation",
+                report: &p.report,
+            });
+            Some(p)
+        }
+        None => None,
+    };
+
+    let plan_opts = BatchPlanOptions {
+        batch_size: cfg.train.batch_size,
+        packing: cfg.data.packing,
+        pack_len: max_len,
+        group_by_length: cfg.data.group_by_length,
+        shuffle: cfg.data.shuffle,
+        seed: cfg.run.seed,
+        drop_last: false,
+    };
+    let accum = cfg.train.grad_accum;
+    let steps_in_epoch = |plan_len: usize| plan_len.div_ceil(accum) as u64;
+
+    // The schedule's length: fixed at the start and kept in the state, so a resumed run follows
+    // the same curve.
+    let mut state = match &opts.resume {
+        Some(dir) => {
+            let s = TrainerState::read(dir)?;
+            if s.data_fingerprint != data_fingerprint {
+                return Err(Error::Checkpoint(format!(
+                    "{}: the training data differs from the data this run started with (fingerprint {} vs {}); start a new run instead of resuming",
+                    dir.display(),
+                    s.data_fingerprint,
+                    data_fingerprint
+                )));
+            }
+            s
+        }
+        None => {
+            let total_steps = match cfg.train.max_steps {
+                Some(n) => n,
+                None => {
+                    let mut total = 0;
+                    for e in 0..cfg.train.epochs {
+                        let lengths = epoch_cache
+                            .get(
+                                e,
+                                &train_records,
+                                &template,
+                                &tok,
+                                &render_opts,
+                                stochastic && cfg.data.packing,
+                            )?
+                            .lengths();
+                        total += steps_in_epoch(plan_epoch(&lengths, &plan_opts, e)?.len());
+                    }
+                    total
+                }
+            };
+            TrainerState {
+                step: 0,
+                total_steps,
+                epoch: 0,
+                micro_batch: 0,
+                samples_seen: 0,
+                tokens_seen: 0,
+                target_tokens_seen: 0,
+                seed: cfg.run.seed,
+                rng: RNG_NOTE.into(),
+                data_fingerprint,
+                best_val_loss: None,
+                best_step: None,
+                last_metrics: None,
+                elapsed_s: 0.0,
+                sft_version: env!("CARGO_PKG_VERSION").into(),
+            }
+        }
+    };
+
+    let mut opt = AdamW::new(model.params(), &cfg.optim)?;
+    if let Some(dir) = &opts.resume {
+        opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+        if opt.steps_taken() != state.step {
+            return Err(Error::Checkpoint(format!(
+                "{}: optimizer state is at step {} but trainer state at step {}",
+                dir.display(),
+                opt.steps_taken(),
+                state.step
+            )));
+        }
+    }
+    std::fs::write(out_dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
+        .map_err(|e| Error::io(&out_dir, e))?;
+    let n_params = model
+        .params()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum();
+    on_event(Event::Started {
+        total_steps: state.total_steps,
+        start_step: state.step,
+        n_params,
+        out_dir: &out_dir,
+    });
+
+    // 5. The loop.
+    let mut metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"))?;
+    let elapsed_before = state.elapsed_s;
+    let mut last_log = (Instant::now(), 0usize);
+    let mut last_train_loss = None;
+    let mut last_eval: Option<EvalMetrics> = None;
+    let mut last_saved = None;
+    let mut grads: Vec<Option<Tensor>> = vec![None; model.params().len()];
+    while state.step < state.total_steps {
+        let epoch_data = epoch_cache.get(
+            state.epoch,
+            &train_records,
+            &template,
+            &tok,
+            &render_opts,
+            stochastic,
+        )?;
+        let plan = plan_epoch(&epoch_data.lengths(), &plan_opts, state.epoch)?;
+        if state.micro_batch >= plan.len() {
+            state.epoch += 1;
+            state.micro_batch = 0;
+            continue;
+        }
+        let end = (state.micro_batch + accum).min(plan.len());
+        let batches: Vec<_> = plan[state.micro_batch..end]
+            .iter()
+            .map(|rows| {
+                let rows: Vec<Vec<&sft_data::Rendered>> = rows
+                    .iter()
+                    .map(|row| row.iter().map(|&i| &epoch_data.samples[i].1).collect())
+                    .collect();
+                collate(&rows, setup::pad_id(&tok), None)
+            })
+            .collect();
+        let step_targets: usize = batches.iter().map(|b| b.n_targets).sum();
+        let step_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let step_samples: usize = plan[state.micro_batch..end]
+            .iter()
+            .flatten()
+            .map(|row| row.len())
+            .sum();
+        let mut stats = LossStats::default();
+        if step_targets > 0 {
+            let scale = 1.0 / step_targets as f64;
+            for (k, batch) in batches.iter().enumerate() {
+                let dropout_seed = Some(mix(cfg.run.seed, state.step, k as u64));
+                stats.add(accumulate_micro_batch(
+                    &model,
+                    batch,
+                    scale,
+                    dropout_seed,
+                    &mut grads,
+                )?);
+            }
+            let loss = stats.mean();
+            if !loss.is_finite() {
+                return Err(Error::NonFinite {
+                    what: format!("loss at step {}", state.step + 1),
+                    value: loss,
+                });
+            }
+            let lr = cfg.schedule.lr(cfg.optim.lr, state.step, state.total_steps);
+            let step_stats = opt.step(&grads, lr)?;
+            grads.iter_mut().for_each(|g| *g = None);
+            last_train_loss = Some(loss);
+            state.step += 1;
+            state.micro_batch = end;
+            state.samples_seen += step_samples as u64;
+            state.tokens_seen += step_tokens as u64;
+            state.target_tokens_seen += step_targets as u64;
+            last_log.1 += step_tokens;
+            let m = StepMetrics {
+                step: state.step,
+                epoch: state.epoch as f64 + end as f64 / plan.len() as f64,
+                loss,
+                lr,
+                grad_norm: step_stats.grad_norm,
+                tokens_per_s: last_log.1 as f64 / last_log.0.elapsed().as_secs_f64().max(1e-9),
+                target_tokens: step_targets,
+                tokens: step_tokens,
+                elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
+            };
+            on_event(Event::Step(&m));
+            if state.step % cfg.run.log_every == 0 || state.step == state.total_steps {
+                metrics.write("train", &m)?;
+                state.last_metrics = Some(serde_json::to_value(&m).expect("serialisable"));
+                last_log = (Instant::now(), 0);
+            }
+        } else {
+            // Every sample keeps at least one target, so this needs a step made only of
+            // one-token samples; nothing is learned from it and nothing is updated.
+            state.micro_batch = end;
+        }
+        if state.micro_batch >= plan.len() {
+            state.epoch += 1;
+            state.micro_batch = 0;
+        }
+        let at_end = state.step >= state.total_steps;
+        let eval_due = cfg
+            .run
+            .eval_every
+            .is_some_and(|n| state.step % n == 0 && step_targets > 0);
+        if let Some(val) = &val {
+            if eval_due || at_end {
+                let e = evaluate(
+                    &model,
+                    val,
+                    cfg,
+                    &tok,
+                    state.step,
+                    state.epoch,
+                    t0,
+                    elapsed_before,
+                )?;
+                metrics.write("eval", &e)?;
+                on_event(Event::Eval(&e));
+                if state.best_val_loss.is_none_or(|b| e.val_loss < b) {
+                    state.best_val_loss = Some(e.val_loss);
+                    state.best_step = Some(state.step);
+                    let best = out_dir.join("best");
+                    checkpoint::write_atomically(&best, |d| export(&model, &tok, cfg, &state, d))?;
+                    on_event(Event::Checkpoint {
+                        step: state.step,
+                        path: &best,
+                    });
+                }
+                last_eval = Some(e);
+            }
+        }
+        if (eval_due || at_end) && !cfg.eval.samples.is_empty() {
+            for (prompt, text) in
+                setup::sample_generations(&model, &tok, &template, &cfg.eval, cfg.run.seed)?
+            {
+                on_event(Event::Sample {
+                    step: state.step,
+                    prompt: &prompt,
+                    text: &text,
+                });
+                append_sample(&out_dir, state.step, &prompt, &text)?;
+            }
+        }
+        let save_due = cfg
+            .run
+            .save_every
+            .is_some_and(|n| state.step % n == 0 && step_targets > 0);
+        if save_due || at_end {
+            state.elapsed_s = elapsed_before + t0.elapsed().as_secs_f64();
+            let path = out_dir.join(checkpoint::checkpoint_name(state.step));
+            checkpoint::write_atomically(&path, |d| {
+                model.save(d, model.dtype())?;
+                tok.save(d)?;
+                opt.save(&d.join(checkpoint::OPTIMIZER_FILE))?;
+                state.write(d)?;
+                std::fs::write(d.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
+                    .map_err(|e| Error::io(d, e))
+            })?;
+            checkpoint::rotate(&out_dir, cfg.run.keep_last.max(1))?;
+            on_event(Event::Checkpoint {
+                step: state.step,
+                path: &path,
+            });
+            last_saved = Some(path);
+        }
+    }
+
+    // The deliverable: the final weights in the export dtype, a loss plot.
+    let final_model = out_dir.join("final");
+    state.elapsed_s = elapsed_before + t0.elapsed().as_secs_f64();
+    checkpoint::write_atomically(&final_model, |d| export(&model, &tok, cfg, &state, d))?;
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let (train_series, val_series) = crate::metrics::read_loss_series(&metrics_path)?;
+    let plot_path = out_dir.join("loss.svg");
+    let title = format!("{} ({} steps)", out_dir.display(), state.step);
+    std::fs::write(
+        &plot_path,
+        plot::loss_svg(&title, &train_series, &val_series),
+    )
+    .map_err(|e| Error::io(&plot_path, e))?;
+    let last_checkpoint = match last_saved {
+        Some(p) => p,
+        None => match &opts.resume {
+            Some(dir) => dir.clone(),
+            None => final_model.clone(),
+        },
+    };
+    Ok(Summary {
+        out_dir,
+        steps: state.step,
+        final_train_loss: last_train_loss,
+        final_val_loss: last_eval.as_ref().map(|e| e.val_loss),
+        final_val_accuracy: last_eval.as_ref().map(|e| e.val_token_accuracy),
+        best_val_loss: state.best_val_loss,
+        best_step: state.best_step,
+        last_checkpoint,
+        final_model,
+        metrics: metrics_path,
+        plot: plot_path,
+        elapsed_s: state.elapsed_s,
+    })
+}
+
+/// Weights in the export dtype, tokenizer, config and state: a directory `transformers` loads.
+fn export(
+    model: &Model,
+    tok: &Tokenizer,
+    cfg: &TrainConfig,
+    state: &TrainerState,
+    dir: &Path,
+) -> Result<()> {
+    model.save(dir, setup::save_dtype(cfg, model)?)?;
+    tok.save(dir)?;
+    state.write(dir)?;
+    std::fs::write(dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    model: &Model,
+    val: &Prepared,
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+    step: u64,
+    epoch: u64,
+    t0: Instant,
+    elapsed_before: f64,
+) -> Result<EvalMetrics> {
+    let stats = evaluate_prepared(
+        model,
+        val,
+        cfg.eval.batch_size.unwrap_or(cfg.train.batch_size),
+        setup::pad_id(tok),
+    )?;
+    Ok(EvalMetrics {
+        step,
+        epoch: epoch as f64,
+        val_loss: stats.mean(),
+        val_token_accuracy: stats.accuracy(),
+        val_targets: stats.n_targets,
+        elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Loss over every target token of a prepared set: sum over targets / number of targets.
+pub fn evaluate_prepared(
+    model: &Model,
+    data: &Prepared,
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<LossStats> {
+    let eval_model = model.detached();
+    let mut stats = LossStats::default();
+    // Sorting by length keeps padding low; the sum does not depend on the order.
+    let mut order: Vec<usize> = (0..data.samples.len()).collect();
+    order.sort_by_key(|&i| data.samples[i].1.len());
+    for chunk in order.chunks(batch_size.max(1)) {
+        let rows: Vec<Vec<&sft_data::Rendered>> =
+            chunk.iter().map(|&i| vec![&data.samples[i].1]).collect();
+        let batch = collate(&rows, pad_id, None);
+        stats.add(evaluate_batch(&eval_model, &batch)?);
+    }
+    Ok(stats)
+}
+
+fn read_all(files: &[PathBuf], cfg: &TrainConfig) -> Result<ReadOutcome> {
+    let policy = if cfg.data.skip_invalid {
+        InvalidPolicy::Skip
+    } else {
+        InvalidPolicy::Error
+    };
+    let mut all: Option<ReadOutcome> = None;
+    for f in files {
+        let r = read_jsonl(f, cfg.data.format, policy)?;
+        match all.as_mut() {
+            None => all = Some(r),
+            Some(a) => a.extend(r),
+        }
+    }
+    all.ok_or_else(|| Error::Config("data.train: at least one training file is required".into()))
+}
+
+/// Training and validation records: validation from its own files, or `val_ratio` of the
+/// training records held out by seed. The training outcome keeps the read counts (skipped and
+/// blank lines) for the report.
+fn split_records(
+    cfg: &TrainConfig,
+    mut train_read: ReadOutcome,
+) -> Result<(ReadOutcome, Option<ReadOutcome>)> {
+    if !cfg.data.validation.is_empty() {
+        let val = read_all(&cfg.data.validation, cfg)?;
+        return Ok((train_read, Some(val)));
+    }
+    if cfg.data.val_ratio > 0.0 {
+        let records = std::mem::take(&mut train_read.records);
+        let (tr, va) = split_train_val(records.len(), cfg.data.val_ratio, cfg.run.seed);
+        let mut slots: Vec<Option<Record>> = records.into_iter().map(Some).collect();
+        let mut take = |idx: &[usize]| -> Vec<Record> {
+            idx.iter()
+                .map(|&i| slots[i].take().expect("the split is disjoint"))
+                .collect()
+        };
+        let val_records = take(&va);
+        train_read.records = take(&tr);
+        train_read.per_format = count_formats(&train_read.records);
+        let val = ReadOutcome {
+            per_format: count_formats(&val_records),
+            records: val_records,
+            skipped: vec![],
+            blank_lines: 0,
+        };
+        return Ok((train_read, Some(val)));
+    }
+    Ok((train_read, None))
+}
+
+fn count_formats(records: &[Record]) -> std::collections::BTreeMap<sft_data::Format, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for r in records {
+        *counts.entry(r.format).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Rendered training data per epoch: computed once when rendering is deterministic, per epoch
+/// when poems draw their metadata anew.
+#[derive(Default)]
+struct EpochCache {
+    epoch: Option<u64>,
+    data: Option<Prepared>,
+}
+
+impl EpochCache {
+    fn get(
+        &mut self,
+        epoch: u64,
+        records: &ReadOutcome,
+        template: &Template,
+        tok: &Tokenizer,
+        opts: &RenderOptions,
+        per_epoch: bool,
+    ) -> Result<&Prepared> {
+        let key = if per_epoch { epoch } else { 0 };
+        if self.epoch != Some(key) {
+            self.data = Some(prepare(records, template, tok, opts, key)?);
+            self.epoch = Some(key);
+        }
+        Ok(self.data.as_ref().expect("filled above"))
+    }
+}
+
+trait Lengths {
+    fn lengths(&self) -> Vec<usize>;
+}
+
+impl Lengths for Prepared {
+    fn lengths(&self) -> Vec<usize> {
+        self.samples.iter().map(|(_, r)| r.len()).collect()
+    }
+}
+
+fn ids_bytes(ids: &[u32]) -> Vec<u8> {
+    ids.iter().flat_map(|i| i.to_le_bytes()).collect()
+}
+
+/// splitmix64 over (seed, step, micro-batch): independent dropout streams per micro-batch.
+pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    let mut z =
+        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("serialisable");
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+fn append_sample(out_dir: &Path, step: u64, prompt: &str, text: &str) -> Result<()> {
+    use std::io::Write;
+    let path = out_dir.join("samples.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    let line = serde_json::json!({ "step": step, "prompt": prompt, "text": text });
+    writeln!(f, "{line}").map_err(|e| Error::io(&path, e))
+}

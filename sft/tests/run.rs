@@ -1,0 +1,193 @@
+//! Whole training runs through `sft::train`: resume continues bit-identically, a diverging run
+//! stops with a clear error and leaves its last checkpoint loadable, outputs are all written.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use sft::{train, Event, RunOptions, TrainConfig};
+use sft_model::Model;
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sft-run-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The first `n` poems of the bundled subset.
+fn poems(dir: &Path, n: usize) -> PathBuf {
+    let text = std::fs::read_to_string(data_dir().join("poems/poems-small.jsonl")).unwrap();
+    let path = dir.join("poems.jsonl");
+    let lines: Vec<&str> = text.lines().take(n).collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// A fresh GPT with dropout on, poem metadata dropout on, gradient accumulation, and enough
+/// steps to cross an epoch boundary.
+fn config(data: &Path, out: &Path) -> TrainConfig {
+    let text = format!(
+        r#"
+        [model]
+        preset = "tiny-gpt"
+        init = {{ dropout = 0.1, n_embd = 32 }}
+        [tokenizer]
+        build = "char"
+        [data]
+        train = ["{}"]
+        val_ratio = 0.1
+        max_len = 96
+        [optim]
+        lr = 3e-3
+        weight_decay = 0.1
+        [train]
+        batch_size = 4
+        grad_accum = 2
+        max_steps = 14
+        [run]
+        out_dir = "{}"
+        log_every = 1
+        save_every = 6
+        keep_last = 3
+        "#,
+        data.display(),
+        out.display()
+    );
+    TrainConfig::from_toml_str(&text, &[]).unwrap()
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let m = Model::load(dir, DType::F32, &Device::Cpu).unwrap();
+    m.params()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn train_losses(metrics: &Path) -> Vec<(u64, f64)> {
+    sft::metrics::read_loss_series(metrics).unwrap().0
+}
+
+#[test]
+fn resume_is_bit_identical_to_an_uninterrupted_run() {
+    let dir = scratch("resume");
+    let data = poems(&dir, 60);
+    let full = config(&data, &dir.join("full"));
+    let summary = train(&full, &RunOptions { resume: None }, &mut |_| {}).unwrap();
+    assert_eq!(summary.steps, 14);
+    // 54 training poems / 4 rows = 14 micro-batches = 7 steps per epoch: step 14 ends epoch 1.
+    let resumed_cfg = config(&data, &dir.join("resumed"));
+    let ckpt = dir.join("full/checkpoint-000006");
+    let mut starts = vec![];
+    let resumed = train(&resumed_cfg, &RunOptions { resume: Some(ckpt) }, &mut |e| {
+        if let Event::Started { start_step, .. } = e {
+            starts.push(start_step)
+        }
+    })
+    .unwrap();
+    assert_eq!(starts, vec![6]);
+    assert_eq!(resumed.steps, 14);
+    let a = train_losses(&summary.metrics);
+    let b = train_losses(&resumed.metrics);
+    assert_eq!(&a[6..], &b[..], "losses after the resume point");
+    assert_eq!(
+        weights(&dir.join("full/checkpoint-000014")),
+        weights(&dir.join("resumed/checkpoint-000014")),
+        "final weights"
+    );
+    // Different data is refused rather than silently resumed on.
+    let other = poems(&scratch("resume-other"), 40);
+    let err = train(
+        &config(&other, &dir.join("other")),
+        &RunOptions {
+            resume: Some(dir.join("full/checkpoint-000012")),
+        },
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("training data differs"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_run_writes_its_outputs() {
+    let dir = scratch("outputs");
+    let data = poems(&dir, 60);
+    let cfg = config(&data, &dir.join("out"));
+    let s = train(&cfg, &RunOptions { resume: None }, &mut |_| {}).unwrap();
+    let out = dir.join("out");
+    for f in [
+        "metrics.jsonl",
+        "loss.svg",
+        "preflight.json",
+        "train_config.toml",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/char_tokenizer.json",
+        "best/model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // keep_last = 3 of the checkpoints at steps 6, 12, 14.
+    let ckpts: Vec<u64> = sft::checkpoint::list_checkpoints(&out)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(ckpts, vec![6, 12, 14]);
+    let ck = out.join("checkpoint-000014");
+    for f in [
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "train_config.toml",
+    ] {
+        assert!(ck.join(f).is_file(), "{f} missing");
+    }
+    let state = sft::checkpoint::TrainerState::read(&ck).unwrap();
+    assert_eq!((state.step, state.epoch, state.micro_batch), (14, 2, 0));
+    assert!(s.final_val_loss.unwrap().is_finite());
+    let first = std::fs::read_to_string(&s.metrics).unwrap();
+    let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "target_tokens",
+        "elapsed_s",
+    ] {
+        assert!(first.get(key).is_some(), "metrics line lacks {key}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn divergence_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = scratch("nan");
+    let data = poems(&dir, 60);
+    let mut cfg = config(&data, &dir.join("out"));
+    cfg.optim.lr = 1e30;
+    cfg.optim.max_grad_norm = 0.0;
+    cfg.run.save_every = Some(1);
+    let err = train(&cfg, &RunOptions { resume: None }, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("non-finite"), "{err}");
+    let last = sft::checkpoint::list_checkpoints(&dir.join("out")).unwrap();
+    let (_, path) = last.last().expect("the good steps were saved");
+    Model::load(path, DType::F32, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
