@@ -3,6 +3,7 @@
 //! The only crate that sees both tokens and tensors. It composes `sft-tokenizer`, `sft-data` and
 //! `sft-model` into a training run driven by one [`TrainConfig`].
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 mod kernels;

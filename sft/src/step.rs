@@ -11,7 +11,7 @@ use sft_data::{Batch, IGNORE_INDEX};
 use sft_model::{AttentionMask, Model};
 
 use crate::kernels::accumulate;
-use crate::loss::{linear_cross_entropy, DEFAULT_CHUNK_ELEMS};
+use crate::loss::{linear_cross_entropy, CeOutput, DEFAULT_CHUNK_ELEMS};
 use crate::Result;
 
 /// Loss statistics of a micro-batch or an evaluation pass.
@@ -76,19 +76,77 @@ fn inputs(batch: &Batch, device: &Device) -> Result<Inputs> {
     })
 }
 
-/// Runs forward and backward on one micro-batch and adds its gradients (of `scale * loss_sum`)
-/// into `acc`, one slot per `model.params()` entry. A micro-batch without targets contributes
-/// nothing: no forward, no NaN.
-pub fn accumulate_micro_batch(
+/// Gradients summed over the micro-batches of an optimizer step, one slot per `model.params()`
+/// entry. The first gradient of a slot is kept as the backward pass produced it (no copy: with
+/// one micro-batch per step nothing is ever copied); it is copied before the first in-place
+/// addition, because candle may hand the same gradient tensor to several graph nodes.
+#[derive(Debug, Default)]
+pub struct GradAccumulator {
+    slots: Vec<Option<(Tensor, bool)>>,
+}
+
+impl GradAccumulator {
+    pub fn new(n_params: usize) -> GradAccumulator {
+        GradAccumulator {
+            slots: vec![None; n_params],
+        }
+    }
+
+    fn add(&mut self, i: usize, g: &Tensor) -> Result<()> {
+        match &mut self.slots[i] {
+            None => self.slots[i] = Some((g.clone(), false)),
+            Some((t, owned)) => {
+                if !*owned {
+                    *t = t.to_dtype(candle_core::DType::F32)?.copy()?;
+                    *owned = true;
+                }
+                accumulate(t, g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The summed gradients, leaving the accumulator empty for the next step.
+    pub fn take(&mut self) -> Vec<Option<Tensor>> {
+        self.slots
+            .iter_mut()
+            .map(|s| s.take().map(|(t, _)| t))
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+}
+
+/// The forward half of a micro-batch: hidden states at the target positions and the loss with
+/// its gradients at the output layer.
+pub struct ForwardLoss {
+    selected: Tensor,
+    ce: CeOutput,
+}
+
+impl ForwardLoss {
+    pub fn stats(&self) -> LossStats {
+        LossStats {
+            loss_sum: self.ce.loss_sum,
+            n_targets: self.ce.n_targets,
+            n_correct: self.ce.n_correct,
+        }
+    }
+}
+
+/// Forward pass and masked loss of one micro-batch, with gradients of `scale * loss_sum`.
+/// `None` when the batch has no target (nothing to learn, nothing computed).
+pub fn forward_loss(
     model: &Model,
     batch: &Batch,
     scale: f64,
     dropout_seed: Option<u64>,
-    acc: &mut [Option<Tensor>],
-) -> Result<LossStats> {
+) -> Result<Option<ForwardLoss>> {
     let inp = inputs(batch, model.device())?;
     if inp.targets.is_empty() {
-        return Ok(LossStats::default());
+        return Ok(None);
     }
     let mask = match &inp.segments {
         Some(s) => AttentionMask::Segments(s),
@@ -106,6 +164,12 @@ pub fn accumulate_micro_batch(
         Some(scale),
         DEFAULT_CHUNK_ELEMS,
     )?;
+    Ok(Some(ForwardLoss { selected, ce }))
+}
+
+/// The backward half: gradients of every parameter, added into `acc`.
+pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Result<()> {
+    let ForwardLoss { selected, ce } = f;
     let grad_hidden = ce
         .grad_hidden
         .expect("asked for gradients")
@@ -114,27 +178,35 @@ pub fn accumulate_micro_batch(
     let surrogate = (&selected * grad_hidden)?.sum_all()?;
     let grads = surrogate.backward()?;
     let head_id = model.lm_head_weight().id();
-    for ((_, var), slot) in model.params().iter().zip(acc.iter_mut()) {
+    for (i, (_, var)) in model.params().iter().enumerate() {
         let t = var.as_tensor();
-        let mut add = |g: &Tensor| -> Result<()> {
-            match slot {
-                Some(a) => accumulate(a, g)?,
-                None => *slot = Some(g.to_dtype(candle_core::DType::F32)?.copy()?),
-            }
-            Ok(())
-        };
         if let Some(g) = grads.get(t) {
-            add(g)?;
+            acc.add(i, g)?;
         }
         if t.id() == head_id {
-            add(ce.grad_head.as_ref().expect("asked for gradients"))?;
+            acc.add(i, ce.grad_head.as_ref().expect("asked for gradients"))?;
         }
     }
-    Ok(LossStats {
-        loss_sum: ce.loss_sum,
-        n_targets: ce.n_targets,
-        n_correct: ce.n_correct,
-    })
+    Ok(())
+}
+
+/// Forward and backward on one micro-batch, adding its gradients (of `scale * loss_sum`) into
+/// `acc`. A micro-batch without targets contributes nothing: no forward, no NaN.
+pub fn accumulate_micro_batch(
+    model: &Model,
+    batch: &Batch,
+    scale: f64,
+    dropout_seed: Option<u64>,
+    acc: &mut GradAccumulator,
+) -> Result<LossStats> {
+    match forward_loss(model, batch, scale, dropout_seed)? {
+        None => Ok(LossStats::default()),
+        Some(f) => {
+            let stats = f.stats();
+            backward(model, f, acc)?;
+            Ok(stats)
+        }
+    }
 }
 
 /// Loss and token accuracy of a batch, without building a gradient graph (`model` should be

@@ -11,7 +11,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
 use serde::Serialize;
 use sft_data::{
     collate, plan_epoch, prepare, read_jsonl, split_train_val, BatchPlanOptions, InvalidPolicy,
@@ -25,7 +24,7 @@ use crate::config::{parse_dtype, TrainConfig};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
 use crate::setup;
-use crate::step::{accumulate_micro_batch, evaluate_batch, LossStats};
+use crate::step::{accumulate_micro_batch, evaluate_batch, GradAccumulator, LossStats};
 use crate::{plot, Error, Result};
 
 /// What the caller is told while the run goes (the CLI draws progress from these).
@@ -250,7 +249,7 @@ pub fn train(
     let mut last_train_loss = None;
     let mut last_eval: Option<EvalMetrics> = None;
     let mut last_saved = None;
-    let mut grads: Vec<Option<Tensor>> = vec![None; model.params().len()];
+    let mut grads = GradAccumulator::new(model.params().len());
     while state.step < state.total_steps {
         let epoch_data = epoch_cache.get(
             state.epoch,
@@ -305,8 +304,7 @@ pub fn train(
                 });
             }
             let lr = cfg.schedule.lr(cfg.optim.lr, state.step, state.total_steps);
-            let step_stats = opt.step(&grads, lr)?;
-            grads.iter_mut().for_each(|g| *g = None);
+            let step_stats = opt.step(&grads.take(), lr)?;
             last_train_loss = Some(loss);
             state.step += 1;
             state.micro_batch = end;

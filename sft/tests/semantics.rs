@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sft::step::accumulate_micro_batch;
+use sft::step::{accumulate_micro_batch, GradAccumulator};
 use sft::{AdamW, OptimConfig};
 use sft_data::{collate, pack_bins, Rendered};
 use sft_model::Model;
@@ -74,7 +74,7 @@ fn three_steps_match_pytorch() {
             })
             .collect();
         let n: usize = batches.iter().map(|b| b.n_targets).sum();
-        let mut grads = vec![None; model.params().len()];
+        let mut grads = GradAccumulator::new(model.params().len());
         let mut loss_sum = 0.0;
         for b in &batches {
             loss_sum += accumulate_micro_batch(&model, b, 1.0 / n as f64, None, &mut grads)
@@ -82,7 +82,7 @@ fn three_steps_match_pytorch() {
                 .loss_sum;
         }
         let loss = loss_sum / n as f64;
-        let stats = opt.step(&grads, golden.lr).unwrap();
+        let stats = opt.step(&grads.take(), golden.lr).unwrap();
         assert!(
             (loss - golden.losses[k]).abs() < 1e-5,
             "step {k}: loss {loss} vs {}",
@@ -151,11 +151,12 @@ fn grads_for(model: &Model, micro_batches: &[Vec<Vec<&Rendered>>]) -> Vec<Tensor
         .map(|rows| collate(rows, 0, None))
         .collect();
     let n: usize = batches.iter().map(|b| b.n_targets).sum();
-    let mut grads = vec![None; model.params().len()];
+    let mut grads = GradAccumulator::new(model.params().len());
     for b in &batches {
         accumulate_micro_batch(model, b, 1.0 / n as f64, None, &mut grads).unwrap();
     }
     grads
+        .take()
         .into_iter()
         .map(|g| g.expect("every parameter gets a gradient"))
         .collect()
@@ -209,9 +210,9 @@ fn a_micro_batch_without_targets_contributes_nothing() {
     let model = load("qwen2-tied");
     let no_targets = Rendered::new(vec![5, 6, 7], vec![false; 3]).unwrap();
     let batch = collate(&[vec![&no_targets]], 0, None);
-    let mut grads = vec![None; model.params().len()];
+    let mut grads = GradAccumulator::new(model.params().len());
     let stats = accumulate_micro_batch(&model, &batch, 1.0, None, &mut grads).unwrap();
     assert_eq!(stats.n_targets, 0);
     assert_eq!(stats.loss_sum, 0.0);
-    assert!(grads.iter().all(Option::is_none));
+    assert!(grads.is_empty());
 }

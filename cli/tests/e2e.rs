@@ -1,0 +1,267 @@
+//! The command line end to end on tiny runs: `sft train` -> `sft eval` / `sft generate` /
+//! `sft chat` on what it wrote. Each run takes a couple of seconds.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
+}
+
+fn sft() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sft"));
+    c.env_remove("RUST_BACKTRACE");
+    c
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sft-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Trains a tiny model with `sft train` and returns its `final/` directory.
+fn train(dir: &Path, body: &str) -> PathBuf {
+    let config = dir.join("run.toml");
+    std::fs::write(&config, body).unwrap();
+    let stdout = ok(sft()
+        .args(["train", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap());
+    assert!(stdout.contains("loss plot"), "{stdout}");
+    dir.join("out/final")
+}
+
+#[test]
+fn poems_train_eval_generate() {
+    let dir = scratch("poems");
+    let poems = std::fs::read_to_string(data_dir().join("poems/poems-small.jsonl")).unwrap();
+    let data = dir.join("poems.jsonl");
+    std::fs::write(&data, poems.lines().take(80).collect::<Vec<_>>().join("\n")).unwrap();
+    let model = train(
+        &dir,
+        &format!(
+            r#"
+            [model]
+            preset = "tiny-gpt"
+            [tokenizer]
+            build = "char"
+            [data]
+            train = ["{}"]
+            val_ratio = 0.1
+            [optim]
+            lr = 3e-3
+            [train]
+            batch_size = 4
+            max_steps = 6
+            [run]
+            out_dir = "{}"
+            log_every = 2
+            "#,
+            data.display(),
+            dir.join("out").display()
+        ),
+    );
+    // `sft eval --json`: exactly the documented keys.
+    let stdout = ok(sft()
+        .args(["eval", "--json", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(v["loss"].as_f64().unwrap() > 0.0);
+    assert!(v["targets"].as_u64().unwrap() > 100);
+    assert!((0.0..=1.0).contains(&v["token_accuracy"].as_f64().unwrap()));
+    // `sft generate --record ... --json --num-samples 3`: one line per sample, markers removed.
+    let stdout = ok(sft()
+        .args([
+            "generate",
+            "--record",
+            r#"{"style":"七言绝句","author":"李白"}"#,
+            "--json",
+        ])
+        .args([
+            "--num-samples",
+            "3",
+            "--temperature",
+            "1.0",
+            "--max-new-tokens",
+            "20",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap());
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let text = r["text"].as_str().unwrap();
+        assert!(!text.contains("<|"), "markers must be removed: {text}");
+        assert!(!r["ids"].as_array().unwrap().is_empty());
+    }
+    assert_ne!(
+        rows[0]["ids"], rows[1]["ids"],
+        "samples are seeded per index"
+    );
+    // The same seed gives the same samples.
+    let again = ok(sft()
+        .args([
+            "generate",
+            "--record",
+            r#"{"style":"七言绝句","author":"李白"}"#,
+            "--json",
+        ])
+        .args([
+            "--num-samples",
+            "3",
+            "--temperature",
+            "1.0",
+            "--max-new-tokens",
+            "20",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap());
+    assert_eq!(stdout, again);
+    // --compare runs both models.
+    let stdout = ok(sft()
+        .args([
+            "generate",
+            "--record",
+            "{}",
+            "--json",
+            "--max-new-tokens",
+            "5",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--compare")
+        .arg(dir.join("out/checkpoint-000006"))
+        .output()
+        .unwrap());
+    let models: Vec<String> = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["model"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(models, ["base", "tuned"]);
+    // A bad record is a clear error.
+    let out = sft()
+        .args(["generate", "--record", r#"{"style": 7}"#, "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("style"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn chat_model_scripted_through_stdin() {
+    let dir = scratch("chat");
+    let data = dir.join("chat.jsonl");
+    let mut lines = String::new();
+    for i in 0..40 {
+        lines.push_str(&format!(
+            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"say {i}\"}}, {{\"role\": \"assistant\", \"content\": \"{i}\"}}]}}\n"
+        ));
+    }
+    std::fs::write(&data, lines).unwrap();
+    let model = train(
+        &dir,
+        &format!(
+            r#"
+            [model]
+            preset = "tiny-gpt"
+            [tokenizer]
+            build = "char"
+            specials = "chatml"
+            [data]
+            train = ["{}"]
+            [optim]
+            lr = 3e-3
+            [train]
+            batch_size = 8
+            max_steps = 4
+            [run]
+            out_dir = "{}"
+            "#,
+            data.display(),
+            dir.join("out").display()
+        ),
+    );
+    let mut child = sft()
+        .args(["chat", "--json", "--max-new-tokens", "8", "--model"])
+        .arg(&model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"say 1\nsay 2\n/reset\n/system be brief\nsay 3\n")
+        .unwrap();
+    let stdout = ok(child.wait_with_output().unwrap());
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+    assert_eq!(rows[0]["user"], "say 1");
+    assert_eq!(rows[2]["user"], "say 3");
+    assert!(rows
+        .iter()
+        .all(|r| r["assistant"].is_string() && r["stopped"].is_boolean()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    let dir = scratch("badcfg");
+    let config = dir.join("bad.toml");
+    std::fs::write(&config, "[model]\npreset = \"tiny-gpt\"\n[data]\ntrain = [\"x.jsonl\"]\n[run]\nout_dir = \"o\"\n[optim]\nlearning_rate = 1\n").unwrap();
+    let out = sft()
+        .args(["train", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("learning_rate") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
+    let out = sft()
+        .args(["train", "--config"])
+        .arg(&config)
+        .args(["--set", "optim.learning_rate"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("section.key=value"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

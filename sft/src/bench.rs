@@ -1,0 +1,131 @@
+//! Training-step benchmark: full steps (forward + masked loss, backward, clip, AdamW) on random
+//! ids, timed by phase. The same code path as training, so what it measures is what users get.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use sft_data::{collate, Rendered};
+use sft_model::Model;
+
+use crate::optim::{AdamW, OptimConfig};
+use crate::step::{backward, forward_loss, GradAccumulator};
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed steps first (allocator and cache warm-up).
+    pub warmup: usize,
+    /// Fraction of positions that are targets (1.0: every position, as in pretraining).
+    pub target_fraction: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub tokens_per_s: f64,
+    pub step_s_median: f64,
+    pub peak_rss_mib: f64,
+    /// Medians per phase: forward includes the masked loss through the output layer.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+    pub params: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub threads: usize,
+    /// Model FLOPs per step: 6 * params * tokens plus attention (6 * layers * seq * hidden per
+    /// token, causal half of it counted).
+    pub flops_per_step: f64,
+    pub gflops_per_s: f64,
+}
+
+/// Runs the benchmark on `model` (its weights change: it trains).
+pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
+    let vocab = model.config().vocab_size() as u32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut opt = AdamW::new(
+        model.params(),
+        &OptimConfig {
+            lr: 1e-5,
+            ..OptimConfig::default()
+        },
+    )?;
+    let (mut fwd, mut bwd, mut optim, mut total) = (vec![], vec![], vec![], vec![]);
+    let mut acc = GradAccumulator::new(model.params().len());
+    for step in 0..opts.warmup + opts.steps {
+        let samples: Vec<Rendered> = (0..opts.batch_size)
+            .map(|_| {
+                let ids = (0..opts.seq_len)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect();
+                let mask = (0..opts.seq_len)
+                    .map(|i| i > 0 && rng.random_bool(opts.target_fraction))
+                    .collect();
+                Rendered::new(ids, mask).expect("equal lengths")
+            })
+            .collect();
+        let rows: Vec<Vec<&Rendered>> = samples.iter().map(|s| vec![s]).collect();
+        let batch = collate(&rows, 0, None);
+        let t0 = Instant::now();
+        let f = forward_loss(model, &batch, 1.0 / batch.n_targets as f64, None)?
+            .expect("the benchmark batch has targets");
+        let t1 = Instant::now();
+        backward(model, f, &mut acc)?;
+        let t2 = Instant::now();
+        opt.step(&acc.take(), 1e-5)?;
+        let t3 = Instant::now();
+        if step >= opts.warmup {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            optim.push((t3 - t2).as_secs_f64());
+            total.push((t3 - t0).as_secs_f64());
+        }
+    }
+    let params: usize = model
+        .params()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum();
+    let tokens = (opts.batch_size * opts.seq_len) as f64;
+    let cfg = model.config();
+    let attention = 6.0 * cfg.num_layers() as f64 * opts.seq_len as f64 * cfg.hidden_size() as f64;
+    let flops = (6.0 * params as f64 + attention) * tokens;
+    let step = median(&mut total);
+    Ok(BenchResult {
+        tokens_per_s: tokens / step,
+        step_s_median: step,
+        peak_rss_mib: peak_rss_mib(),
+        forward_s: median(&mut fwd),
+        backward_s: median(&mut bwd),
+        optimizer_s: median(&mut optim),
+        params,
+        batch_size: opts.batch_size,
+        seq_len: opts.seq_len,
+        threads: candle_core::utils::get_num_threads(),
+        flops_per_step: flops,
+        gflops_per_s: flops / step / 1e9,
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The process's peak resident memory (`VmHWM`), 0 where `/proc` is not there.
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
