@@ -9,8 +9,10 @@
 mod bench;
 mod chat;
 mod common;
+mod demo;
 mod eval;
 mod generate;
+mod quality;
 mod render;
 mod tokenize;
 mod train;
@@ -42,6 +44,10 @@ enum Command {
     Generate(generate::Args),
     /// Multi-turn chat with a checkpoint in the terminal (or scripted through stdin).
     Chat(chat::Args),
+    /// Style compliance of generated poems, and author conditioning.
+    EvalPoems(quality::PoemArgs),
+    /// Exact-match accuracy and stop rate of greedy answers to chat records.
+    EvalAnswers(quality::AnswerArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -58,6 +64,8 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::EvalPoems(args) => quality::poems(args),
+        Command::EvalAnswers(args) => quality::answers(args),
     }
 }
 

@@ -1,5 +1,7 @@
 //! `sft train --config FILE [--set section.key=value ...] [--resume DIR] [--json]`.
 //!
+//! Without `--config` it runs the bundled demo (see `demo`), into `--out` (default `runs/demo`).
+//!
 //! Progress goes to stderr: a bar with loss and ETA on a terminal, one line per logged step
 //! otherwise. The summary (where the checkpoints, metrics and plot are) goes to stdout; with
 //! `--json` it is one JSON object.
@@ -13,9 +15,12 @@ use sft::{Event, RunOptions, TrainConfig};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The run's TOML config (see configs/).
+    /// The run's TOML config (see configs/); without one, the bundled nanopoet demo runs.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Output directory of the demo (with --config, set `run.out_dir` instead).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Override a config key, e.g. `--set optim.lr=1e-4`; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
@@ -28,7 +33,17 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = TrainConfig::load(&args.config, &args.sets)?;
+    let Some(config) = &args.config else {
+        if args.resume.is_some() {
+            anyhow::bail!("--resume needs the run's --config");
+        }
+        let out = args.out.clone().unwrap_or_else(crate::demo::default_out);
+        return crate::demo::run(&out, &args.sets, args.json);
+    };
+    if args.out.is_some() {
+        anyhow::bail!("--out is for the demo; with --config use --set run.out_dir=DIR");
+    }
+    let cfg = TrainConfig::load(config, &args.sets)?;
     run_config(&cfg, args.resume, args.json)
 }
 

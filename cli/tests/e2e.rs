@@ -265,3 +265,37 @@ fn bad_configs_are_clear_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("section.key=value"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The README's first command, reduced: both demo stages with a tiny model and a few steps.
+#[test]
+fn bundled_demo_runs_end_to_end() {
+    let dir = scratch("demo");
+    let out = dir.join("demo");
+    let stdout = ok(sft()
+        .args(["train", "--out"])
+        .arg(&out)
+        .args(["--set", "train.max_steps=2", "--set", "run.eval_every=2"])
+        .args([
+            "--set",
+            "pretrain.model.init={n_layer = 1, n_embd = 32, n_head = 2, dropout = 0.0}",
+        ])
+        .output()
+        .unwrap());
+    assert!(stdout.contains("sample poems from"), "{stdout}");
+    for f in [
+        "data/poems.jsonl",
+        "data/LICENSE-chinese-poetry",
+        "pretrain/final/char_tokenizer.json",
+        "sft/final/model.safetensors",
+        "sft/metrics.jsonl",
+        "sft/loss.svg",
+        "sft/checkpoint-000002/optimizer.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // Stage 2 fine-tuned stage 1's model: same architecture, same tokenizer.
+    let a = std::fs::read_to_string(out.join("pretrain/final/config.json")).unwrap();
+    let b = std::fs::read_to_string(out.join("sft/final/config.json")).unwrap();
+    assert_eq!(a, b);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -340,6 +340,9 @@ impl TrainConfig {
         if self.train.epochs == 0 && self.train.max_steps.is_none() {
             return Err("train.epochs: must be positive (or set train.max_steps)".into());
         }
+        if self.train.max_steps == Some(0) {
+            return Err("train.max_steps: must be positive".into());
+        }
         if self.train.threads == Some(0) {
             return Err("train.threads: must be positive".into());
         }

@@ -11,6 +11,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod quality;
 pub mod schedule;
 pub mod setup;
 pub mod step;

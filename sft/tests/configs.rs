@@ -1,0 +1,19 @@
+//! Every shipped config under `configs/` parses and validates (the full demo's settings are the
+//! two nanopoet configs, which the bundled demo compiles in).
+
+use std::path::Path;
+
+#[test]
+fn shipped_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            sft::TrainConfig::load(&path, &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "expected the example configs, found {n}");
+}

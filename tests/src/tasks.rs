@@ -1,0 +1,184 @@
+//! A synthetic, exactly checkable instruction task: chat conversations whose answers can be
+//! computed, generated from a seed.
+//!
+//! Kinds: addition, subtraction, string reversal, uppercasing, letter counting, sorting digits,
+//! and a key=value to JSON conversion. Every conversation has the same short system prompt; about
+//! a third have two user/assistant turns (the last one is the one evaluated). Splits are drawn
+//! from disjoint seeds and deduplicated on the evaluated prompt, so held-out prompts never appear
+//! in training.
+
+use std::collections::HashSet;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+pub const SYSTEM_PROMPT: &str = "Answer with the result only.";
+
+const NAMES: [&str; 12] = [
+    "Ann", "Bob", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jin", "Kai", "Lea",
+];
+
+fn word(rng: &mut ChaCha8Rng, min: usize, max: usize) -> String {
+    let n = rng.random_range(min..=max);
+    (0..n)
+        .map(|_| rng.random_range(b'a'..=b'z') as char)
+        .collect()
+}
+
+/// One (question, answer) pair of a random kind.
+pub fn task(rng: &mut ChaCha8Rng) -> (String, String) {
+    match rng.random_range(0..7) {
+        0 => {
+            let (a, b) = (rng.random_range(0..100), rng.random_range(0..100));
+            (format!("What is {a} + {b}?"), (a + b).to_string())
+        }
+        1 => {
+            let a = rng.random_range(0..100);
+            let b = rng.random_range(0..=a);
+            (format!("What is {a} - {b}?"), (a - b).to_string())
+        }
+        2 => {
+            let w = word(rng, 3, 7);
+            let r: String = w.chars().rev().collect();
+            (format!("Reverse: {w}"), r)
+        }
+        3 => {
+            let w = word(rng, 3, 7);
+            (format!("Uppercase: {w}"), w.to_uppercase())
+        }
+        4 => {
+            let w = word(rng, 2, 9);
+            (format!("Count the letters in: {w}"), w.len().to_string())
+        }
+        5 => {
+            let n = rng.random_range(3..=5);
+            let mut d: Vec<u32> = (0..n).map(|_| rng.random_range(0..10)).collect();
+            let q = d.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+            d.sort_unstable();
+            let a = d.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+            (format!("Sort: {q}"), a)
+        }
+        _ => {
+            let name = NAMES[rng.random_range(0..NAMES.len())];
+            let age = rng.random_range(18..90);
+            (
+                format!("To JSON: name={name} age={age}"),
+                format!("{{\"name\": \"{name}\", \"age\": {age}}}"),
+            )
+        }
+    }
+}
+
+/// `n` conversations (`{"messages": [...]}`) from `seed`, skipping any whose evaluated prompt is
+/// in `exclude` (and adding the new ones to it).
+pub fn conversations(seed: u64, n: usize, exclude: &mut HashSet<String>) -> Vec<Value> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let mut messages = vec![json!({"role": "system", "content": SYSTEM_PROMPT})];
+        if rng.random_bool(1.0 / 3.0) {
+            let (q, a) = task(&mut rng);
+            messages.push(json!({"role": "user", "content": q}));
+            messages.push(json!({"role": "assistant", "content": a}));
+        }
+        let (q, a) = task(&mut rng);
+        if !exclude.insert(q.clone()) {
+            continue;
+        }
+        messages.push(json!({"role": "user", "content": q}));
+        messages.push(json!({"role": "assistant", "content": a}));
+        out.push(json!({ "messages": messages }));
+    }
+    out
+}
+
+/// The train, validation and test splits: disjoint in their evaluated prompts.
+pub fn splits(seed: u64, n_train: usize, n_val: usize, n_test: usize) -> [Vec<Value>; 3] {
+    let mut seen = HashSet::new();
+    // Held-out splits first, so training never takes a prompt they use.
+    let test = conversations(seed ^ 0x7e57, n_test, &mut seen);
+    let val = conversations(seed ^ 0x0a1, n_val, &mut seen);
+    let train = conversations(seed, n_train, &mut seen);
+    [train, val, test]
+}
+
+/// Writes `instructions-{train,val,test}.jsonl` into `dir`.
+pub fn write_splits(dir: &std::path::Path, seed: u64, sizes: [usize; 3]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let [train, val, test] = splits(seed, sizes[0], sizes[1], sizes[2]);
+    for (name, rows) in [("train", train), ("val", val), ("test", test)] {
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(dir.join(format!("instructions-{name}.jsonl")), text)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(q: &str) -> String {
+        // An independent solver for the task strings, to check the generator.
+        if let Some(rest) = q.strip_prefix("What is ") {
+            let rest = rest.trim_end_matches('?');
+            let (a, op, b) = {
+                let p: Vec<&str> = rest.split(' ').collect();
+                (
+                    p[0].parse::<i64>().unwrap(),
+                    p[1],
+                    p[2].parse::<i64>().unwrap(),
+                )
+            };
+            return if op == "+" { a + b } else { a - b }.to_string();
+        }
+        if let Some(w) = q.strip_prefix("Reverse: ") {
+            return w.chars().rev().collect();
+        }
+        if let Some(w) = q.strip_prefix("Uppercase: ") {
+            return w.to_ascii_uppercase();
+        }
+        if let Some(w) = q.strip_prefix("Count the letters in: ") {
+            return w.chars().count().to_string();
+        }
+        if let Some(d) = q.strip_prefix("Sort: ") {
+            let mut v: Vec<&str> = d.split(' ').collect();
+            v.sort();
+            return v.join(" ");
+        }
+        let kv = q.strip_prefix("To JSON: ").unwrap();
+        let mut parts = kv.split(' ');
+        let name = parts.next().unwrap().strip_prefix("name=").unwrap();
+        let age = parts.next().unwrap().strip_prefix("age=").unwrap();
+        serde_json::to_string(&json!({"name": name, "age": age.parse::<u32>().unwrap()}))
+            .unwrap()
+            .replace(",", ", ")
+            .replace(":", ": ")
+    }
+
+    #[test]
+    fn answers_are_correct_and_splits_disjoint() {
+        let [train, val, test] = splits(7, 400, 50, 50);
+        assert_eq!((train.len(), val.len(), test.len()), (400, 50, 50));
+        let last_prompt = |c: &Value| {
+            let m = c["messages"].as_array().unwrap();
+            m[m.len() - 2]["content"].as_str().unwrap().to_owned()
+        };
+        let held: HashSet<String> = val.iter().chain(&test).map(last_prompt).collect();
+        assert!(train.iter().all(|c| !held.contains(&last_prompt(c))));
+        let mut multi = 0;
+        for c in train.iter().chain(&val).chain(&test) {
+            let m = c["messages"].as_array().unwrap();
+            assert_eq!(m[0]["content"], SYSTEM_PROMPT);
+            multi += usize::from(m.len() == 5);
+            for pair in m[1..].chunks(2) {
+                let q = pair[0]["content"].as_str().unwrap();
+                assert_eq!(pair[1]["content"].as_str().unwrap(), answer(q), "{q}");
+            }
+        }
+        assert!(multi > 100, "about a third are two-turn: {multi}");
+        // Deterministic.
+        assert_eq!(splits(7, 400, 50, 50)[0], train);
+        assert_ne!(splits(8, 400, 50, 50)[0], train);
+    }
+}
