@@ -16,7 +16,11 @@ fn readme_examples_work() -> Result<(), Box<dyn std::error::Error>> {
 
     // sft-data
     use sft_data::*;
-    let read = read_jsonl("tests/data/jsonl/mixed.jsonl".as_ref(), None, InvalidPolicy::Error)?;
+    let read = read_jsonl(
+        "tests/data/jsonl/mixed.jsonl".as_ref(),
+        None,
+        InvalidPolicy::Error,
+    )?;
     let template = Template::new(TemplateChoice::Auto, &tok)?;
     let prepared = prepare(&read, &template, &tok, &RenderOptions::default(), 0)?;
     assert!(prepared.report.to_string().contains("first sample"));
