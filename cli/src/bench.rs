@@ -4,17 +4,52 @@
 //! `{"tokens_per_s":x,"step_s_median":y,"peak_rss_mib":z,"forward_s":..,"backward_s":..,"optimizer_s":..}`
 //! (plus `params`, `batch_size`, `seq_len`, `threads`, `flops_per_step`, `gflops_per_s`).
 //! Full training steps on random ids: forward with the masked loss, backward, clipping, AdamW.
+//!
+//! `sft bench generate --model DIR [--prompt-len P] [--new-tokens N] [--json]`: greedy decoding
+//! with the KV cache, `{"tokens_per_s":..,"prefill_s":..,"prompt_len":..,"new_tokens":..}`.
+//!
+//! `sft bench gemm [--n N] [--json]`: candle's f32 matmul rate, `{"gflops":..}`, the peak that
+//! model FLOPs utilisation is measured against.
 
 use std::path::PathBuf;
 
 use candle_core::DType;
-use sft::bench::{bench_train, BenchOptions};
+use sft::bench::{bench_generate, bench_train, sgemm_peak_gflops, BenchOptions};
 use sft_model::Model;
 
 #[derive(clap::Subcommand)]
 pub(crate) enum Command {
     /// Time full training steps of a checkpoint on random token ids.
     Train(TrainArgs),
+    /// Time greedy decoding with the KV cache.
+    Generate(GenerateArgs),
+    /// Measure the f32 matrix-multiply peak.
+    Gemm(GemmArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct GemmArgs {
+    /// Matrix side.
+    #[arg(long, default_value_t = 1024)]
+    n: usize,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -41,7 +76,49 @@ pub(crate) struct TrainArgs {
 }
 
 pub(crate) fn run(cmd: Command) -> anyhow::Result<()> {
-    let Command::Train(args) = cmd;
+    match cmd {
+        Command::Train(args) => train(args),
+        Command::Generate(args) => generate(args),
+        Command::Gemm(args) => gemm(args),
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    crate::set_threads(args.threads);
+    let model = Model::load(&args.model, DType::F32, &sft::setup::device()?)?;
+    let max = model.config().max_positions();
+    if args.prompt_len + args.new_tokens > max {
+        anyhow::bail!(
+            "--prompt-len + --new-tokens = {} exceeds the model's context {max}",
+            args.prompt_len + args.new_tokens
+        );
+    }
+    // One untimed run warms the allocator and caches.
+    bench_generate(&model, args.prompt_len, 4, 1)?;
+    let r = bench_generate(&model, args.prompt_len, args.new_tokens, 0)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{:.1} tokens/s greedy with KV cache ({} new tokens after a {}-token prompt; prefill {:.3} s, {} threads)",
+            r.tokens_per_s, r.new_tokens, r.prompt_len, r.prefill_s, r.threads
+        );
+    }
+    Ok(())
+}
+
+fn gemm(args: GemmArgs) -> anyhow::Result<()> {
+    crate::set_threads(args.threads);
+    let gflops = sgemm_peak_gflops(args.n, 5)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "gflops": gflops, "n": args.n }));
+    } else {
+        println!("{gflops:.1} GFLOP/s f32 matmul ({0}x{0})", args.n);
+    }
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
     crate::set_threads(args.threads);
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 {
         anyhow::bail!("--steps and --batch-size must be positive and --seq-len at least 2");

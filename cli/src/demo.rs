@@ -21,9 +21,18 @@ const POEMS_LICENSE: &str = include_str!("../../tests/data/poems/LICENSE-chinese
 pub(crate) const PRETRAIN: &str = include_str!("../../configs/nanopoet-pretrain.toml");
 pub(crate) const SFT: &str = include_str!("../../configs/nanopoet-sft.toml");
 
-/// What the demo changes in the tutorial configs so both stages finish in minutes on two cores.
-const DEMO_PRETRAIN: &[&str] = &[];
-const DEMO_SFT: &[&str] = &[];
+/// What the demo changes in the tutorial configs so both stages finish in minutes on two cores:
+/// a model of half the depth and 3/4 the width (about 3x cheaper per token), packed rows (no
+/// compute spent on padding; the loss is the same as unpacked), fewer epochs. The full configs
+/// are what docs/results.md measures.
+const DEMO_PRETRAIN: &[&str] = &[
+    "model.init={n_layer = 4, n_embd = 192, n_head = 6}",
+    "data.packing=true",
+    "train.epochs=3",
+    "run.eval_every=60",
+    "run.save_every=100",
+];
+const DEMO_SFT: &[&str] = &["data.packing=true", "train.epochs=2", "run.eval_every=60"];
 
 /// Prompts the finished model writes poems for.
 const PROMPTS: &[&str] = &[

@@ -129,3 +129,73 @@ pub fn peak_rss_mib() -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBenchResult {
+    /// New tokens per second after the prompt (greedy, KV cache, batch 1).
+    pub tokens_per_s: f64,
+    /// Time to process the prompt and produce the first new token.
+    pub prefill_s: f64,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub threads: usize,
+}
+
+/// Greedy decoding of `new_tokens` tokens after a random prompt of `prompt_len` ids, with the
+/// KV cache: what `sft generate` and `sft chat` do per token.
+pub fn bench_generate(
+    model: &Model,
+    prompt_len: usize,
+    new_tokens: usize,
+    seed: u64,
+) -> Result<GenerateBenchResult> {
+    use sft_model::generate::{generate_streaming, SamplingParams};
+    let vocab = model.config().vocab_size() as u32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let prompt: Vec<u32> = (0..prompt_len.max(1))
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    let params = SamplingParams {
+        max_new_tokens: new_tokens.max(2),
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        repetition_penalty: 1.0,
+        stop_ids: vec![],
+        seed,
+    };
+    let t0 = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut n = 0usize;
+    generate_streaming(model, &prompt, &params, &mut |_| {
+        n += 1;
+        first.get_or_insert_with(Instant::now);
+        true
+    })?;
+    let end = Instant::now();
+    let first = first.unwrap_or(end);
+    Ok(GenerateBenchResult {
+        tokens_per_s: (n.saturating_sub(1)) as f64 / (end - first).as_secs_f64().max(1e-9),
+        prefill_s: (first - t0).as_secs_f64(),
+        prompt_len: prompt.len(),
+        new_tokens: n,
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+/// The machine's f32 matrix-multiply rate through candle (GFLOP/s, best of `reps` n×n×n
+/// products): the peak that model FLOPs utilisation is measured against.
+pub fn sgemm_peak_gflops(n: usize, reps: usize) -> Result<f64> {
+    let dev = candle_core::Device::Cpu;
+    let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) + 1 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        // Force the result: candle is eager, but keep the optimiser from dropping the work.
+        std::hint::black_box(&c);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}

@@ -259,6 +259,22 @@ impl Default for EvalSection {
 pub struct CheckSection {
     /// The final validation loss must be below this.
     pub max_val_loss: Option<f64>,
+    /// Chats whose last assistant turn the exported model must reproduce with greedy decoding
+    /// (`sft eval-answers`).
+    pub answers: Option<PathBuf>,
+    /// Exact-match share of `answers` the model must reach.
+    pub min_exact_match: Option<f64>,
+    /// Share of `answers` generations that must end at the end-of-turn token.
+    pub min_stop_rate: Option<f64>,
+    /// Poem records for `sft eval-poems` (the ci tune patterns to check against).
+    pub poems: Option<PathBuf>,
+    /// Styles to generate (default: `sft eval-poems`' list).
+    #[serde(default)]
+    pub poem_styles: Vec<String>,
+    /// Generations per style (default 50).
+    pub poems_per_style: Option<usize>,
+    /// Mean form compliance over `poem_styles` the model must reach.
+    pub min_poem_compliance: Option<f64>,
 }
 
 impl TrainConfig {

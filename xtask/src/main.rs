@@ -1,11 +1,20 @@
 //! `cargo xtask`: project automation in Rust (see https://github.com/matklad/cargo-xtask).
 //!
-//! The only code in the workspace allowed to touch the network; nothing depends on it.
+//! The only code in the workspace allowed to touch the network (`download`, behind the `hub`
+//! feature); nothing depends on it.
 
+#![allow(clippy::print_stdout)]
+
+mod bench;
 mod ci;
+mod hub;
+mod init_model;
+mod train;
 
 use std::path::PathBuf;
+use std::process::Command;
 
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -19,6 +28,38 @@ struct Xtask {
 enum Cmd {
     /// What CI runs: fmt check, clippy with warnings denied, the test suite.
     Ci,
+    /// Fetch a model repository from the Hugging Face hub (offline when it is cached) and print
+    /// its local directory.
+    Download(hub::Args),
+    /// Write a randomly initialised checkpoint in Hugging Face layout.
+    InitModel(init_model::Args),
+    /// A training run for CI: train, check the result, write a Markdown summary.
+    Train(train::Args),
+    /// Generate a synthetic dataset.
+    GenData {
+        #[command(subcommand)]
+        what: GenData,
+    },
+    /// Training, data-prep and generation benchmarks, optionally against PyTorch.
+    Bench(bench::Args),
+}
+
+#[derive(Subcommand)]
+enum GenData {
+    /// The exactly checkable instruction task (arithmetic, reversal, sorting, JSON...) as
+    /// messages JSONL: `instructions-{train,val,test}.jsonl`.
+    Instructions {
+        #[arg(long, default_value = "runs/data")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 20_000)]
+        train: usize,
+        #[arg(long, default_value_t = 500)]
+        val: usize,
+        #[arg(long, default_value_t = 500)]
+        test: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +67,28 @@ fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(project_root())?;
     match xtask.command {
         Cmd::Ci => ci::run(),
+        Cmd::Download(args) => hub::run(args),
+        Cmd::InitModel(args) => init_model::run(args),
+        Cmd::Train(args) => train::run(args),
+        Cmd::GenData {
+            what:
+                GenData::Instructions {
+                    out,
+                    seed,
+                    train,
+                    val,
+                    test,
+                },
+        } => {
+            sft_tests::tasks::write_splits(&out, seed, [train, val, test])
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{}: instructions-train.jsonl ({train}), instructions-val.jsonl ({val}), instructions-test.jsonl ({test})",
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 
@@ -34,4 +97,41 @@ pub(crate) fn project_root() -> PathBuf {
         .parent()
         .expect("xtask lives in the root")
         .to_owned()
+}
+
+/// Builds the release `sft` binary (training runs and benchmarks want the optimised build) and
+/// returns its path.
+pub(crate) fn build_sft() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("$ cargo build --release --package sft-cli");
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--package", "sft-cli"])
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("building sft failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target"));
+    Ok(target.join("release").join("sft"))
+}
+
+/// Runs `cmd` with its stderr shown; parses the last stdout line that starts with `{`.
+pub(crate) fn json_output(cmd: &mut Command) -> anyhow::Result<serde_json::Value> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("{shown} printed no JSON: {text}"))
 }

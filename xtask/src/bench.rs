@@ -1,0 +1,346 @@
+//! `cargo xtask bench [--peer] [--configs a,b,c,d] [--threads N] [--steps N] [--warmup N]
+//! [--python PATH] [--skip-data] [--skip-generate]`.
+//!
+//! Training throughput of the release `sft` on the issue's configurations (models written with
+//! `init-model` into `target/bench/models`), optionally against PyTorch run by
+//! `tests/data/scripts/bench_peer.py` in the same invocation; then data preparation (`sft
+//! render`, 1 and N threads) and greedy generation. This machine's speed swings between minutes,
+//! so only ratios measured in one invocation mean anything: every peer number is measured right
+//! after ours. The report goes to stdout and `target/bench/report.md`, raw results to
+//! `target/bench/results.jsonl`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Also run the PyTorch peer and print our/their ratios.
+    #[arg(long)]
+    peer: bool,
+    /// Training configurations to run (a, b, c, d; see `CONFIGS`).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d")]
+    configs: Vec<String>,
+    /// Compute threads for both sides (default: available cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Python with torch and transformers (default: `target/bench-venv`, created when missing).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    #[arg(long)]
+    skip_data: bool,
+    #[arg(long)]
+    skip_generate: bool,
+}
+
+/// One training configuration of the issue.
+struct BenchConfig {
+    name: &'static str,
+    what: &'static str,
+    preset: &'static str,
+    vocab: usize,
+    sets: &'static [&'static str],
+    batch: usize,
+    seq: usize,
+    /// Single optimizer step (memory and time), no warm-up.
+    single_step: bool,
+}
+
+const CONFIGS: &[BenchConfig] = &[
+    BenchConfig {
+        name: "a",
+        what: "Qwen2 4L h256 i768 4H/2KV, vocab 151,936 tied, 8x256",
+        preset: "bench-qwen2",
+        vocab: 151_936,
+        sets: &[],
+        batch: 8,
+        seq: 256,
+        single_step: false,
+    },
+    BenchConfig {
+        name: "b",
+        what: "the same with vocab 4,096",
+        preset: "bench-qwen2",
+        vocab: 4096,
+        sets: &[],
+        batch: 8,
+        seq: 256,
+        single_step: false,
+    },
+    BenchConfig {
+        name: "c",
+        what: "nanoGPT char: vocab 6,000, emb 256, 8L, 8H, block 256, 16x256",
+        preset: "nanopoet-gpt",
+        vocab: 6000,
+        sets: &[],
+        batch: 16,
+        seq: 256,
+        single_step: false,
+    },
+    BenchConfig {
+        name: "d",
+        what: "Qwen2.5-0.5B shape, one optimizer step, 1x256",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 256,
+        single_step: true,
+    },
+];
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let sft = crate::build_sft()?;
+    let dir = crate::project_root().join("target/bench");
+    std::fs::create_dir_all(dir.join("models"))?;
+    let python = if args.peer {
+        Some(peer_python(args.python.as_deref())?)
+    } else {
+        None
+    };
+    let mut results: Vec<Value> = Vec::new();
+    let mut md = String::new();
+    let _ = writeln!(md, "## Training throughput ({threads} threads)\n");
+
+    let peak: Value = crate::json_output(
+        Command::new(&sft)
+            .args(["bench", "gemm", "--json", "--threads"])
+            .arg(threads.to_string()),
+    )?;
+    let peak_gflops = peak["gflops"].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        md,
+        "f32 matmul peak (1024^3 through candle): {peak_gflops:.1} GFLOP/s\n"
+    );
+    let _ = writeln!(
+        md,
+        "| config | sft tok/s | MFU | sft peak RSS | PyTorch tok/s | PyTorch peak RSS | speed ratio | RSS ratio |\n|---|---|---|---|---|---|---|---|"
+    );
+    for name in &args.configs {
+        let cfg = CONFIGS
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("unknown config {name:?} (a, b, c, d)"))?;
+        let model = dir.join("models").join(cfg.name);
+        if !model.join("model.safetensors").is_file() {
+            eprintln!("initialising {} ({})", model.display(), cfg.what);
+            crate::init_model::write_preset(cfg.preset, cfg.vocab, cfg.sets, &model)?;
+        }
+        let (steps, warmup) = if cfg.single_step {
+            (1, 0)
+        } else {
+            (args.steps, args.warmup)
+        };
+        eprintln!("== ({}) {} ==", cfg.name, cfg.what);
+        let ours: Value = crate::json_output(
+            Command::new(&sft)
+                .args(["bench", "train", "--json", "--model"])
+                .arg(&model)
+                .args(["--batch-size", &cfg.batch.to_string()])
+                .args(["--seq-len", &cfg.seq.to_string()])
+                .args(["--steps", &steps.to_string()])
+                .args(["--warmup", &warmup.to_string()])
+                .args(["--threads", &threads.to_string()]),
+        )?;
+        eprintln!("sft:     {ours}");
+        let theirs = match &python {
+            Some(py) => {
+                let v: Value = crate::json_output(
+                    Command::new(py)
+                        .arg(crate::project_root().join("tests/data/scripts/bench_peer.py"))
+                        .args(["--config", cfg.name])
+                        .args(["--batch-size", &cfg.batch.to_string()])
+                        .args(["--seq-len", &cfg.seq.to_string()])
+                        .args(["--steps", &steps.to_string()])
+                        .args(["--warmup", &warmup.to_string()])
+                        .args(["--threads", &threads.to_string()]),
+                )?;
+                eprintln!("PyTorch: {v}");
+                Some(v)
+            }
+            None => None,
+        };
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let mfu = f(&ours, "gflops_per_s") / peak_gflops;
+        let cell = |x: Option<f64>, unit: &str| x.map_or("-".into(), |x| format!("{x:.0}{unit}"));
+        let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}x"));
+        let (t_tok, t_rss) = match &theirs {
+            Some(t) => (Some(f(t, "tokens_per_s")), Some(f(t, "peak_rss_mib"))),
+            None => (None, None),
+        };
+        let _ = writeln!(
+            md,
+            "| ({}) {} | {:.0} | {:.1}% | {:.0} MiB | {} | {} | {} | {} |",
+            cfg.name,
+            cfg.what,
+            f(&ours, "tokens_per_s"),
+            100.0 * mfu,
+            f(&ours, "peak_rss_mib"),
+            cell(t_tok, ""),
+            cell(t_rss, " MiB"),
+            ratio(t_tok.map(|t| f(&ours, "tokens_per_s") / t)),
+            ratio(t_rss.map(|t| f(&ours, "peak_rss_mib") / t)),
+        );
+        results.push(
+            json!({"bench": "train", "config": cfg.name, "sft": ours, "pytorch": theirs,
+            "mfu": mfu, "sgemm_peak_gflops": peak_gflops}),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nspeed ratio = sft tokens/s / PyTorch tokens/s (above 1: sft is faster); RSS ratio = sft / PyTorch (below 1: sft uses less).\n"
+    );
+
+    if !args.skip_data {
+        data_prep(&sft, &dir, threads, &mut md, &mut results)?;
+    }
+    if !args.skip_generate {
+        generation(&sft, &dir, threads, &mut md, &mut results)?;
+    }
+
+    let lines: String = results.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(dir.join("results.jsonl"), lines)?;
+    std::fs::write(dir.join("report.md"), &md)?;
+    println!("{md}");
+    eprintln!("written {}", dir.join("report.md").display());
+    Ok(())
+}
+
+/// `sft render --report` over a large messages file with the Qwen tokenizer, timed from outside
+/// (JSON parsing, template rendering, tokenisation, masks, report), 1 and `threads` threads.
+fn data_prep(
+    sft: &Path,
+    dir: &Path,
+    threads: usize,
+    md: &mut String,
+    results: &mut Vec<Value>,
+) -> anyhow::Result<()> {
+    let data = dir.join("data");
+    let file = data.join("instructions-train.jsonl");
+    if !file.is_file() {
+        sft_tests::tasks::write_splits(&data, 1, [200_000, 10, 10])?;
+    }
+    let _ = writeln!(
+        md,
+        "## Data preparation (`sft render --report`, Qwen3 tokenizer and template, {})\n\n| threads | records/s | tokens/s | tokens/s per thread |\n|---|---|---|---|",
+        file.display()
+    );
+    let mut counts = vec![1];
+    if threads > 1 {
+        counts.push(threads);
+    }
+    for n in counts {
+        let t = Instant::now();
+        let report: Value = crate::json_output(
+            Command::new(sft)
+                .env("RAYON_NUM_THREADS", n.to_string())
+                .args(["render", "--report", "--json", "--tokenizer"])
+                .arg(crate::project_root().join("tests/data/qwen3-tokenizer"))
+                .arg("--data")
+                .arg(&file),
+        )?;
+        let s = t.elapsed().as_secs_f64();
+        let records = report["kept"].as_f64().unwrap_or(0.0);
+        let tokens = report["total_tokens"].as_f64().unwrap_or(0.0);
+        let _ = writeln!(
+            md,
+            "| {n} | {:.0} | {:.0} | {:.0} |",
+            records / s,
+            tokens / s,
+            tokens / s / n as f64
+        );
+        results.push(
+            json!({"bench": "data", "threads": n, "seconds": s, "records": records,
+            "tokens": tokens}),
+        );
+    }
+    md.push('\n');
+    Ok(())
+}
+
+/// Greedy decoding with the KV cache on configurations (b) and (c) (whichever exist).
+fn generation(
+    sft: &Path,
+    dir: &Path,
+    threads: usize,
+    md: &mut String,
+    results: &mut Vec<Value>,
+) -> anyhow::Result<()> {
+    let _ = writeln!(
+        md,
+        "## Generation (greedy, KV cache, batch 1, 64-token prompt, 128 new tokens, {threads} threads)\n\n| model | tokens/s | prefill |\n|---|---|---|"
+    );
+    for name in ["a", "b", "c"] {
+        let model = dir.join("models").join(name);
+        if !model.join("model.safetensors").is_file() {
+            continue;
+        }
+        let r: Value = crate::json_output(
+            Command::new(sft)
+                .args(["bench", "generate", "--json", "--model"])
+                .arg(&model)
+                .args(["--threads", &threads.to_string()]),
+        )?;
+        let _ = writeln!(
+            md,
+            "| ({name}) | {:.1} | {:.3} s |",
+            r["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            r["prefill_s"].as_f64().unwrap_or(f64::NAN)
+        );
+        results.push(json!({"bench": "generate", "config": name, "sft": r}));
+    }
+    md.push('\n');
+    Ok(())
+}
+
+/// A Python with torch and transformers: `--python`, else `target/bench-venv` (created with pip
+/// from PyPI the first time).
+fn peer_python(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    let venv = crate::project_root().join("target/bench-venv");
+    let python = venv.join("bin/python");
+    let ok = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import torch, transformers"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if python.is_file() && ok(&python) {
+        return Ok(python);
+    }
+    eprintln!(
+        "creating {} with torch and transformers (once)",
+        venv.display()
+    );
+    let status = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv)
+        .status()?;
+    if !status.success() {
+        bail!("python3 -m venv {} failed", venv.display());
+    }
+    let status = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "torch", "transformers"])
+        .status()?;
+    if !status.success() || !ok(&python) {
+        bail!(
+            "installing torch and transformers into {} failed",
+            venv.display()
+        );
+    }
+    Ok(python)
+}

@@ -1,0 +1,350 @@
+//! `cargo xtask train --config FILE [--config FILE ...] [--set k=v ...] [--max-val-loss X]
+//! [--sft PATH] [--summary FILE]`: a training run for CI, with its acceptance check.
+//!
+//! Several `--config`s are stages run in order (pretrain, then SFT on its output); `--set`
+//! applies to each. Each stage runs the release `sft` binary (as a user would), then checks its
+//! `[check]` section: final validation loss, that the exported model loads, answer accuracy and
+//! stop rate (`sft eval-answers`), poem form compliance (`sft eval-poems`). A Markdown summary
+//! goes to stdout, to `OUT_DIR/summary.md` and, on GitHub Actions, to `$GITHUB_STEP_SUMMARY`.
+//! The exit status is non-zero when any check fails.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use sft::config::CheckSection;
+use sft::TrainConfig;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// The run's TOML config; repeat for stages run in order.
+    #[arg(long, required = true)]
+    config: Vec<PathBuf>,
+    /// Override a config key in every stage (`sft train --set`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Overrides `check.max_val_loss` of the last stage.
+    #[arg(long)]
+    max_val_loss: Option<f64>,
+    /// A prebuilt `sft` binary (default: build the release one).
+    #[arg(long)]
+    sft: Option<PathBuf>,
+    /// Also write the Markdown summary here.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    // Parse every stage first: a typo in stage 2 should not cost stage 1's training time.
+    let mut stages = Vec::new();
+    for (i, path) in args.config.iter().enumerate() {
+        let cfg = TrainConfig::load(path, &args.sets)?;
+        let mut check = cfg.check.clone();
+        if i + 1 == args.config.len() {
+            check.max_val_loss = args.max_val_loss.or(check.max_val_loss);
+        }
+        stages.push((path, cfg, check));
+    }
+    let sft = match &args.sft {
+        Some(p) => p.clone(),
+        None => crate::build_sft()?,
+    };
+    let mut markdown = String::new();
+    let mut failed = 0;
+    for (path, cfg, check) in &stages {
+        let stage = run_stage(&sft, path, &args.sets, cfg, check)?;
+        failed += stage.checks.iter().filter(|c| !c.passed).count();
+        let md = stage.markdown(path, cfg);
+        std::fs::write(cfg.run.out_dir.join("summary.md"), &md)
+            .with_context(|| format!("writing {}/summary.md", cfg.run.out_dir.display()))?;
+        markdown.push_str(&md);
+    }
+    println!("{markdown}");
+    if let Some(p) = &args.summary {
+        std::fs::write(p, &markdown).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = std::env::var_os("GITHUB_STEP_SUMMARY") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&p)?;
+        f.write_all(markdown.as_bytes())?;
+    }
+    if failed > 0 {
+        bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
+pub(crate) struct Check {
+    pub(crate) name: String,
+    pub(crate) value: String,
+    pub(crate) target: String,
+    pub(crate) passed: bool,
+}
+
+pub(crate) struct Stage {
+    summary: Value,
+    last_metrics: Option<Value>,
+    pub(crate) checks: Vec<Check>,
+}
+
+fn run_stage(
+    sft: &Path,
+    config: &Path,
+    sets: &[String],
+    cfg: &TrainConfig,
+    check: &CheckSection,
+) -> anyhow::Result<Stage> {
+    eprintln!("== sft train --config {} ==", config.display());
+    let mut cmd = Command::new(sft);
+    cmd.arg("train").arg("--config").arg(config).arg("--json");
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    let summary: Value = crate::json_output(&mut cmd)?;
+    let path_of = |key: &str| -> anyhow::Result<PathBuf> {
+        summary
+            .get(key)
+            .and_then(Value::as_str)
+            .map(PathBuf::from)
+            .with_context(|| format!("`sft train --json` printed no {key}"))
+    };
+    let model = path_of("final_model")?;
+    let metrics = std::fs::read_to_string(path_of("metrics")?).unwrap_or_default();
+    let last_metrics = metrics
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("loss").is_some());
+    let mut checks = Vec::new();
+
+    if let Some(max) = check.max_val_loss {
+        let got = summary.get("final_val_loss").and_then(Value::as_f64);
+        checks.push(Check {
+            name: "final validation loss".into(),
+            value: got.map_or("none (no validation data)".into(), |v| format!("{v:.4}")),
+            target: format!("< {max}"),
+            passed: got.is_some_and(|v| v < max),
+        });
+    }
+    // The exported model must load as a checkpoint and score data: `sft eval` opens it as a
+    // user would, with its own tokenizer and template.
+    checks.push(loads_check(sft, &model, cfg)?);
+    if let Some(answers) = &check.answers {
+        let mut cmd = Command::new(sft);
+        cmd.args(["eval-answers", "--json", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(answers);
+        let r: Value = crate::json_output(&mut cmd)?;
+        let n = r.get("n").and_then(Value::as_u64).unwrap_or(0);
+        for (key, name, min) in [
+            ("exact_match", "exact match", check.min_exact_match),
+            ("stopped", "stops at end of turn", check.min_stop_rate),
+        ] {
+            let got = r.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+            checks.push(Check {
+                name: format!("{name} ({n} held-out chats)"),
+                value: format!("{:.1}%", 100.0 * got),
+                target: min.map_or("(reported)".into(), |m| format!(">= {:.1}%", 100.0 * m)),
+                passed: min.is_none_or(|m| got >= m),
+            });
+        }
+    }
+    if let Some(poems) = &check.poems {
+        let mut cmd = Command::new(sft);
+        cmd.args(["eval-poems", "--json", "--author-poems", "0", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(poems)
+            .arg("--per-style")
+            .arg(check.poems_per_style.unwrap_or(50).to_string());
+        if !check.poem_styles.is_empty() {
+            cmd.arg("--styles").arg(check.poem_styles.join(","));
+        }
+        let r: Value = crate::json_output(&mut cmd)?;
+        let styles = r
+            .get("styles")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mut rates = Vec::new();
+        for s in &styles {
+            let rate = s.get("rate").and_then(Value::as_f64).unwrap_or(0.0);
+            rates.push(rate);
+            checks.push(Check {
+                name: format!(
+                    "form compliance {}",
+                    s.get("style").and_then(Value::as_str).unwrap_or("?")
+                ),
+                value: format!("{:.1}%", 100.0 * rate),
+                target: "(reported)".into(),
+                passed: true,
+            });
+        }
+        let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        checks.push(Check {
+            name: format!("mean form compliance ({} styles)", rates.len()),
+            value: format!("{:.1}%", 100.0 * mean),
+            target: check
+                .min_poem_compliance
+                .map_or("(reported)".into(), |m| format!(">= {:.1}%", 100.0 * m)),
+            passed: check.min_poem_compliance.is_none_or(|m| mean >= m),
+        });
+    }
+    Ok(Stage {
+        summary,
+        last_metrics,
+        checks,
+    })
+}
+
+fn loads_check(sft: &Path, model: &Path, cfg: &TrainConfig) -> anyhow::Result<Check> {
+    let data = cfg
+        .data
+        .validation
+        .first()
+        .or(cfg.data.train.first())
+        .context("the config names no data file")?;
+    let mut cmd = Command::new(sft);
+    cmd.args(["eval", "--json", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data);
+    if let Some(f) = cfg.data.format {
+        cmd.arg("--format").arg(f.name());
+    }
+    if let Some(n) = cfg.data.max_len {
+        cmd.arg("--max-len").arg(n.to_string());
+    }
+    let loss = crate::json_output(&mut cmd).map(|v| v.get("loss").and_then(Value::as_f64));
+    Ok(Check {
+        name: "exported model loads and evaluates".into(),
+        value: match &loss {
+            Ok(Some(l)) => format!("loss {l:.4} on `{}`", data.display()),
+            Ok(None) => "no loss printed".into(),
+            Err(e) => format!("{e:#}"),
+        },
+        target: "finite loss".into(),
+        passed: matches!(loss, Ok(Some(l)) if l.is_finite()),
+    })
+}
+
+impl Stage {
+    pub(crate) fn markdown(&self, config: &Path, cfg: &TrainConfig) -> String {
+        let s = &self.summary;
+        let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+        let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+        let verdict = if self.checks.iter().all(|c| c.passed) {
+            "passed"
+        } else {
+            "FAILED"
+        };
+        let mut md = String::new();
+        let _ = writeln!(md, "### `{}`: {verdict}\n", config.display());
+        let _ = writeln!(md, "| metric | value |\n|---|---|");
+        let rows = [
+            ("steps", s.get("steps").map(|v| v.to_string())),
+            ("final train loss", Some(fmt(num(s, "final_train_loss")))),
+            ("final validation loss", Some(fmt(num(s, "final_val_loss")))),
+            (
+                "final validation token accuracy",
+                num(s, "final_val_accuracy").map(|a| format!("{:.1}%", 100.0 * a)),
+            ),
+            (
+                "best validation loss (step)",
+                num(s, "best_val_loss").map(|l| {
+                    format!(
+                        "{l:.4} ({})",
+                        s.get("best_step").map_or("-".into(), |v| v.to_string())
+                    )
+                }),
+            ),
+            (
+                "tokens/s (last step)",
+                self.last_metrics
+                    .as_ref()
+                    .and_then(|m| num(m, "tokens_per_s"))
+                    .map(|t| format!("{t:.0}")),
+            ),
+            (
+                "wall time",
+                num(s, "elapsed_s").map(|t| format!("{:.0} s", t)),
+            ),
+            ("output", Some(format!("`{}`", cfg.run.out_dir.display()))),
+            (
+                "loss plot",
+                s.get("plot")
+                    .and_then(Value::as_str)
+                    .map(|p| format!("`{p}`")),
+            ),
+        ];
+        for (k, v) in rows {
+            if let Some(v) = v {
+                let _ = writeln!(md, "| {k} | {v} |");
+            }
+        }
+        let _ = writeln!(md, "\n| check | value | target | |\n|---|---|---|---|");
+        for c in &self.checks {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                c.name,
+                c.value,
+                c.target,
+                if c.passed { "ok" } else { "FAIL" }
+            );
+        }
+        md.push('\n');
+        md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_names_every_check_and_the_verdict() {
+        let stage = Stage {
+            summary: serde_json::json!({"steps": 10, "final_val_loss": 0.25, "elapsed_s": 3.0,
+                "plot": "runs/x/loss.svg"}),
+            last_metrics: Some(serde_json::json!({"loss": 0.3, "tokens_per_s": 1234.0})),
+            checks: vec![
+                Check {
+                    name: "final validation loss".into(),
+                    value: "0.2500".into(),
+                    target: "< 0.3".into(),
+                    passed: true,
+                },
+                Check {
+                    name: "exact match".into(),
+                    value: "80.0%".into(),
+                    target: ">= 90.0%".into(),
+                    passed: false,
+                },
+            ],
+        };
+        let cfg = TrainConfig::from_toml_str(
+            "[model]\npreset = \"tiny-gpt\"\n[tokenizer]\nbuild = \"char\"\n[data]\ntrain = [\"x.jsonl\"]\n[run]\nout_dir = \"runs/x\"\n",
+            &[],
+        )
+        .unwrap();
+        let md = stage.markdown(Path::new("configs/x.toml"), &cfg);
+        assert!(md.contains("`configs/x.toml`: FAILED"), "{md}");
+        assert!(
+            md.contains("| final validation loss | 0.2500 | < 0.3 | ok |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| exact match | 80.0% | >= 90.0% | FAIL |"),
+            "{md}"
+        );
+        assert!(md.contains("| tokens/s (last step) | 1234 |"), "{md}");
+        assert!(md.contains("`runs/x/loss.svg`"), "{md}");
+    }
+}
