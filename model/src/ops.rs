@@ -56,8 +56,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?;
-    let ms = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    let y = kernels::rms_norm_core(&xc, eps)?.to_dtype(dtype)?;
     Ok(y.broadcast_mul(w)?)
 }
 
@@ -65,11 +64,7 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?;
-    let centred = xc.broadcast_sub(&xc.mean_keepdim(D::Minus1)?)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = centred
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(dtype)?;
+    let y = kernels::layer_norm_core(&xc, eps)?.to_dtype(dtype)?;
     let y = y.broadcast_mul(w)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
@@ -91,7 +86,7 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// GPT-2's tanh-approximated GELU (`gelu_new`).
 pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu()?)
+    kernels::gelu(x)
 }
 
 /// RoPE tables for positions `0..max_positions`, in the "rotate half" layout of `transformers`,
