@@ -8,7 +8,7 @@
 //! `--json`, one object `{"styles":[{style,kind,generated,compliant,rate,stopped,examples}],
 //! "author":{poems,loss_true_author,loss_other_author,true_author_preferred}}`.
 //!
-//! `sft eval-answers --model DIR --data CHATS.jsonl [--max-new-tokens N] [--json]`: greedy
+//! `sft eval-answers --model DIR --data CHATS.jsonl [--max-new-tokens N] [--misses N] [--json]`: greedy
 //! answers to each conversation's last assistant turn; `{"n":..,"exact_match":..,"stopped":..,
 //! "misses":[[prompt,expected,got],..]}`.
 
@@ -163,6 +163,9 @@ pub(crate) struct AnswerArgs {
     data: PathBuf,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// How many misses to list.
+    #[arg(long, default_value_t = 5)]
+    misses: usize,
     #[command(flatten)]
     template: TemplateArgs,
     #[arg(long)]
@@ -178,6 +181,7 @@ pub(crate) fn answers(args: AnswerArgs) -> anyhow::Result<()> {
         &ck.template,
         &read.records,
         args.max_new_tokens,
+        args.misses,
     )?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);

@@ -645,7 +645,12 @@ mod tests {
         check_fused(|x| gelu(x).unwrap(), |x| x.gelu().unwrap(), 1e-5);
         let xs = values(64, 0.29);
         let x = Var::from_vec(xs.clone(), 64, &Device::Cpu).unwrap();
-        let g = gelu(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = gelu(x.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let g: Vec<f64> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
         let f = |v: f64| 0.5 * v * (1.0 + (GELU_C * (v + GELU_K * v * v * v)).tanh());
         for (v, g) in xs.iter().zip(g) {

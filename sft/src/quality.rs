@@ -259,7 +259,7 @@ pub struct AnswerAccuracy {
     pub exact_match: f64,
     /// Share of generations that ended with the end-of-turn token.
     pub stopped: f64,
-    /// Up to five misses: (prompt, expected, got).
+    /// The first misses (as many as asked for): (prompt, expected, got).
     pub misses: Vec<(String, String, String)>,
 }
 
@@ -271,6 +271,7 @@ pub fn answer_accuracy(
     template: &Template,
     records: &[Record],
     max_new_tokens: usize,
+    max_misses: usize,
 ) -> Result<AnswerAccuracy> {
     let mut prompts = vec![];
     let mut expected = vec![];
@@ -301,7 +302,7 @@ pub fn answer_accuracy(
         stopped += usize::from(g.stop_id.is_some());
         if got.trim() == want.trim() && g.stop_id.is_some() {
             hits += 1;
-        } else if misses.len() < 5 {
+        } else if misses.len() < max_misses {
             misses.push((tok.decode_skip_special(p)?, want.clone(), got));
         }
     }
