@@ -71,7 +71,7 @@ impl Real for f64 {
         f64::sqrt(self)
     }
     fn of(v: f64) -> f64 {
-        v as f64
+        v
     }
 }
 

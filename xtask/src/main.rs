@@ -53,7 +53,7 @@ enum GenData {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 40_000)]
         train: usize,
         #[arg(long, default_value_t = 500)]
         val: usize,
