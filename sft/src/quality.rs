@@ -264,7 +264,7 @@ pub struct AnswerAccuracy {
 }
 
 /// Greedy answers to each conversation's last assistant turn, compared exactly (surrounding
-/// whitespace ignored) with the reference.
+/// whitespace ignored, and anything up to a `</think>` dropped) with the reference.
 pub fn answer_accuracy(
     model: &Model,
     tok: &Tokenizer,
@@ -298,7 +298,13 @@ pub fn answer_accuracy(
     let gens = generate(model, &prompts, &params)?;
     let (mut hits, mut stopped, mut misses) = (0, 0, vec![]);
     for ((g, want), p) in gens.iter().zip(&expected).zip(&prompts) {
-        let got = tok.decode_skip_special(&g.ids)?;
+        let text = tok.decode_skip_special(&g.ids)?;
+        // A Qwen3-style reasoning block is not the answer: compare what follows `</think>`, as
+        // Qwen3's own template does when it splits `reasoning_content` off.
+        let got = match text.rsplit_once("</think>") {
+            Some((_, answer)) => answer.to_string(),
+            None => text,
+        };
         stopped += usize::from(g.stop_id.is_some());
         if got.trim() == want.trim() && g.stop_id.is_some() {
             hits += 1;
