@@ -1,19 +1,36 @@
 """The PyTorch peer of `sft bench train`, run by `cargo xtask bench --peer`.
 
-    python bench_peer.py --config {a,b,c,d} --threads N --steps S --warmup W [--batch-size B] [--seq-len L]
+    python bench_peer.py --config {a,b,c,d} --threads N --steps S --warmup W \
+        [--batch-size B] [--seq-len L] [--dropout P]
 
-prints one JSON line with the keys `sft bench train --json` prints (tokens_per_s, step_s_median,
-peak_rss_mib, forward_s, backward_s, optimizer_s, params, batch_size, seq_len, threads) plus
-"config". A full step is what ours is: forward with the causal-LM loss (mean cross-entropy over
-the shifted targets, every position a target), backward, global-norm clipping to 1.0, AdamW
-(lr 1e-5, weight decay 0.1), zero_grad. f32 on the CPU, random ids, seed 0.
+prints exactly one line of JSON on stdout, with the keys `sft bench train --json` prints
+(tokens_per_s, step_s_median, peak_rss_mib, forward_s, backward_s, optimizer_s, params,
+batch_size, seq_len, threads) plus "config"; anything else goes to stderr. Times are medians over
+the timed steps (the upper median for an even count, as ours); tokens_per_s = batch * seq_len /
+step_s_median; peak_rss_mib is getrusage(RUSAGE_SELF).ru_maxrss / 1024.
+
+A full step: forward with the causal-LM loss (the mean cross-entropy of logits[:, :-1] against
+ids[:, 1:], every position a target, computed as `transformers`' ForCausalLMLoss does), backward,
+clip_grad_norm_(1.0), AdamW(lr=1e-5, weight_decay=0.1) step, zero_grad(set_to_none=True). f32 on
+the CPU, random ids uniform in [0, vocab), torch.manual_seed(0), torch.set_num_threads(N),
+torch.set_num_interop_threads(1). "forward_s" includes the loss, as ours does.
+
+Configurations (default batch x seq):
+  a  transformers Qwen2ForCausalLM, h256 i768 4L 4H/2KV, vocab 151,936, tied          8x256
+  b  the same with vocab 4,096                                                      8x256
+  c  nanoGPT (Karpathy's model.py) char model, vocab 6,000, 256/8L/8H, block 256,
+     bias, dropout 0.1 in train mode, tied head: the architecture of sft-model's GPT 16x256
+  d  Qwen2.5-0.5B shape (h896 i4864 24L 14H/2KV, vocab 151,936, tied); one step     1x256
+     (steps 1, warmup 0 unless given)
 
 Environment: torch and transformers from PyPI, e.g.
     python3 -m venv target/bench-venv && target/bench-venv/bin/pip install torch transformers
-(`cargo xtask bench --peer` creates that environment itself when it is missing).
+(`cargo xtask bench --peer` creates that environment itself when it is missing). Written against
+torch 2.x and transformers 5.x (checked with torch 2.15 and transformers 5.23).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -30,96 +47,140 @@ QWEN_SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
 QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
-# (model, vocab, default batch, default seq)
+NANOPOET = dict(vocab_size=6000, n_embd=256, n_layer=8, n_head=8, block_size=256, dropout=0.1,
+                bias=True)
+# name: (model kind, config, default batch, default seq, default (steps, warmup) or None)
 CONFIGS = {
-    "a": ("qwen2", dict(QWEN_SMALL, vocab_size=151936), 8, 256),
-    "b": ("qwen2", dict(QWEN_SMALL, vocab_size=4096), 8, 256),
-    "c": ("gpt", dict(vocab_size=6000, n_embd=256, n_layer=8, n_head=8, block_size=256,
-                      dropout=0.1, bias=True), 16, 256),
-    "d": ("qwen2", dict(QWEN_05B, vocab_size=151936), 1, 256),
+    "a": ("qwen2", dict(QWEN_SMALL, vocab_size=151936), 8, 256, None),
+    "b": ("qwen2", dict(QWEN_SMALL, vocab_size=4096), 8, 256, None),
+    "c": ("gpt", NANOPOET, 16, 256, None),
+    "d": ("qwen2", dict(QWEN_05B, vocab_size=151936), 1, 256, (1, 0)),
 }
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits, ids):
+    """transformers' ForCausalLMLoss with labels = ids: pad the labels by one ignored position and
+    shift them left (no copy of the logits), mean cross-entropy over the B * (T - 1) targets."""
+    labels = F.pad(ids, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
+                           ignore_index=IGNORE_INDEX, reduction="mean")
 
 
 class Block(nn.Module):
-    """nanoGPT's block, as sft-model's GPT: pre-LayerNorm, fused qkv, tanh GELU, dropout."""
+    """nanoGPT's Block (CausalSelfAttention + MLP) as sft-model's GPT has it: pre-LayerNorm with
+    bias, fused qkv projection, SDPA causal attention with dropout on the attention
+    probabilities, residual dropout after each output projection, 4x MLP with the tanh-approximate
+    GELU (model/src/kernels.rs `gelu`; nanoGPT's nn.GELU() is the erf form)."""
 
     def __init__(self, c):
         super().__init__()
-        e, self.h, self.p = c["n_embd"], c["n_head"], c["dropout"]
-        self.ln_1 = nn.LayerNorm(e, bias=c["bias"])
-        self.c_attn = nn.Linear(e, 3 * e, bias=c["bias"])
-        self.attn_proj = nn.Linear(e, e, bias=c["bias"])
-        self.ln_2 = nn.LayerNorm(e, bias=c["bias"])
-        self.c_fc = nn.Linear(e, 4 * e, bias=c["bias"])
-        self.mlp_proj = nn.Linear(4 * e, e, bias=c["bias"])
-        self.drop = nn.Dropout(self.p)
+        e, bias = c["n_embd"], c["bias"]
+        self.n_head, self.p = c["n_head"], c["dropout"]
+        self.ln_1 = nn.LayerNorm(e, bias=bias)  # eps 1e-5, as ours
+        self.c_attn = nn.Linear(e, 3 * e, bias=bias)
+        self.attn_proj = nn.Linear(e, e, bias=bias)
+        self.ln_2 = nn.LayerNorm(e, bias=bias)
+        self.c_fc = nn.Linear(e, 4 * e, bias=bias)
+        self.mlp_proj = nn.Linear(4 * e, e, bias=bias)
+        self.attn_drop = nn.Dropout(self.p)
+        self.mlp_drop = nn.Dropout(self.p)
 
     def forward(self, x):
         b, t, e = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(e, dim=2)
-        q, k, v = (z.view(b, t, self.h, e // self.h).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        q, k, v = (z.view(b, t, self.n_head, e // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True,
                                            dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.attn_proj(y.transpose(1, 2).reshape(b, t, e)))
-        return x + self.drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
+        y = y.transpose(1, 2).contiguous().view(b, t, e)
+        x = x + self.attn_drop(self.attn_proj(y))
+        return x + self.mlp_drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
 
 
 class Gpt(nn.Module):
+    """nanoGPT's GPT: token + learned position embeddings, embedding dropout, blocks, final
+    LayerNorm, lm_head tied to the token embedding (logits at every position)."""
+
     def __init__(self, c):
         super().__init__()
+        self.block_size = c["block_size"]
         self.wte = nn.Embedding(c["vocab_size"], c["n_embd"])
         self.wpe = nn.Embedding(c["block_size"], c["n_embd"])
         self.drop = nn.Dropout(c["dropout"])
         self.h = nn.ModuleList(Block(c) for _ in range(c["n_layer"]))
         self.ln_f = nn.LayerNorm(c["n_embd"], bias=c["bias"])
+        self.lm_head = nn.Linear(c["n_embd"], c["vocab_size"], bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one parameter
+        # nanoGPT's initialisation (irrelevant to speed; keeps the loss near ln(vocab)).
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * c["n_layer"]) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
 
     def forward(self, ids):
-        pos = torch.arange(ids.shape[1])
+        t = ids.shape[1]
+        assert t <= self.block_size, f"sequence length {t} > block size {self.block_size}"
+        pos = torch.arange(t, dtype=torch.long)
         x = self.drop(self.wte(ids) + self.wpe(pos))
         for blk in self.h:
             x = blk(x)
-        return self.ln_f(x) @ self.wte.weight.T  # tied head
+        return self.lm_head(self.ln_f(x))
 
 
 def build(kind, cfg):
     if kind == "gpt":
         return Gpt(cfg)
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    # sdpa attention, the transformers default on CPU.
-    return Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation="sdpa"))
+    # attn_implementation="sdpa" is transformers' default where torch has SDPA (CPU included);
+    # named here so that the peer does not change with the default. transformers 5 stores
+    # rope_theta under rope_parameters; the flat keyword is still read. The model is built in
+    # torch's default dtype, f32 (no `dtype`/`torch_dtype` needed).
+    config = Qwen2Config(**cfg, attn_implementation="sdpa", use_cache=False)
+    return Qwen2ForCausalLM(config)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True, choices=sorted(CONFIGS))
-    ap.add_argument("--threads", type=int, required=True)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--seq-len", type=int)
-    a = ap.parse_args()
-    kind, cfg, batch, seq = CONFIGS[a.config]
+def median(v):
+    return sorted(v)[len(v) // 2]  # the upper median for an even count, as sft's bench
+
+
+def run(a):
+    kind, cfg, batch, seq, steps_warmup = CONFIGS[a.config]
     batch, seq = a.batch_size or batch, a.seq_len or seq
+    steps, warmup = steps_warmup or (3, 1)
+    steps = a.steps if a.steps is not None else steps
+    warmup = a.warmup if a.warmup is not None else warmup
+    if steps < 1 or warmup < 0 or batch < 1 or seq < 2:
+        sys.exit("need --steps >= 1, --warmup >= 0, --batch-size >= 1, --seq-len >= 2")
+    if kind == "gpt":
+        if a.dropout is not None:
+            cfg = dict(cfg, dropout=a.dropout)
+        if seq > cfg["block_size"]:
+            sys.exit(f"--seq-len {seq} exceeds the block size {cfg['block_size']}")
+    elif a.dropout is not None:
+        sys.exit("--dropout applies to config c only")
+
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
 
     model = build(kind, cfg).float().train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights counted once
     n_params = sum(p.numel() for p in params)
-    print(f"config {a.config}: {n_params} parameters", file=sys.stderr)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=1e-5)
+    print(f"bench_peer: config {a.config}: {n_params:,} parameters, batch {batch} x seq {seq}, "
+          f"{a.threads} threads, torch {torch.__version__}", file=sys.stderr)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
     vocab = cfg["vocab_size"]
     fwd, bwd, optim, total = [], [], [], []
-    for step in range(a.warmup + a.steps):
+    for step in range(warmup + steps):
         ids = torch.randint(0, vocab, (batch, seq))
         t0 = time.perf_counter()
-        out = model(ids)
-        logits = out if kind == "gpt" else out.logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
+        if kind == "gpt":
+            loss = causal_lm_loss(model(ids), ids)
+        else:
+            # labels=ids: transformers' own ForCausalLMLoss (shift by padding the labels).
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -127,19 +188,20 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        if not math.isfinite(loss.item()):
+        value = loss.item()
+        del loss
+        if not math.isfinite(value):
             sys.exit(f"non-finite loss at step {step}")
-        if step >= a.warmup:
+        print(f"bench_peer: step {step}{' (warm-up)' if step < warmup else ''}: loss {value:.4f}, "
+              f"{t3 - t0:.3f} s", file=sys.stderr)
+        if step >= warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             optim.append(t3 - t2)
             total.append(t3 - t0)
 
-    def median(v):
-        return sorted(v)[len(v) // 2]
-
     step_s = median(total)
-    print(json.dumps({
+    return {
         "tokens_per_s": batch * seq / step_s,
         "step_s_median": step_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -151,7 +213,26 @@ def main():
         "seq_len": seq,
         "threads": a.threads,
         "config": a.config,
-    }))
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, choices=sorted(CONFIGS))
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--steps", type=int, help="timed steps (default 3; d: 1)")
+    ap.add_argument("--warmup", type=int, help="untimed steps first (default 1; d: 0)")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--dropout", type=float,
+                    help="config c only: dropout probability (default 0.1, nanopoet's)")
+    a = ap.parse_args()
+    out = sys.stdout
+    # Whatever a library prints goes to stderr: stdout carries the one JSON line only.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(a)
+    out.write(json.dumps(result) + "\n")
+    out.flush()
 
 
 if __name__ == "__main__":
