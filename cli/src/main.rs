@@ -6,6 +6,7 @@
 // Printing results is this binary's job; the lint keeps it out of the libraries.
 #![allow(clippy::print_stdout)]
 
+mod alloc;
 mod bench;
 mod chat;
 mod common;
@@ -16,6 +17,9 @@ mod quality;
 mod render;
 mod tokenize;
 mod train;
+
+#[global_allocator]
+static ALLOC: alloc::SplitAlloc = alloc::SplitAlloc;
 
 use clap::{Parser, Subcommand};
 

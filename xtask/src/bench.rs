@@ -164,7 +164,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                         .args(["--seq-len", &cfg.seq.to_string()])
                         .args(["--steps", &steps.to_string()])
                         .args(["--warmup", &warmup.to_string()])
-                        .args(["--threads", &threads.to_string()]),
+                        .args(["--threads", &threads.to_string()])
+                        // `sft bench train` times steps without dropout.
+                        .args(if cfg.name == "c" {
+                            &["--dropout", "0"][..]
+                        } else {
+                            &[]
+                        }),
                 )?;
                 eprintln!("PyTorch: {v}");
                 Some(v)
