@@ -143,16 +143,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             (args.steps, args.warmup)
         };
         eprintln!("== ({}) {} ==", cfg.name, cfg.what);
-        let ours: Value = crate::json_output(
-            Command::new(&sft)
-                .args(["bench", "train", "--json", "--model"])
-                .arg(&model)
-                .args(["--batch-size", &cfg.batch.to_string()])
-                .args(["--seq-len", &cfg.seq.to_string()])
-                .args(["--steps", &steps.to_string()])
-                .args(["--warmup", &warmup.to_string()])
-                .args(["--threads", &threads.to_string()]),
-        )?;
+        let ours = sft_bench_train(&sft, &model, cfg, steps, warmup, threads)?;
         eprintln!("sft:     {ours}");
         let theirs = match &python {
             Some(py) => {
@@ -220,16 +211,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             let Some(cfg) = cfg.filter(|c| !c.single_step) else {
                 continue;
             };
-            let one: Value = crate::json_output(
-                Command::new(&sft)
-                    .args(["bench", "train", "--json", "--model"])
-                    .arg(dir.join("models").join(cfg.name))
-                    .args(["--batch-size", &cfg.batch.to_string()])
-                    .args(["--seq-len", &cfg.seq.to_string()])
-                    .args(["--steps", &args.steps.to_string()])
-                    .args(["--warmup", &args.warmup.to_string()])
-                    .args(["--threads", "1"]),
-            )?;
+            let model = dir.join("models").join(cfg.name);
+            let one = sft_bench_train(&sft, &model, cfg, args.steps, args.warmup, 1)?;
             let (t1, tn) = (
                 one["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
                 r["sft"]["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
@@ -254,6 +237,27 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     println!("{md}");
     eprintln!("written {}", dir.join("report.md").display());
     Ok(())
+}
+
+/// `sft bench train --json` on one configuration.
+fn sft_bench_train(
+    sft: &Path,
+    model: &Path,
+    cfg: &BenchConfig,
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+) -> anyhow::Result<Value> {
+    crate::json_output(
+        Command::new(sft)
+            .args(["bench", "train", "--json", "--model"])
+            .arg(model)
+            .args(["--batch-size", &cfg.batch.to_string()])
+            .args(["--seq-len", &cfg.seq.to_string()])
+            .args(["--steps", &steps.to_string()])
+            .args(["--warmup", &warmup.to_string()])
+            .args(["--threads", &threads.to_string()]),
+    )
 }
 
 /// `sft render --report` over a large messages file with the Qwen tokenizer, timed from outside
