@@ -381,7 +381,7 @@ fn packing(
     Ok(())
 }
 
-/// Greedy decoding with the KV cache on configurations (b) and (c) (whichever exist).
+/// Greedy decoding with the KV cache on configurations (a), (b) and (c) (those initialised).
 fn generation(
     sft: &Path,
     dir: &Path,
