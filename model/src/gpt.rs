@@ -8,17 +8,11 @@
 use candle_core::Tensor;
 
 use crate::config::GptConfig;
-use crate::ops::{self, Dropout};
+use crate::ops::{self, Dropout, Linear};
 use crate::{LayerKv, Result, Weights};
 
 #[derive(Debug, Clone)]
 struct Norm {
-    w: Tensor,
-    b: Option<Tensor>,
-}
-
-#[derive(Debug, Clone)]
-struct Linear {
     w: Tensor,
     b: Option<Tensor>,
 }
@@ -29,19 +23,6 @@ impl Norm {
             w: w.get(&format!("{name}.weight")),
             b: w.maybe(&format!("{name}.bias")),
         }
-    }
-}
-
-impl Linear {
-    fn new(w: &Weights, name: &str) -> Linear {
-        Linear {
-            w: w.get(&format!("{name}.weight")),
-            b: w.maybe(&format!("{name}.bias")),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.w, self.b.as_ref())
     }
 }
 

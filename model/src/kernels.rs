@@ -29,51 +29,37 @@ trait Real:
     fn of(v: f64) -> Self;
 }
 
-impl Real for f32 {
-    const ZERO: f32 = 0.0;
-    const NEG_INF: f32 = f32::NEG_INFINITY;
-    fn exp(self) -> f32 {
-        f32::exp(self)
-    }
-    fn mul(self, o: f32) -> f32 {
-        self * o
-    }
-    fn div(self, o: f32) -> f32 {
-        self / o
-    }
-    fn tanh(self) -> f32 {
-        f32::tanh(self)
-    }
-    fn sqrt(self) -> f32 {
-        f32::sqrt(self)
-    }
-    fn of(v: f64) -> f32 {
-        v as f32
-    }
+/// The same methods on both float types.
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: $t = 0.0;
+            const NEG_INF: $t = <$t>::NEG_INFINITY;
+            fn exp(self) -> $t {
+                <$t>::exp(self)
+            }
+            fn mul(self, o: $t) -> $t {
+                self * o
+            }
+            fn div(self, o: $t) -> $t {
+                self / o
+            }
+            fn tanh(self) -> $t {
+                <$t>::tanh(self)
+            }
+            fn sqrt(self) -> $t {
+                <$t>::sqrt(self)
+            }
+            #[allow(clippy::unnecessary_cast)]
+            fn of(v: f64) -> $t {
+                v as $t
+            }
+        }
+    };
 }
 
-impl Real for f64 {
-    const ZERO: f64 = 0.0;
-    const NEG_INF: f64 = f64::NEG_INFINITY;
-    fn exp(self) -> f64 {
-        f64::exp(self)
-    }
-    fn mul(self, o: f64) -> f64 {
-        self * o
-    }
-    fn div(self, o: f64) -> f64 {
-        self / o
-    }
-    fn tanh(self) -> f64 {
-        f64::tanh(self)
-    }
-    fn sqrt(self) -> f64 {
-        f64::sqrt(self)
-    }
-    fn of(v: f64) -> f64 {
-        v
-    }
-}
+impl_real!(f32);
+impl_real!(f64);
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {

@@ -52,6 +52,27 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     Ok(y.reshape(out_dims)?)
 }
 
+/// A projection `x @ w^T + b` with the Hugging Face names `{name}.weight` and, when the
+/// checkpoint has one, `{name}.bias`.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn new(w: &crate::Weights, name: &str) -> Linear {
+        Linear {
+            w: w.get(&format!("{name}.weight")),
+            b: w.maybe(&format!("{name}.bias")),
+        }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.w, self.b.as_ref())
+    }
+}
+
 /// RMSNorm over the last dim: `w * x / sqrt(mean(x^2) + eps)`, normalised in at least f32.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();

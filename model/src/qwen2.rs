@@ -4,34 +4,15 @@
 use candle_core::Tensor;
 
 use crate::config::Qwen2Config;
-use crate::ops::{self, Rope};
+use crate::ops::{self, Linear, Rope};
 use crate::{LayerKv, Result, Weights};
 
 #[derive(Debug, Clone)]
-struct Proj {
-    w: Tensor,
-    b: Option<Tensor>,
-}
-
-impl Proj {
-    fn new(w: &Weights, name: &str) -> Proj {
-        Proj {
-            w: w.get(&format!("{name}.weight")),
-            b: w.maybe(&format!("{name}.bias")),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.w, self.b.as_ref())
-    }
-}
-
-#[derive(Debug, Clone)]
 struct Layer {
-    q: Proj,
-    k: Proj,
-    v: Proj,
-    o: Proj,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     gate: Tensor,
@@ -57,10 +38,10 @@ impl Qwen2 {
             .map(|i| {
                 let p = |s: &str| format!("model.layers.{i}.{s}");
                 Layer {
-                    q: Proj::new(w, &p("self_attn.q_proj")),
-                    k: Proj::new(w, &p("self_attn.k_proj")),
-                    v: Proj::new(w, &p("self_attn.v_proj")),
-                    o: Proj::new(w, &p("self_attn.o_proj")),
+                    q: Linear::new(w, &p("self_attn.q_proj")),
+                    k: Linear::new(w, &p("self_attn.k_proj")),
+                    v: Linear::new(w, &p("self_attn.v_proj")),
+                    o: Linear::new(w, &p("self_attn.o_proj")),
                     q_norm: w.maybe(&p("self_attn.q_norm.weight")),
                     k_norm: w.maybe(&p("self_attn.k_norm.weight")),
                     gate: w.get(&p("mlp.gate_proj.weight")),

@@ -144,6 +144,19 @@ pub fn forward_loss(
     scale: f64,
     dropout_seed: Option<u64>,
 ) -> Result<Option<ForwardLoss>> {
+    Ok(target_loss(model, batch, Some(scale), dropout_seed)?
+        .map(|(selected, ce)| ForwardLoss { selected, ce }))
+}
+
+/// The model body, then the head and cross-entropy at the target rows only: the hidden states
+/// of those rows and the loss (with head and hidden gradients of `scale * loss_sum` when `scale`
+/// is given). `None` when the batch has no target.
+fn target_loss(
+    model: &Model,
+    batch: &Batch,
+    scale: Option<f64>,
+    dropout_seed: Option<u64>,
+) -> Result<Option<(Tensor, CeOutput)>> {
     let inp = inputs(batch, model.device())?;
     if inp.targets.is_empty() {
         return Ok(None);
@@ -161,10 +174,10 @@ pub fn forward_loss(
         &selected,
         model.lm_head_weight(),
         &inp.targets,
-        Some(scale),
+        scale,
         DEFAULT_CHUNK_ELEMS,
     )?;
-    Ok(Some(ForwardLoss { selected, ce }))
+    Ok(Some((selected, ce)))
 }
 
 /// The backward half: gradients of every parameter, added into `acc`.
@@ -212,26 +225,9 @@ pub fn accumulate_micro_batch(
 /// Loss and token accuracy of a batch, without building a gradient graph (`model` should be
 /// `Model::detached`).
 pub fn evaluate_batch(model: &Model, batch: &Batch) -> Result<LossStats> {
-    let inp = inputs(batch, model.device())?;
-    if inp.targets.is_empty() {
+    let Some((_, ce)) = target_loss(model, batch, None, None)? else {
         return Ok(LossStats::default());
-    }
-    let mask = match &inp.segments {
-        Some(s) => AttentionMask::Segments(s),
-        None => AttentionMask::Causal,
     };
-    let hidden = model.forward_hidden(&inp.ids, &inp.positions, &mask, None)?;
-    let width = hidden.dim(2)?;
-    let selected = hidden
-        .reshape((batch.batch_size * batch.seq_len, width))?
-        .index_select(&inp.rows, 0)?;
-    let ce = linear_cross_entropy(
-        &selected,
-        model.lm_head_weight(),
-        &inp.targets,
-        None,
-        DEFAULT_CHUNK_ELEMS,
-    )?;
     Ok(LossStats {
         loss_sum: ce.loss_sum,
         n_targets: ce.n_targets,
