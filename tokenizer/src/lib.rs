@@ -13,6 +13,7 @@
 mod bpe;
 mod char;
 mod config;
+mod fast;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -89,8 +90,20 @@ enum Backend {
         tok: Box<tokenizers::Tokenizer>,
         /// A clone with special-token matching off, built on first use.
         ordinary: OnceLock<Box<tokenizers::Tokenizer>>,
+        /// The fast encode path, when this tokenizer's shape allows one (`fast.rs`).
+        fast: Option<Box<fast::FastEncoder>>,
     },
     Char(Box<CharTokenizer>),
+}
+
+impl Backend {
+    fn hf(tok: tokenizers::Tokenizer) -> Backend {
+        Backend::Hf {
+            fast: fast::FastEncoder::new(&tok).map(Box::new),
+            tok: Box::new(tok),
+            ordinary: OnceLock::new(),
+        }
+    }
 }
 
 impl Tokenizer {
@@ -130,10 +143,7 @@ impl Tokenizer {
         } else if head.get("model").is_some() {
             let tok = tokenizers::Tokenizer::from_bytes(text.as_bytes())
                 .map_err(|e| malformed(format!("not a Hugging Face tokenizer: {e}")))?;
-            Backend::Hf {
-                tok: Box::new(tok),
-                ordinary: OnceLock::new(),
-            }
+            Backend::hf(tok)
         } else {
             return Err(malformed(
                 "neither a Hugging Face tokenizer.json (no `model`) nor a char tokenizer (no `\"type\": \"char\"`)".into(),
@@ -172,10 +182,7 @@ impl Tokenizer {
 
     fn from_hf(tok: tokenizers::Tokenizer, config: TokenizerConfig) -> Tokenizer {
         Tokenizer {
-            backend: Backend::Hf {
-                tok: Box::new(tok),
-                ordinary: OnceLock::new(),
-            },
+            backend: Backend::hf(tok),
             config,
             source_files: vec![],
         }
@@ -208,11 +215,16 @@ impl Tokenizer {
     /// special tokens written in the text (`<|im_end|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match &self.backend {
-            Backend::Hf { tok, .. } => Ok(tok
-                .encode_fast(text, false)
-                .map_err(Error::Tokenizers)?
-                .get_ids()
-                .to_vec()),
+            Backend::Hf { tok, fast, .. } => {
+                if let Some(enc) = fast.as_ref().and_then(|f| f.encode(tok.get_model(), text)) {
+                    return Ok(enc.ids);
+                }
+                Ok(tok
+                    .encode_fast(text, false)
+                    .map_err(Error::Tokenizers)?
+                    .get_ids()
+                    .to_vec())
+            }
             Backend::Char(c) => Ok(c.encode(text).ids),
         }
     }
@@ -220,7 +232,10 @@ impl Tokenizer {
     /// Like [`Tokenizer::encode`], with the byte range of every token in `text`.
     pub fn encode_with_offsets(&self, text: &str) -> Result<Encoding> {
         match &self.backend {
-            Backend::Hf { tok, .. } => {
+            Backend::Hf { tok, fast, .. } => {
+                if let Some(enc) = fast.as_ref().and_then(|f| f.encode(tok.get_model(), text)) {
+                    return Ok(enc);
+                }
                 let enc = tok.encode(text, false).map_err(Error::Tokenizers)?;
                 Ok(Encoding {
                     ids: enc.get_ids().to_vec(),
@@ -243,7 +258,7 @@ impl Tokenizer {
     /// be able to forge a marker.
     pub fn encode_ordinary(&self, text: &str) -> Result<Encoding> {
         match &self.backend {
-            Backend::Hf { tok, ordinary } => {
+            Backend::Hf { tok, ordinary, .. } => {
                 let ordinary = ordinary.get_or_init(|| {
                     let mut t = tok.clone();
                     t.set_encode_special_tokens(true);
