@@ -38,7 +38,7 @@ fn json(stdout: &str) -> serde_json::Value {
 
 /// A few generated instruction chats, written as train = test: the run must memorise them.
 fn instruction_data(dir: &Path, n: usize) -> PathBuf {
-    let rows = sft_tests::tasks::conversations(5, n, &mut Default::default());
+    let rows = sft_tests::tasks::conversations(5, n, &Default::default(), false);
     let path = dir.join("chats.jsonl");
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(&path, text).unwrap();

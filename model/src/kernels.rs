@@ -7,10 +7,15 @@
 //!
 //! `masked_softmax` adds the additive mask and normalises in one pass per row, and keeps only
 //! its input and output for backward (the composition keeps five full-size tensors per layer).
-//! Its backward is `p * (g - sum(g * p))`, again one pass per row. Other devices and dtypes use
-//! the composition, so results never depend on whether a kernel exists.
+//! Its backward is `p * (g - sum(g * p))`, again one pass per row. Rotary embedding writes its
+//! output heads-first, so attention's transpose copy goes too, and SwiGLU's `silu(g) * u` returns
+//! both gradients from one pass. Other devices and dtypes use the composition, so results never
+//! depend on whether a kernel exists.
+//!
+//! Each fused op also spares candle's backward a zero-filled buffer and an addition per input
+//! (`GradStore::or_insert` then `add`), which for a small model is a visible share of a step.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::Result;
@@ -21,6 +26,9 @@ trait Real:
 {
     const ZERO: Self;
     const NEG_INF: Self;
+    /// Below this, `exp` rounds to exactly zero; skipping the call there keeps results
+    /// bit-identical and avoids libm's slow underflow path (masked scores are -1e9).
+    const EXP_ZERO_BELOW: Self;
     fn exp(self) -> Self;
     fn mul(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
@@ -31,10 +39,11 @@ trait Real:
 
 /// The same methods on both float types.
 macro_rules! impl_real {
-    ($t:ty) => {
+    ($t:ty, $exp_zero_below:expr) => {
         impl Real for $t {
             const ZERO: $t = 0.0;
             const NEG_INF: $t = <$t>::NEG_INFINITY;
+            const EXP_ZERO_BELOW: $t = $exp_zero_below;
             fn exp(self) -> $t {
                 <$t>::exp(self)
             }
@@ -58,8 +67,9 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32);
-impl_real!(f64);
+// exp(-104) is below half the smallest f32 subnormal, exp(-746) below half the smallest f64 one.
+impl_real!(f32, -104.0);
+impl_real!(f64, -746.0);
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -92,7 +102,12 @@ fn masked_softmax_rows<T: Real>(
         }
         let mut sum = T::ZERO;
         for x in row.iter_mut() {
-            *x = (*x - max).exp();
+            let d = *x - max;
+            *x = if d < T::EXP_ZERO_BELOW {
+                T::ZERO
+            } else {
+                d.exp()
+            };
             sum = sum + *x;
         }
         for x in row.iter_mut() {
@@ -459,6 +474,262 @@ impl CustomOp2 for NormBackward {
     }
 }
 
+// Rotary position embedding, fused with the transpose attention wants: x (b, t, h, d) in,
+// (b, h, t, d) out, `out[j] = x[j] c[j] + x[j ^ half] s[j]` with the gathered tables
+// c = [cos | cos], s = [-sin | sin] of (b, t, 1, d). The backward is the same map with s negated
+// and the transpose undone: d x[k] = g[k] c[k] - g[k ^ half] s[k] (swapping halves is its own
+// inverse, and s at the swapped index is -s). One pass each way instead of two narrows, a cat,
+// two broadcast products, a sum and a transpose copy, and their backward.
+
+/// Which way a rope pass reads and writes: (b, t, h, d) -> (b, h, t, d) forward, back for the
+/// gradient.
+#[derive(Clone, Copy, PartialEq)]
+enum RopeDir {
+    Forward,
+    Backward,
+}
+
+fn rope_rows<T: Real>(
+    src: &[T],
+    cos: &[T],
+    sin: &[T],
+    (_, t, h, d): (usize, usize, usize, usize),
+    dir: RopeDir,
+) -> Vec<T> {
+    let half = d / 2;
+    let mut out = vec![T::ZERO; src.len()];
+    // One output row of d values per (bi, hi, ti) forward, per (bi, ti, hi) backward.
+    out.par_chunks_mut(d).enumerate().for_each(|(r, row)| {
+        let (bi, ti, hi) = match dir {
+            RopeDir::Forward => (r / (h * t), r % t, (r / t) % h),
+            RopeDir::Backward => (r / (t * h), (r / h) % t, r % h),
+        };
+        let from = match dir {
+            RopeDir::Forward => ((bi * t + ti) * h + hi) * d,
+            RopeDir::Backward => ((bi * h + hi) * t + ti) * d,
+        };
+        let x = &src[from..from + d];
+        let at = (bi * t + ti) * d;
+        let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
+        for j in 0..d {
+            let swapped = x[if j < half { j + half } else { j - half }];
+            let term = swapped.mul(s[j]);
+            row[j] = x[j].mul(c[j])
+                + if dir == RopeDir::Forward {
+                    term
+                } else {
+                    T::ZERO - term
+                };
+        }
+    });
+    out
+}
+
+struct Rope(RopeDir);
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "sft-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.dims();
+        // Forward takes (b, t, h, d), backward its gradient (b, h, t, d).
+        let (b, t, h, d) = match self.0 {
+            RopeDir::Forward => (dims[0], dims[1], dims[2], dims[3]),
+            RopeDir::Backward => (dims[0], dims[2], dims[1], dims[3]),
+        };
+        let shape = match self.0 {
+            RopeDir::Forward => Shape::from((b, h, t, d)),
+            RopeDir::Backward => Shape::from((b, t, h, d)),
+        };
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                CpuStorage::F32(rope_rows(
+                    contiguous(x, l1, "rope input")?,
+                    contiguous(c, l2, "rope cos")?,
+                    contiguous(s, l3, "rope sin")?,
+                    (b, t, h, d),
+                    self.0,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(s)) => {
+                CpuStorage::F64(rope_rows(
+                    contiguous(x, l1, "rope input")?,
+                    contiguous(c, l2, "rope cos")?,
+                    contiguous(s, l3, "rope sin")?,
+                    (b, t, h, d),
+                    self.0,
+                ))
+            }
+            _ => candle_core::bail!("rope: input and tables must all be f32 or all f64"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &Rope(RopeDir::Backward))?;
+        // The tables are constants of the positions.
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// `x` (b, t, h, d) rotated by the gathered tables (b, t, 1, d) and returned as (b, h, t, d),
+/// contiguous; `None` when the fused kernel does not apply (the caller composes it then).
+pub(crate) fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    let (b, t, _, d) = x.dims4()?;
+    let tables_fit = |m: &Tensor| m.dims() == [b, t, 1, d] && m.dtype() == x.dtype();
+    if !fusable(x) || d % 2 != 0 || !tables_fit(cos) || !tables_fit(sin) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope(RopeDir::Forward),
+    )?))
+}
+
+// SwiGLU's product silu(g) * u, with silu(g) = g sigmoid(g):
+// d g = grad u sigmoid(g) (1 + g (1 - sigmoid(g))), d u = grad silu(g).
+
+/// sigmoid without overflow: exp only of a non-positive number.
+fn sigmoid<T: Real>(x: T) -> T {
+    let one = T::of(1.0);
+    if x >= T::ZERO {
+        one.div(one + (T::ZERO - x).exp())
+    } else {
+        let e = x.exp();
+        e.div(one + e)
+    }
+}
+
+fn silu_mul_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = u.to_vec();
+    out.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(os, gs)| {
+            for (o, &g) in os.iter_mut().zip(gs) {
+                *o = g.mul(sigmoid(g)).mul(*o);
+            }
+        });
+    out
+}
+
+/// Both gradients in one pass, stacked: `[d gate; d up]`, each of the inputs' size.
+fn silu_mul_bwd<T: Real>(g: &[T], u: &[T], grad: &[T]) -> Vec<T> {
+    let n = g.len();
+    let one = T::of(1.0);
+    let mut out = vec![T::ZERO; 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .zip(grad.par_chunks(CHUNK))
+        .for_each(|(((dg, du), (g, u)), grad)| {
+            for i in 0..dg.len() {
+                let (x, s) = (g[i], sigmoid(g[i]));
+                du[i] = grad[i].mul(x.mul(s));
+                dg[i] = grad[i].mul(u[i]).mul(s).mul(one + x.mul(one - s));
+            }
+        });
+    out
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "sft-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = map_real2((s1, l1), (s2, l2), "silu-mul", silu_mul_fwd, silu_mul_fwd)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulBackward)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+struct SiluMulBackward;
+
+impl CustomOp3 for SiluMulBackward {
+    fn name(&self) -> &'static str {
+        "sft-silu-mul-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let what = "silu-mul backward";
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => {
+                CpuStorage::F32(silu_mul_bwd(
+                    contiguous(g, l1, what)?,
+                    contiguous(u, l2, what)?,
+                    contiguous(d, l3, what)?,
+                ))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(u), CpuStorage::F64(d)) => {
+                CpuStorage::F64(silu_mul_bwd(
+                    contiguous(g, l1, what)?,
+                    contiguous(u, l2, what)?,
+                    contiguous(d, l3, what)?,
+                ))
+            }
+            _ => candle_core::bail!("{what}: all inputs must be f32 or all f64"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+/// `silu(gate) * up`, fused on the CPU when both are f32 or f64 of one shape.
+pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fusable(gate) && gate.dtype() == up.dtype() && gate.dims() == up.dims() {
+        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?);
+    }
+    Ok((gate.silu()? * up)?)
+}
+
 /// Whether `x` can take a fused kernel: on the CPU, f32 or f64.
 fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -644,6 +915,78 @@ mod tests {
             let fd = (f(v + h) - f(v - h)) / (2.0 * h);
             assert!((fd - g).abs() < 1e-8, "x {v}: {g} vs {fd}");
         }
+    }
+
+    /// d/dx of sum(y * w) for each of `xs`, through candle's backward.
+    fn grads_of(y: &Tensor, w: &Tensor, xs: &[&Var]) -> Vec<Tensor> {
+        let g = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        xs.iter()
+            .map(|x| g.get(x.as_tensor()).unwrap().clone())
+            .collect()
+    }
+
+    #[test]
+    fn fused_rope_matches_the_composition_and_its_gradient() {
+        let dev = Device::Cpu;
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let x = Var::from_vec(values(b * t * h * d, 0.37), (b, t, h, d), &dev).unwrap();
+        let (cs, sn) = (values(b * t * d / 2, 0.91), values(b * t * d / 2, 1.3));
+        let half = |v: &[f64], sign: f64| {
+            let v = Tensor::from_vec(v.to_vec(), (b, t, 1, d / 2), &dev).unwrap();
+            Tensor::cat(&[(&v * sign).unwrap(), v], 3).unwrap()
+        };
+        let (cos, sin) = (half(&cs, 1.0), half(&sn, -1.0));
+        let fused = rope_heads_first(x.as_tensor(), &cos, &sin)
+            .unwrap()
+            .unwrap();
+        let composed = crate::ops::apply_rope(x.as_tensor(), &cos, &sin)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        assert_eq!(fused.dims(), [b, h, t, d]);
+        assert!(max_diff(&fused, &composed) < 1e-12);
+        let w = Tensor::from_vec(values(b * t * h * d, 1.7), (b, h, t, d), &dev).unwrap();
+        let (gf, gc) = (
+            grads_of(&fused, &w, &[&x]).remove(0),
+            grads_of(&composed, &w, &[&x]).remove(0),
+        );
+        assert!(max_diff(&gf, &gc) < 1e-12, "{}", max_diff(&gf, &gc));
+        assert!(max_diff(&gf, &gf.zeros_like().unwrap()) > 1e-3);
+        // f32 takes the same kernel; other shapes of table fall back.
+        let to32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let f32_out = rope_heads_first(&to32(x.as_tensor()), &to32(&cos), &to32(&sin))
+            .unwrap()
+            .unwrap();
+        assert!(max_diff(&f32_out.to_dtype(DType::F64).unwrap(), &composed) < 1e-5);
+        let narrow = cos.narrow(0, 0, 1).unwrap();
+        assert!(rope_heads_first(x.as_tensor(), &narrow, &sin)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn fused_silu_mul_matches_the_composition_and_its_gradients() {
+        let dev = Device::Cpu;
+        let (rows, n) = (7, 33);
+        // Wide enough (|x| up to ~90) to reach both branches of the stable sigmoid.
+        let big: Vec<f64> = values(rows * n, 0.53).iter().map(|v| v * 30.0).collect();
+        let gate = Var::from_vec(big, (rows, n), &dev).unwrap();
+        let up = Var::from_vec(values(rows * n, 0.71), (rows, n), &dev).unwrap();
+        let w = Tensor::from_vec(values(rows * n, 1.7), (rows, n), &dev).unwrap();
+        let fused = silu_mul(gate.as_tensor(), up.as_tensor()).unwrap();
+        let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-10);
+        let gf = grads_of(&fused, &w, &[&gate, &up]);
+        let gc = grads_of(&composed, &w, &[&gate, &up]);
+        for (f, c) in gf.iter().zip(&gc) {
+            assert!(max_diff(f, c) < 1e-10, "{}", max_diff(f, c));
+            assert!(max_diff(f, &f.zeros_like().unwrap()) > 1e-3);
+        }
+        let to32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let f32_out = silu_mul(&to32(gate.as_tensor()), &to32(up.as_tensor())).unwrap();
+        assert!(max_diff(&f32_out.to_dtype(DType::F64).unwrap(), &composed) < 1e-4 * 30.0);
     }
 
     #[test]

@@ -100,9 +100,9 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(y.to_dtype(dtype)?)
 }
 
-/// SwiGLU's gate: `silu(gate) * up`.
+/// SwiGLU's gate: `silu(gate) * up` (fused on the CPU).
 pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    Ok((gate.silu()? * up)?)
+    kernels::silu_mul(gate, up)
 }
 
 /// GPT-2's tanh-approximated GELU (`gelu_new`).
@@ -158,6 +158,15 @@ impl Rope {
             cos.reshape(shape)?.to_dtype(dtype)?,
             sin.reshape(shape)?.to_dtype(dtype)?,
         ))
+    }
+}
+
+/// [`apply_rope`] then heads first: (b, t, heads, head_dim) -> (b, heads, t, head_dim),
+/// contiguous, as attention takes it. One fused pass on the CPU.
+pub(crate) fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    match kernels::rope_heads_first(x, cos, sin)? {
+        Some(y) => Ok(y),
+        None => Ok(apply_rope(x, cos, sin)?.transpose(1, 2)?.contiguous()?),
     }
 }
 

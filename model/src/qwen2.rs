@@ -121,10 +121,8 @@ impl Qwen2 {
             q = ops::rms_norm(&q, qn, eps)?;
             k = ops::rms_norm(&k, kn, eps)?;
         }
-        let q = ops::apply_rope(&q, cos, sin)?.transpose(1, 2)?;
-        let k = ops::apply_rope(&k, cos, sin)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let q = ops::rope_heads_first(&q, cos, sin)?;
+        let k = ops::rope_heads_first(&k, cos, sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v)?,

@@ -4,9 +4,8 @@
 //! Kinds: addition, subtraction, string reversal, uppercasing, letter counting, sorting digits,
 //! and a key=value to JSON conversion. Every conversation has the same short system prompt and
 //! one to three user/assistant turns (the last one is the one evaluated; earlier turns are
-//! trained on too, so one system prompt serves several answers). Splits are drawn
-//! from disjoint seeds and deduplicated on the evaluated prompt, so held-out prompts never appear
-//! in training.
+//! trained on too, so one system prompt serves several answers). Splits are drawn from
+//! different seeds; a prompt evaluated in a held-out split appears in no turn of training.
 
 use std::collections::HashSet;
 
@@ -71,36 +70,61 @@ pub fn task(rng: &mut ChaCha8Rng) -> (String, String) {
     }
 }
 
-/// `n` conversations (`{"messages": [...]}`) from `seed`, skipping any whose evaluated prompt is
-/// in `exclude` (and adding the new ones to it).
-pub fn conversations(seed: u64, n: usize, exclude: &mut HashSet<String>) -> Vec<Value> {
+/// `n` conversations (`{"messages": [...]}`) from `seed`. A conversation that uses a prompt of
+/// `avoid` in any turn is skipped; with `distinct_last`, no two share their evaluated (last)
+/// prompt either.
+pub fn conversations(
+    seed: u64,
+    n: usize,
+    avoid: &HashSet<String>,
+    distinct_last: bool,
+) -> Vec<Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut lasts = HashSet::new();
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
+        let mut turns = Vec::new();
+        for _ in 0..=rng.random_range(0..3) {
+            turns.push(task(&mut rng));
+        }
+        let last = &turns[turns.len() - 1].0;
+        if turns.iter().any(|(q, _)| avoid.contains(q))
+            || (distinct_last && !lasts.insert(last.clone()))
+        {
+            continue;
+        }
         let mut messages = vec![json!({"role": "system", "content": SYSTEM_PROMPT})];
-        for _ in 0..rng.random_range(0..3) {
-            let (q, a) = task(&mut rng);
+        for (q, a) in turns {
             messages.push(json!({"role": "user", "content": q}));
             messages.push(json!({"role": "assistant", "content": a}));
         }
-        let (q, a) = task(&mut rng);
-        if !exclude.insert(q.clone()) {
-            continue;
-        }
-        messages.push(json!({"role": "user", "content": q}));
-        messages.push(json!({"role": "assistant", "content": a}));
         out.push(json!({ "messages": messages }));
     }
     out
 }
 
-/// The train, validation and test splits: disjoint in their evaluated prompts.
+/// The evaluated (last) user prompt of a conversation.
+pub fn last_prompt(conversation: &Value) -> &str {
+    let m = conversation["messages"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    m.len()
+        .checked_sub(2)
+        .and_then(|i| m[i]["content"].as_str())
+        .unwrap_or_default()
+}
+
+/// The train, validation and test splits. Test and validation each have distinct evaluated
+/// prompts; no prompt evaluated in test or validation appears anywhere in training (nor a test
+/// one in validation). Training prompts may repeat: the arithmetic kinds have only a few
+/// thousand distinct prompts, and deduplicating them would starve training of arithmetic.
 pub fn splits(seed: u64, n_train: usize, n_val: usize, n_test: usize) -> [Vec<Value>; 3] {
-    let mut seen = HashSet::new();
-    // Held-out splits first, so training never takes a prompt they use.
-    let test = conversations(seed ^ 0x7e57, n_test, &mut seen);
-    let val = conversations(seed ^ 0x0a1, n_val, &mut seen);
-    let train = conversations(seed, n_train, &mut seen);
+    let mut held = HashSet::new();
+    let test = conversations(seed ^ 0x7e57, n_test, &held, true);
+    held.extend(test.iter().map(|c| last_prompt(c).to_owned()));
+    let val = conversations(seed ^ 0x0a1, n_val, &held, true);
+    held.extend(val.iter().map(|c| last_prompt(c).to_owned()));
+    let train = conversations(seed, n_train, &held, false);
     [train, val, test]
 }
 
@@ -161,12 +185,21 @@ mod tests {
     fn answers_are_correct_and_splits_disjoint() {
         let [train, val, test] = splits(7, 400, 50, 50);
         assert_eq!((train.len(), val.len(), test.len()), (400, 50, 50));
-        let last_prompt = |c: &Value| {
-            let m = c["messages"].as_array().unwrap();
-            m[m.len() - 2]["content"].as_str().unwrap().to_owned()
-        };
-        let held: HashSet<String> = val.iter().chain(&test).map(last_prompt).collect();
-        assert!(train.iter().all(|c| !held.contains(&last_prompt(c))));
+        let held: HashSet<&str> = val.iter().chain(&test).map(last_prompt).collect();
+        assert_eq!(held.len(), 100, "distinct evaluated prompts");
+        let mut arithmetic = 0;
+        let mut prompts = 0;
+        for c in &train {
+            for m in c["messages"].as_array().unwrap()[1..].iter().step_by(2) {
+                let q = m["content"].as_str().unwrap();
+                assert!(!held.contains(q), "held-out prompt {q:?} in training");
+                arithmetic += usize::from(q.starts_with("What is"));
+                prompts += 1;
+            }
+        }
+        // Two kinds of seven, as drawn: training is not starved of arithmetic.
+        let share = arithmetic as f64 / prompts as f64;
+        assert!((share - 2.0 / 7.0).abs() < 0.05, "{share}");
         let mut turns = [0; 4];
         for c in train.iter().chain(&val).chain(&test) {
             let m = c["messages"].as_array().unwrap();
