@@ -73,6 +73,11 @@ fn instructions_task_reduced() {
         .args(["--set", &format!("run.out_dir={}", out.display())])
         .output()
         .unwrap());
+    // The built char vocabulary covers the template's own text (role names, newlines) too.
+    let preflight: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("preflight.json")).unwrap())
+            .unwrap();
+    assert_eq!(preflight["unknown_tokens"], 0, "{preflight}");
     let r = json(&ok(sft()
         .args(["eval-answers", "--json", "--model"])
         .arg(out.join("final"))

@@ -67,7 +67,8 @@ fn default_dtype() -> String {
 pub struct TokenizerSection {
     /// A tokenizer file or directory; defaults to `model.path`.
     pub path: Option<PathBuf>,
-    /// Build one from the training files: `char` or `bpe`.
+    /// Build one from the training files: `char` or `bpe`. Chats count as rendered by the
+    /// template (role names, newlines), so the template's own text is in the vocabulary.
     pub build: Option<BuildTokenizer>,
     /// Marker set of a built tokenizer: `poem` (nanopoet markers) or `chatml`.
     pub specials: Option<SpecialsPreset>,

@@ -62,6 +62,34 @@ pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
             },
         ),
     };
+    // A chat template writes text of its own (role names, newlines) around the contents; the
+    // vocabulary must cover that too, or every such character becomes the unknown token. So a
+    // chat's corpus text is its rendering (special-token strings taken out), through a first
+    // tokenizer built from the contents alone.
+    let mut rendered: Vec<String> = Vec::new();
+    if records.iter().any(|r| matches!(r.sample, Sample::Chat(_))) {
+        let first = Tokenizer::from_char(CharTokenizer::from_corpus(
+            texts.iter().copied(),
+            &specials,
+            roles.clone(),
+        )?);
+        let template = template(cfg, &first)?;
+        for r in records {
+            if let Sample::Chat(c) = &r.sample {
+                let mut text = template.render_chat_text(c.messages(), c.tools(), false)?;
+                for s in &specials {
+                    text = text.replace(s, "");
+                }
+                rendered.push(text);
+            }
+        }
+    }
+    let texts: Vec<&str> = records
+        .iter()
+        .filter(|r| !matches!(r.sample, Sample::Chat(_)))
+        .flat_map(record_texts)
+        .chain(rendered.iter().map(String::as_str))
+        .collect();
     match build {
         BuildTokenizer::Char => Ok(Tokenizer::from_char(CharTokenizer::from_corpus(
             texts, &specials, roles,
