@@ -14,6 +14,7 @@ mod config;
 pub mod generate;
 mod gpt;
 mod kernels;
+pub mod math;
 mod ops;
 mod params;
 pub mod presets;
