@@ -39,7 +39,7 @@ trait Real:
 
 /// The same methods on both float types.
 macro_rules! impl_real {
-    ($t:ty, $exp_zero_below:expr, $exp:path) => {
+    ($t:ty, $exp_zero_below:expr, $exp:path, $tanh:path) => {
         impl Real for $t {
             const ZERO: $t = 0.0;
             const NEG_INF: $t = <$t>::NEG_INFINITY;
@@ -54,7 +54,7 @@ macro_rules! impl_real {
                 self / o
             }
             fn tanh(self) -> $t {
-                <$t>::tanh(self)
+                $tanh(self)
             }
             fn sqrt(self) -> $t {
                 <$t>::sqrt(self)
@@ -68,8 +68,8 @@ macro_rules! impl_real {
 }
 
 // exp(-104) is below half the smallest f32 subnormal, exp(-746) below half the smallest f64 one.
-impl_real!(f32, -104.0, crate::math::exp_f32);
-impl_real!(f64, -746.0, f64::exp);
+impl_real!(f32, -104.0, crate::math::exp_f32, crate::math::tanh_f32);
+impl_real!(f64, -746.0, f64::exp, f64::tanh);
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {

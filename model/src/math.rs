@@ -33,6 +33,14 @@ pub fn exp_f32(x: f32) -> f32 {
     y * pow2(a) * pow2(n - a)
 }
 
+/// tanh in f32 as `1 - 2 / (e^2x + 1)` over [`exp_f32`]: branch-free like it, where libm's
+/// `tanhf` was a tenth of a GPT step (GELU). Absolute error below 3e-7 (relative error grows for
+/// |x| under 1e-3, where GELU multiplies it by x/2 anyway).
+#[inline]
+pub fn tanh_f32(x: f32) -> f32 {
+    1.0 - 2.0 / (exp_f32(2.0 * x) + 1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +59,19 @@ mod tests {
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(-1e9) < 1e-37);
         assert!(exp_f32(1e9).is_finite());
+    }
+
+    #[test]
+    fn tanh_f32_is_accurate_across_its_range() {
+        let mut worst = 0f64;
+        let mut x = -50.0f32;
+        while x < 50.0 {
+            let want = (x as f64).tanh();
+            worst = worst.max((tanh_f32(x) as f64 - want).abs());
+            x += 0.000_91;
+        }
+        assert!(worst < 3e-7, "worst absolute error {worst}");
+        assert_eq!(tanh_f32(1e9), 1.0);
+        assert_eq!(tanh_f32(-1e9), -1.0);
     }
 }
