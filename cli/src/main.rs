@@ -77,7 +77,10 @@ fn main() -> anyhow::Result<()> {
 /// above 128 KiB with `mmap` and returns them on free, so each op page-faults and the kernel
 /// zeroes its output afresh: a quarter of a training step in the profile. Serving blocks up to
 /// glibc's maximum (32 MiB) from the heap and never trimming it made a nanoGPT training step
-/// 1.4-1.6x faster here; jemalloc and mimalloc did not do better.
+/// 1.4-1.6x faster here; jemalloc and mimalloc did not do better. Blocks above 32 MiB (a
+/// nanoGPT's attention probabilities, the output layer's logit chunks) still went to `mmap`
+/// until `M_MMAP_MAX = 0` sent everything to the heap: (c) and (a) of `docs/performance.md`
+/// 8-14% and 9% faster, for 2% more peak memory. Blocks over 256 MiB are mapped by `alloc.rs`.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: called first thing in main, before any other thread exists or anything was
@@ -85,6 +88,7 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
 
