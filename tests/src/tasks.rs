@@ -2,10 +2,15 @@
 //! computed, generated from a seed.
 //!
 //! Kinds: addition, subtraction, string reversal, uppercasing, letter counting, sorting digits,
-//! and a key=value to JSON conversion. Every conversation has the same short system prompt and
-//! one to three user/assistant turns (the last one is the one evaluated; earlier turns are
-//! trained on too, so one system prompt serves several answers). Splits are drawn from
-//! different seeds; a prompt evaluated in a held-out split appears in no turn of training.
+//! and a key=value to JSON conversion. Sums and differences are answered column by column, units
+//! first, then the result (`43 - 18` -> `13-8=5, 4-1-1=2: 25`): written as one number, a
+//! two-digit result needs its carry before its first digit, which a small model trained for
+//! minutes does not learn (4-12% exact match, docs/results.md), while one-digit column facts it
+//! does; a worked answer is also what chain-of-thought SFT data looks like. Every conversation
+//! has the same short system prompt and one to three user/assistant turns (the last one is the
+//! one evaluated; earlier turns are trained on too, so one system prompt serves several
+//! answers). Splits are drawn from different seeds; a prompt evaluated in a held-out split
+//! appears in no turn of training.
 
 use std::collections::HashSet;
 
@@ -13,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-pub const SYSTEM_PROMPT: &str = "Answer with the result only.";
+pub const SYSTEM_PROMPT: &str = "Be exact.";
 
 const NAMES: [&str; 12] = [
     "Ann", "Bob", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jin", "Kai", "Lea",
@@ -26,17 +31,48 @@ fn word(rng: &mut ChaCha8Rng, min: usize, max: usize) -> String {
         .collect()
 }
 
+/// `a + b` (both below 100) worked in columns: `3+8=11, 2+4+1=7: 71`. The tens column always
+/// shows its carry (`+0` too), so every answer has the same shape.
+fn columns_sum(a: u32, b: u32) -> String {
+    let units = a % 10 + b % 10;
+    let carry = units / 10;
+    let tens = a / 10 + b / 10 + carry;
+    format!(
+        "{}+{}={units}, {}+{}+{carry}={tens}: {}",
+        a % 10,
+        b % 10,
+        a / 10,
+        b / 10,
+        a + b
+    )
+}
+
+/// `a - b` (`b <= a < 100`) worked in columns with a borrow: `13-8=5, 4-1-1=2: 25`.
+fn columns_difference(a: u32, b: u32) -> String {
+    let borrow = u32::from(a % 10 < b % 10);
+    let units = a % 10 + 10 * borrow - b % 10;
+    let tens = a / 10 - b / 10 - borrow;
+    format!(
+        "{}-{}={units}, {}-{}-{borrow}={tens}: {}",
+        a % 10 + 10 * borrow,
+        b % 10,
+        a / 10,
+        b / 10,
+        a - b
+    )
+}
+
 /// One (question, answer) pair of a random kind.
 pub fn task(rng: &mut ChaCha8Rng) -> (String, String) {
     match rng.random_range(0..7) {
         0 => {
             let (a, b) = (rng.random_range(0..50), rng.random_range(0..50));
-            (format!("What is {a} + {b}?"), (a + b).to_string())
+            (format!("What is {a} + {b}?"), columns_sum(a, b))
         }
         1 => {
             let a = rng.random_range(0..50);
             let b = rng.random_range(0..=a);
-            (format!("What is {a} - {b}?"), (a - b).to_string())
+            (format!("What is {a} - {b}?"), columns_difference(a, b))
         }
         2 => {
             let w = word(rng, 3, 6);
@@ -155,7 +191,24 @@ mod tests {
                     p[2].parse::<i64>().unwrap(),
                 )
             };
-            return if op == "+" { a + b } else { a - b }.to_string();
+            // Column by column from the digit strings, the way it is done on paper.
+            let (da, db) = (format!("{a:02}"), format!("{b:02}"));
+            let d = |s: &str, i: usize| i64::from(s.as_bytes()[i] - b'0');
+            let (a1, a0, b1, b0) = (d(&da, 0), d(&da, 1), d(&db, 0), d(&db, 1));
+            return if op == "+" {
+                let c = i64::from(a0 + b0 > 9);
+                let (u, t) = (a0 + b0, a1 + b1 + c);
+                format!("{a0}+{b0}={u}, {a1}+{b1}+{c}={t}: {}", a + b)
+            } else {
+                let br = i64::from(a0 < b0);
+                let top = a0 + 10 * br;
+                format!(
+                    "{top}-{b0}={}, {a1}-{b1}-{br}={}: {}",
+                    top - b0,
+                    a1 - b1 - br,
+                    a - b
+                )
+            };
         }
         if let Some(w) = q.strip_prefix("Reverse: ") {
             return w.chars().rev().collect();
