@@ -77,14 +77,22 @@ pub(crate) struct TrainArgs {
 
 pub(crate) fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Train(args) => train(args),
-        Command::Generate(args) => generate(args),
-        Command::Gemm(args) => gemm(args),
+        Command::Train(args) => {
+            crate::set_threads(args.threads);
+            crate::on_pool(|| train(args))
+        }
+        Command::Generate(args) => {
+            crate::set_threads(args.threads);
+            crate::on_pool(|| generate(args))
+        }
+        Command::Gemm(args) => {
+            crate::set_threads(args.threads);
+            crate::on_pool(|| gemm(args))
+        }
     }
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    crate::set_threads(args.threads);
     let model = Model::load(&args.model, DType::F32, &sft::setup::device()?)?;
     let max = model.config().max_positions();
     if args.prompt_len + args.new_tokens > max {
@@ -108,7 +116,6 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn gemm(args: GemmArgs) -> anyhow::Result<()> {
-    crate::set_threads(args.threads);
     let gflops = sgemm_peak_gflops(args.n, 5)?;
     if args.json {
         println!("{}", serde_json::json!({ "gflops": gflops, "n": args.n }));
@@ -119,7 +126,6 @@ fn gemm(args: GemmArgs) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    crate::set_threads(args.threads);
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 {
         anyhow::bail!("--steps and --batch-size must be positive and --seq-len at least 2");
     }

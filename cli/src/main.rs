@@ -63,14 +63,29 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Render(args) => render::run(args),
+        // These two set the thread count from their arguments first, then go on the pool.
         Command::Train(args) => train::run(args),
-        Command::Eval(args) => eval::run(args),
-        Command::Generate(args) => generate::run(args),
-        Command::Chat(args) => chat::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::EvalPoems(args) => quality::poems(args),
-        Command::EvalAnswers(args) => quality::answers(args),
+        Command::Eval(args) => on_pool(|| eval::run(args)),
+        Command::Generate(args) => on_pool(|| generate::run(args)),
+        Command::Chat(args) => on_pool(|| chat::run(args)),
+        Command::EvalPoems(args) => on_pool(|| quality::poems(args)),
+        Command::EvalAnswers(args) => on_pool(|| quality::answers(args)),
     }
+}
+
+/// Runs `f` on a worker thread of rayon's global pool. The kernels and candle's ops split their
+/// work with rayon; called from a thread outside the pool, each such op queues its job for a
+/// worker and sleeps on a futex until it is done, a handoff per op (about 19 per generated token
+/// of a 4-layer model). Called from a worker, an op runs in place and splits only when another
+/// worker is idle to steal. Uses the thread count as `set_threads` left it.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // The main thread's stack size, not rayon's 2 MiB default: templates and JSON recurse.
+    // An error means the pool exists already, which is as good.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
+    rayon::scope(|_| f())
 }
 
 /// Training allocates and frees tensors of megabytes in every op. By default glibc serves blocks
