@@ -77,18 +77,9 @@ pub(crate) struct TrainArgs {
 
 pub(crate) fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Train(args) => {
-            crate::set_threads(args.threads);
-            crate::on_pool(|| train(args))
-        }
-        Command::Generate(args) => {
-            crate::set_threads(args.threads);
-            crate::on_pool(|| generate(args))
-        }
-        Command::Gemm(args) => {
-            crate::set_threads(args.threads);
-            crate::on_pool(|| gemm(args))
-        }
+        Command::Train(args) => crate::on_pool(args.threads, || train(args)),
+        Command::Generate(args) => crate::on_pool(args.threads, || generate(args)),
+        Command::Gemm(args) => crate::on_pool(args.threads, || gemm(args)),
     }
 }
 

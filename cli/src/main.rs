@@ -63,25 +63,29 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Render(args) => render::run(args),
-        // These two set the thread count from their arguments first, then go on the pool.
+        // These two know their thread count only from their arguments or config.
         Command::Train(args) => train::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Eval(args) => on_pool(|| eval::run(args)),
-        Command::Generate(args) => on_pool(|| generate::run(args)),
-        Command::Chat(args) => on_pool(|| chat::run(args)),
-        Command::EvalPoems(args) => on_pool(|| quality::poems(args)),
-        Command::EvalAnswers(args) => on_pool(|| quality::answers(args)),
+        Command::Eval(args) => on_pool(None, || eval::run(args)),
+        Command::Generate(args) => on_pool(None, || generate::run(args)),
+        Command::Chat(args) => on_pool(None, || chat::run(args)),
+        Command::EvalPoems(args) => on_pool(None, || quality::poems(args)),
+        Command::EvalAnswers(args) => on_pool(None, || quality::answers(args)),
     }
 }
 
-/// Runs `f` on a worker thread of rayon's global pool. The kernels and candle's ops split their
-/// work with rayon; called from a thread outside the pool, each such op queues its job for a
-/// worker and sleeps on a futex until it is done, a handoff per op (about 19 per generated token
-/// of a 4-layer model). Called from a worker, an op runs in place and splits only when another
-/// worker is idle to steal. Uses the thread count as `set_threads` left it.
-fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// Runs `f` on a worker thread of rayon's global pool, of `threads` threads (default: rayon's,
+/// the logical CPUs). The kernels and candle's ops split their work with rayon; called from a
+/// thread outside the pool, each such op queues its job for a worker and sleeps on a futex until
+/// it is done, a handoff per op (about 19 per generated token of a 4-layer model). Called from a
+/// worker, an op runs in place and splits only when another worker is idle to steal.
+fn on_pool<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
+    // candle's matmul reads `RAYON_NUM_THREADS` on every call, the pool once when it is built.
+    if let Some(n) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     // The main thread's stack size, not rayon's 2 MiB default: templates and JSON recurse.
-    // An error means the pool exists already, which is as good.
+    // An error means the pool exists already (only in tests: one command per process).
     let _ = rayon::ThreadPoolBuilder::new()
         .stack_size(8 << 20)
         .build_global();
@@ -107,10 +111,18 @@ fn keep_freed_memory() {
     }
 }
 
-/// Sets the compute thread count before any thread pool starts. candle's matmul reads
-/// `RAYON_NUM_THREADS` on every call; rayon's global pool reads it once, at first use.
-fn set_threads(threads: Option<usize>) {
-    if let Some(n) = threads {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn commands_run_on_a_pool_worker() {
+        assert_eq!(rayon::current_thread_index(), None);
+        let (index, threads) = super::on_pool(Some(3), || {
+            (rayon::current_thread_index(), rayon::current_num_threads())
+        });
+        assert!(index.is_some());
+        assert_eq!(
+            threads, 3,
+            "the pool has the threads asked for, not the CPU count"
+        );
     }
 }

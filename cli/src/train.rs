@@ -52,11 +52,11 @@ pub(crate) fn run_config(
     resume: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
-    crate::set_threads(cfg.train.threads);
     let mut progress = Progress::new(std::io::stderr().is_terminal(), cfg.run.log_every);
-    let summary =
-        crate::on_pool(|| sft::train(cfg, &RunOptions { resume }, &mut |e| progress.event(e)))
-            .with_context(|| format!("training run {}", cfg.run.out_dir.display()))?;
+    let summary = crate::on_pool(cfg.train.threads, || {
+        sft::train(cfg, &RunOptions { resume }, &mut |e| progress.event(e))
+    })
+    .with_context(|| format!("training run {}", cfg.run.out_dir.display()))?;
     progress.finish();
     if json {
         println!("{}", serde_json::to_string(&summary)?);

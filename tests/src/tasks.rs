@@ -50,11 +50,11 @@ fn columns_sum(a: u32, b: u32) -> String {
 /// `a - b` (`b <= a < 100`) worked in columns with a borrow: `13-8=5, 4-1-1=2: 25`.
 fn columns_difference(a: u32, b: u32) -> String {
     let borrow = u32::from(a % 10 < b % 10);
-    let units = a % 10 + 10 * borrow - b % 10;
+    let top = a % 10 + 10 * borrow;
+    let units = top - b % 10;
     let tens = a / 10 - b / 10 - borrow;
     format!(
-        "{}-{}={units}, {}-{}-{borrow}={tens}: {}",
-        a % 10 + 10 * borrow,
+        "{top}-{}={units}, {}-{}-{borrow}={tens}: {}",
         b % 10,
         a / 10,
         b / 10,
