@@ -86,7 +86,7 @@ impl Gpt {
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&ops::Mask>,
         mut kv: Option<&mut [LayerKv]>,
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
@@ -115,21 +115,22 @@ impl Gpt {
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = 1 + 3 * i as u64;
             let h = self.norm(&blk.ln_1, &x)?;
-            let qkv = blk.c_attn.forward(&h)?.reshape((b, t, 3, heads, hd))?;
-            let part = |j: usize| -> Result<Tensor> {
-                Ok(qkv
-                    .narrow(2, j, 1)?
-                    .squeeze(2)?
-                    .transpose(1, 2)?
-                    .contiguous()?)
+            let qkv = blk.c_attn.forward(&h)?;
+            let y = match kv.as_deref_mut() {
+                None => ops::attention_qkv(&qkv, heads, mask, dropout(site).as_ref())?,
+                Some(kv) => {
+                    let qkv = qkv.reshape((b, t, 3, heads, hd))?;
+                    let part = |j: usize| -> Result<Tensor> {
+                        Ok(qkv
+                            .narrow(2, j, 1)?
+                            .squeeze(2)?
+                            .transpose(1, 2)?
+                            .contiguous()?)
+                    };
+                    let (k, v) = kv[i].append(part(1)?, part(2)?)?;
+                    ops::attention(&part(0)?, &k, &v, mask, dropout(site).as_ref())?
+                }
             };
-            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-            let (k, v) = match kv.as_deref_mut() {
-                Some(kv) => kv[i].append(k, v)?,
-                None => (k, v),
-            };
-            let y = ops::attention(&q, &k, &v, mask, dropout(site).as_ref())?;
-            let y = y.transpose(1, 2)?.reshape((b, t, e))?;
             x = (x + drop(blk.attn_proj.forward(&y)?, site + 1)?)?;
             let h = self.norm(&blk.ln_2, &x)?;
             let m = blk.mlp_proj.forward(&ops::gelu(&blk.c_fc.forward(&h)?)?)?;

@@ -15,13 +15,15 @@
 //! Each fused op also spares candle's backward a zero-filled buffer and an addition per input
 //! (`GradStore::or_insert` then `add`), which for a small model is a visible share of a step.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
+};
 use rayon::prelude::*;
 
 use crate::Result;
 
 /// The float types the kernels run on (f32 for training, f64 for gradient checks).
-trait Real:
+pub(crate) trait Real:
     Copy + Send + Sync + PartialOrd + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
 {
     const ZERO: Self;
@@ -70,6 +72,44 @@ macro_rules! impl_real {
 // exp(-104) is below half the smallest f32 subnormal, exp(-746) below half the smallest f64 one.
 impl_real!(f32, -104.0, crate::math::exp_f32, crate::math::tanh_f32);
 impl_real!(f64, -746.0, f64::exp, f64::tanh);
+
+/// The float types the kernels run on, with typed access to candle's CPU storage.
+pub(crate) trait Element: Real + candle_core::WithDType {
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Element for f32 {
+    fn slice(s: &CpuStorage) -> Option<&[f32]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Element for f64 {
+    fn slice(s: &CpuStorage) -> Option<&[f64]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<f64>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// The CPU storage behind a tensor (read in a backward pass, which gets tensors).
+pub(crate) fn cpu(s: &Storage) -> candle_core::Result<&CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Ok(s),
+        _ => candle_core::bail!("a fused kernel runs on the CPU only"),
+    }
+}
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -732,7 +772,7 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// Whether `x` can take a fused kernel: on the CPU, f32 or f64.
-fn fusable(x: &Tensor) -> bool {
+pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 

@@ -9,6 +9,8 @@
 //!
 //! Inference uses [`Model::detached`] (no graph is recorded) and a [`KvCache`]; see [`generate`].
 
+mod affine;
+mod attention;
 mod checkpoint;
 mod config;
 pub mod generate;
@@ -318,6 +320,7 @@ impl Model {
                 ops::segment_mask(seg, self.dtype)?
             }
         };
+        let mask = ops::Mask::new(mask)?;
         match &self.net {
             Net::Qwen2(m) => m.forward_hidden(input_ids, positions, Some(&mask), None),
             Net::Gpt(m) => m.forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed),
@@ -358,7 +361,12 @@ impl Model {
         // A single new token may attend every cached key: no mask needed.
         let mask = match t {
             1 => None,
-            _ => Some(ops::causal_mask(t, start, self.dtype, &self.device)?),
+            _ => Some(ops::Mask::new(ops::causal_mask(
+                t,
+                start,
+                self.dtype,
+                &self.device,
+            )?)?),
         };
         let hidden = match &self.net {
             Net::Qwen2(m) => m.forward_hidden(

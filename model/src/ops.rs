@@ -14,6 +14,10 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use std::sync::Arc;
+
+use crate::affine::affine;
+use crate::attention::{self, KeyRanges};
 use crate::{kernels, Result};
 
 /// Additive attention-mask value for a forbidden key. Finite, so that a fully masked row (a
@@ -43,10 +47,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let rows = lead.iter().product::<usize>();
     // 2-D on both sides: no batch folding, so no layout trap; reshape copies a permuted input.
     let y = x.reshape((rows, n_in))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
+    let y = affine(&y, None, b)?;
     let mut out_dims = lead.to_vec();
     out_dims.push(w.dim(0)?);
     Ok(y.reshape(out_dims)?)
@@ -78,7 +79,7 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?;
     let y = kernels::rms_norm_core(&xc, eps)?.to_dtype(dtype)?;
-    Ok(y.broadcast_mul(w)?)
+    affine(&y, Some(w), None)
 }
 
 /// LayerNorm over the last dim, with an optional bias.
@@ -86,11 +87,7 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?;
     let y = kernels::layer_norm_core(&xc, eps)?.to_dtype(dtype)?;
-    let y = y.broadcast_mul(w)?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
+    affine(&y, Some(w), b)
 }
 
 /// Softmax over the last dim, in at least f32, returned in the input dtype.
@@ -183,11 +180,101 @@ pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
     Ok((x.broadcast_mul(cos)? + swapped.broadcast_mul(sin)?)?)
 }
 
+/// An attention mask: the additive form the composition adds to the scores, and, when it is one
+/// contiguous range of keys per query (every mask the models build), that form for the fused op.
+#[derive(Debug, Clone)]
+pub(crate) struct Mask {
+    /// (b or 1, 1, t, t_k): 0 where a query may attend, [`mask_value`] where it may not.
+    additive: Tensor,
+    keys: Option<Arc<KeyRanges>>,
+}
+
+impl Mask {
+    pub(crate) fn new(additive: Tensor) -> Result<Mask> {
+        let keys = match kernels::fusable(&additive) {
+            true => KeyRanges::from_additive(&additive)?.map(Arc::new),
+            false => None,
+        };
+        Ok(Mask { additive, keys })
+    }
+
+    pub(crate) fn additive(&self) -> &Tensor {
+        &self.additive
+    }
+
+    /// Whether the fused attention can take this mask.
+    #[cfg(test)]
+    pub(crate) fn fits_fused(&self) -> bool {
+        self.keys.is_some()
+    }
+}
+
+/// The key ranges for the fused op, `Some(None)` for "every key", `None` when it cannot run.
+fn fused_keys(q: &Tensor, mask: Option<&Mask>) -> Option<Option<Arc<KeyRanges>>> {
+    if !kernels::fusable(q) {
+        return None;
+    }
+    match mask {
+        None => Some(None),
+        Some(m) => m.keys.clone().map(Some),
+    }
+}
+
 /// Scaled dot-product attention with grouped-query heads.
 ///
-/// `q` (b, heads, t, d); `k`, `v` (b, kv_heads, t_k, d); `mask` additive, broadcastable to
-/// (b, heads, t, t_k). Returns (b, heads, t, d).
+/// `q` (b, heads, t, d); `k`, `v` (b, kv_heads, t_k, d); `mask` broadcastable to
+/// (b, heads, t, t_k). Returns (b, t, heads * d), the layout the output projection reads.
 pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Mask>,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    if let Some(keys) = fused_keys(q, mask) {
+        if k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+            let dropout = dropout.filter(|d| d.p > 0.0).copied();
+            let y = q.apply_op3(k, v, attention::Split { keys, dropout })?;
+            return Ok(y.reshape((b, t, heads * d))?);
+        }
+    }
+    let y = composed_attention(q, k, v, mask.map(Mask::additive), dropout)?;
+    Ok(y.transpose(1, 2)?.reshape((b, t, heads * d))?)
+}
+
+/// [`attention`] over GPT-2's fused projection `qkv` (b, t, 3 heads d), laid out `[q | k | v]`.
+pub(crate) fn attention_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<&Mask>,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    let (b, t, three_e) = qkv.dims3()?;
+    let e = three_e / 3;
+    if let Some(keys) = fused_keys(qkv, mask) {
+        let dropout = dropout.filter(|d| d.p > 0.0).copied();
+        let op = attention::Qkv {
+            heads,
+            keys,
+            dropout,
+        };
+        return Ok(qkv.contiguous()?.apply_op1(op)?);
+    }
+    let qkv = qkv.reshape((b, t, 3, heads, e / heads))?;
+    let part = |j: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(2, j, 1)?
+            .squeeze(2)?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    attention(&part(0)?, &part(1)?, &part(2)?, mask, dropout)
+}
+
+/// The composition of candle ops (and the fused softmax) behind [`attention`]: any device,
+/// dtype and mask, and dropout on the probabilities. Returns (b, heads, t, d).
+pub(crate) fn composed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -224,17 +311,29 @@ pub(crate) struct Dropout {
 }
 
 impl Dropout {
+    /// The site's random stream; element `i` of the tensor `apply` masks takes word `i`.
+    pub(crate) fn stream(&self) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(self.site);
+        rng
+    }
+
+    /// The next multiplier from the stream: 0 with probability `p`, else `1 / (1 - p)`.
+    #[inline]
+    pub(crate) fn draw(&self, rng: &mut ChaCha8Rng) -> f32 {
+        if rng.random::<f32>() < self.p as f32 {
+            0.0
+        } else {
+            (1.0 / (1.0 - self.p)) as f32
+        }
+    }
+
     pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
         if self.p <= 0.0 {
             return Ok(x.clone());
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        rng.set_stream(self.site);
-        let keep = (1.0 / (1.0 - self.p)) as f32;
-        let p = self.p as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-            .collect();
+        let mut rng = self.stream();
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| self.draw(&mut rng)).collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
     }
@@ -338,7 +437,7 @@ mod tests {
             .unwrap();
         let k = randn(&[2, 6, 2, 8], 4).transpose(1, 2).unwrap(); // (2, 2, 6, 8), strided
         let v = randn(&[2, 6, 2, 8], 5).transpose(1, 2).unwrap();
-        let mask = causal_mask(6, 0, DType::F32, &Device::Cpu).unwrap();
+        let mask = Mask::new(causal_mask(6, 0, DType::F32, &Device::Cpu).unwrap()).unwrap();
         let both = attention(&q, &k, &v, Some(&mask), None).unwrap();
         for row in 0..2 {
             let one = |t: &Tensor| t.narrow(0, row, 1).unwrap();
@@ -360,6 +459,7 @@ mod tests {
         };
         let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() / 8f64.sqrt()).unwrap();
         let want = softmax_last_dim(&scores).unwrap().matmul(&rep(&v)).unwrap();
+        let want = want.transpose(1, 2).unwrap().reshape((1, 5, 32)).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-6);
     }
 

@@ -81,7 +81,7 @@ impl Qwen2 {
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&ops::Mask>,
         mut kv: Option<&mut [LayerKv]>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -105,7 +105,7 @@ impl Qwen2 {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&ops::Mask>,
         cache: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
@@ -129,7 +129,6 @@ impl Qwen2 {
             None => (k, v),
         };
         let y = ops::attention(&q, &k, &v, mask, None)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         let x = (x + l.o.forward(&y)?)?;
 
         let h = ops::rms_norm(&x, &l.post_norm, eps)?;

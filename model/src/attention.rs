@@ -1,0 +1,1090 @@
+//! Fused attention on the CPU: `softmax(q k^T / sqrt(d) + mask) v` in one op per layer whose
+//! backward recomputes the probabilities instead of keeping them.
+//!
+//! The composition (a batched matmul, the masked softmax, a second matmul) keeps the scores and
+//! the probabilities of every layer for backward: (batch, heads, t, t) floats twice per layer,
+//! the largest tensors of a small model's step. This op keeps only its inputs and output;
+//! backward recomputes one block of probabilities at a time (one more `q k^T` product, a fifth
+//! of attention's matmul work), as FlashAttention does.
+//!
+//! The mask is taken as what our masks are, a contiguous range of keys per query row (causal,
+//! packed segments, a KV-cache offset), so blocks of query rows multiply only the keys some row
+//! of the block may see: under a causal mask, about 60% of the products at t = 256. Keys outside
+//! a row's range get probability exactly zero, as `exp(-1e9)` gives in the composition. A query
+//! row with no key at all (padding) attends uniformly to every key, as the composition does in
+//! f32, where `score - 1e9` rounds to the same value for every key.
+//!
+//! Work is split by (batch, KV head), so the gradients of a KV head shared by a group of query
+//! heads are summed by one task in a fixed order: results do not depend on the thread count.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use crate::kernels::{cpu, Element, Real};
+use crate::ops::Dropout;
+use crate::Result;
+
+/// Query rows whose scores are computed together: a few KiB of scores per row of the block, and
+/// the causal saving grows as blocks shrink.
+const BLOCK: usize = 64;
+
+/// Additive mask entries at or below this are "never attends" (ours are -1e9): `exp` of such a
+/// score difference is exactly zero in f32 and f64.
+const FORBIDDEN: f32 = -1.0e8;
+
+/// The keys each query row may attend, read from an additive mask (mask batch, 1, t, t_k).
+#[derive(Debug, Clone)]
+pub(crate) struct KeyRanges {
+    batch: usize,
+    rows: usize,
+    keys: usize,
+    /// `[lo, hi)` per (mask batch, row); `lo == hi` is a row that may see no key.
+    ranges: Vec<(u32, u32)>,
+}
+
+impl KeyRanges {
+    /// `None` when some row's allowed keys are not one contiguous range of zero entries, or an
+    /// entry is neither zero nor forbidden (the composition handles such masks).
+    pub(crate) fn from_additive(mask: &Tensor) -> Result<Option<KeyRanges>> {
+        let &[batch, 1, rows, keys] = mask.dims() else {
+            return Ok(None);
+        };
+        let values: Vec<f32> = mask
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut ranges = Vec::with_capacity(batch * rows);
+        for row in values.chunks(keys) {
+            let (mut lo, mut hi) = (0, 0);
+            for (j, &m) in row.iter().enumerate() {
+                if m == 0.0 {
+                    if hi == 0 {
+                        lo = j;
+                    } else if hi != j {
+                        return Ok(None);
+                    }
+                    hi = j + 1;
+                } else if m > FORBIDDEN {
+                    return Ok(None);
+                }
+            }
+            ranges.push((lo as u32, hi as u32));
+        }
+        Ok(Some(KeyRanges {
+            batch,
+            rows,
+            keys,
+            ranges,
+        }))
+    }
+
+    /// Whether these ranges fit a batch of `b` sequences of `t` queries over `t_k` keys.
+    pub(crate) fn fits(&self, b: usize, t: usize, t_k: usize) -> bool {
+        (self.batch == 1 || self.batch == b) && self.rows == t && self.keys == t_k
+    }
+}
+
+/// Which keys a row may see, as `[lo, hi)`; `None` is a row that sees none (uniform weights).
+fn row_range(
+    keys: Option<&KeyRanges>,
+    bi: usize,
+    row: usize,
+    t_k: usize,
+) -> Option<(usize, usize)> {
+    match keys {
+        None => Some((0, t_k)),
+        Some(k) => {
+            let mb = if k.batch == 1 { 0 } else { bi };
+            let (lo, hi) = k.ranges[mb * k.rows + row];
+            (lo < hi).then_some((lo as usize, hi as usize))
+        }
+    }
+}
+
+/// The keys a block of rows needs: the union of the rows' ranges, all keys if one sees none.
+fn block_window(
+    keys: Option<&KeyRanges>,
+    bi: usize,
+    rows: std::ops::Range<usize>,
+    t_k: usize,
+) -> (usize, usize) {
+    let mut window = (usize::MAX, 0);
+    for r in rows {
+        match row_range(keys, bi, r, t_k) {
+            Some((lo, hi)) => window = (window.0.min(lo), window.1.max(hi)),
+            None => return (0, t_k),
+        }
+    }
+    window
+}
+
+/// Where element (batch, head, row, 0) of a (batch, heads, rows, d) array with unit stride along
+/// d lives in its buffer.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    start: usize,
+    batch: usize,
+    head: usize,
+    row: usize,
+}
+
+impl View {
+    fn at(&self, b: usize, h: usize, r: usize) -> usize {
+        self.start + b * self.batch + h * self.head + r * self.row
+    }
+
+    /// A 4-D layout (batch, heads, rows, d) with unit stride along d.
+    fn of(l: &Layout) -> Option<View> {
+        match l.stride() {
+            &[batch, head, row, 1] => Some(View {
+                start: l.start_offset(),
+                batch,
+                head,
+                row,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Contiguous (batch, heads, rows, d).
+    fn heads_first(heads: usize, rows: usize, d: usize) -> View {
+        View {
+            start: 0,
+            batch: heads * rows * d,
+            head: rows * d,
+            row: d,
+        }
+    }
+
+    /// Contiguous (batch, rows, heads, d): the layout the output projection reads.
+    fn rows_first(heads: usize, rows: usize, d: usize) -> View {
+        View {
+            start: 0,
+            batch: rows * heads * d,
+            head: d,
+            row: heads * d,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    t_k: usize,
+    d: usize,
+}
+
+/// A raw pointer that tasks share; every task writes a disjoint set of elements through it.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: tasks write disjoint elements (see the callers), and the buffer outlives the scope.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer; a method, so that closures capture the `Send` wrapper, not its field.
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
+/// `dst (m x n) = alpha * dst + beta * lhs (m x k) rhs (k x n)`, single-threaded (the caller
+/// splits the work), strides as (row, column). `alpha` applies only when `accumulate`.
+///
+/// # Safety
+/// Every pointer must address the whole strided matrix it describes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: Real + 'static>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    accumulate: bool,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    beta: T,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2 as isize,
+            dst.1 as isize,
+            accumulate,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            T::of(1.0),
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// Softmax over one row of scores restricted to `range` (relative to the row); the rest of the
+/// row becomes zero. `None`: uniform over the whole row.
+fn softmax_in_range<T: Real>(row: &mut [T], range: Option<(usize, usize)>) {
+    let Some((lo, hi)) = range else {
+        let u = T::of(1.0).div(T::of(row.len() as f64));
+        row.iter_mut().for_each(|x| *x = u);
+        return;
+    };
+    row[..lo].iter_mut().for_each(|x| *x = T::ZERO);
+    row[hi..].iter_mut().for_each(|x| *x = T::ZERO);
+    let row = &mut row[lo..hi];
+    let max = lanes(row, T::NEG_INF, |m, x| if x > m { x } else { m });
+    // No masked keys inside the range, so no underflow test: the loop vectorises.
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+    }
+    let sum = lanes(row, T::ZERO, |a, x| a + x);
+    for x in row.iter_mut() {
+        *x = x.div(sum);
+    }
+}
+
+/// Folds `xs` with `f` in eight interleaved lanes, then folds the lanes: one dependency chain
+/// per lane, so the loop vectorises (a single running max or sum is one scalar chain).
+#[inline]
+fn lanes<T: Real>(xs: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = f(*a, x);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
+    acc.iter().fold(tail, |a, &x| f(a, x))
+}
+
+/// The inputs of one attention call: q (b, heads, t, d), k and v (b, kv_heads, t_k, d), each a
+/// view into its buffer.
+struct Inputs<'a, T> {
+    dims: Dims,
+    keys: Option<&'a KeyRanges>,
+    /// Dropout on the probabilities, drawn as [`Dropout::apply`] draws it for the composition's
+    /// (b, heads, t, t_k) probabilities, so both give the same mask.
+    dropout: Option<Dropout>,
+    q: (&'a [T], View),
+    k: (&'a [T], View),
+    v: (&'a [T], View),
+}
+
+impl<T: Real + 'static> Inputs<'_, T> {
+    fn scale(&self) -> T {
+        T::of(1.0 / (self.dims.d as f64).sqrt())
+    }
+
+    /// Probabilities of query rows `r0..r1` of head `h` over keys `lo..hi` of KV head `g`, into
+    /// `p` ((r1 - r0) x (hi - lo)).
+    fn probs(
+        &self,
+        p: &mut [T],
+        bi: usize,
+        h: usize,
+        g: usize,
+        (r0, r1): (usize, usize),
+        (lo, hi): (usize, usize),
+    ) {
+        let Dims { d, t_k, .. } = self.dims;
+        let (q, qv) = self.q;
+        let (k, kv) = self.k;
+        let w = hi - lo;
+        // SAFETY: the q rows r0..r1 and k rows lo..hi of these heads lie inside their buffers
+        // (checked against the layouts by the callers); p holds (r1 - r0) x w.
+        unsafe {
+            matmul(
+                (r1 - r0, w, d),
+                (p.as_mut_ptr(), w, 1),
+                false,
+                (q.as_ptr().add(qv.at(bi, h, r0)), qv.row, 1),
+                (k.as_ptr().add(kv.at(bi, g, lo)), 1, kv.row),
+                self.scale(),
+            );
+        }
+        for (i, row) in p.chunks_mut(w).enumerate() {
+            let range = row_range(self.keys, bi, r0 + i, t_k).map(|(a, b)| (a - lo, b - lo));
+            softmax_in_range(row, range);
+        }
+    }
+
+    /// The dropout multipliers of the same block into `m`; false (and `m` untouched) without
+    /// dropout. Row i of head h starts at word ((bi heads + h) t + i) t_k of the stream.
+    fn dropout_mask(
+        &self,
+        m: &mut Vec<T>,
+        bi: usize,
+        h: usize,
+        (r0, r1): (usize, usize),
+        (lo, hi): (usize, usize),
+    ) -> bool {
+        let Some(dropout) = &self.dropout else {
+            return false;
+        };
+        let Dims { heads, t, t_k, .. } = self.dims;
+        let w = hi - lo;
+        m.resize((r1 - r0) * w, T::ZERO);
+        let mut rng = dropout.stream();
+        for (i, row) in m.chunks_mut(w).enumerate() {
+            rng.set_word_pos((((bi * heads + h) * t + r0 + i) * t_k + lo) as u128);
+            for x in row.iter_mut() {
+                *x = T::of(dropout.draw(&mut rng) as f64);
+            }
+        }
+        true
+    }
+
+    /// The output, (b, t, heads, d) contiguous.
+    fn forward(&self) -> Vec<T> {
+        let Dims {
+            b,
+            heads,
+            kv_heads,
+            t,
+            t_k,
+            d,
+        } = self.dims;
+        let group = heads / kv_heads;
+        let ov = View::rows_first(heads, t, d);
+        let mut out = vec![T::ZERO; b * t * heads * d];
+        let dst = Shared(out.as_mut_ptr());
+        let (v, vv) = self.v;
+        (0..b * kv_heads).into_par_iter().for_each(|task| {
+            let (bi, g) = (task / kv_heads, task % kv_heads);
+            let (mut p, mut m) = (Vec::new(), Vec::new());
+            for h in g * group..(g + 1) * group {
+                for r0 in (0..t).step_by(BLOCK) {
+                    let r1 = (r0 + BLOCK).min(t);
+                    let (lo, hi) = block_window(self.keys, bi, r0..r1, t_k);
+                    p.resize((r1 - r0) * (hi - lo), T::ZERO);
+                    self.probs(&mut p, bi, h, g, (r0, r1), (lo, hi));
+                    if self.dropout_mask(&mut m, bi, h, (r0, r1), (lo, hi)) {
+                        p.iter_mut().zip(&m).for_each(|(p, &m)| *p = p.mul(m));
+                    }
+                    // SAFETY: this task alone writes the rows of heads g*group..(g+1)*group of
+                    // batch bi; v rows lo..hi lie inside v's buffer.
+                    unsafe {
+                        matmul(
+                            (r1 - r0, d, hi - lo),
+                            (dst.ptr().add(ov.at(bi, h, r0)), ov.row, 1),
+                            false,
+                            (p.as_ptr(), hi - lo, 1),
+                            (v.as_ptr().add(vv.at(bi, g, lo)), vv.row, 1),
+                            T::of(1.0),
+                        );
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    /// Gradients of q, k and v written through `dq`, `dk`, `dv` at their views, from the output
+    /// `o` and its gradient `go`, both (b, t, heads, d) contiguous.
+    fn backward(
+        &self,
+        o: &[T],
+        go: &[T],
+        dq: (Shared<T>, View),
+        dk: (Shared<T>, View),
+        dv: (Shared<T>, View),
+    ) {
+        let Dims {
+            b,
+            heads,
+            kv_heads,
+            t,
+            t_k,
+            d,
+        } = self.dims;
+        let group = heads / kv_heads;
+        let ov = View::rows_first(heads, t, d);
+        let scale = self.scale();
+        let (q, qv) = self.q;
+        let (k, kv) = self.k;
+        let (v, vv) = self.v;
+        (0..b * kv_heads).into_par_iter().for_each(|task| {
+            let (bi, g) = (task / kv_heads, task % kv_heads);
+            let mut dk_acc = vec![T::ZERO; t_k * d];
+            let mut dv_acc = vec![T::ZERO; t_k * d];
+            let (mut p, mut ds, mut m, mut pm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for h in g * group..(g + 1) * group {
+                for r0 in (0..t).step_by(BLOCK) {
+                    let r1 = (r0 + BLOCK).min(t);
+                    let (lo, hi) = block_window(self.keys, bi, r0..r1, t_k);
+                    let (rows, w) = (r1 - r0, hi - lo);
+                    p.resize(rows * w, T::ZERO);
+                    ds.resize(rows * w, T::ZERO);
+                    self.probs(&mut p, bi, h, g, (r0, r1), (lo, hi));
+                    // With dropout the output is (p m) v: v's gradient takes p m, and the
+                    // probabilities' gradient is m times that of p m.
+                    let dropped = self.dropout_mask(&mut m, bi, h, (r0, r1), (lo, hi));
+                    if dropped {
+                        pm.clear();
+                        pm.extend(p.iter().zip(&m).map(|(&p, &m)| p.mul(m)));
+                    }
+                    let go_blk = go[ov.at(bi, h, r0)..].as_ptr();
+                    // SAFETY (all products below): rows r0..r1 of head h and keys lo..hi of KV
+                    // head g lie inside their buffers; dq rows of head h are written by this
+                    // task only, dk/dv rows go to this task's accumulators.
+                    unsafe {
+                        // d probs = d out v^T
+                        matmul(
+                            (rows, w, d),
+                            (ds.as_mut_ptr(), w, 1),
+                            false,
+                            (go_blk, ov.row, 1),
+                            (v.as_ptr().add(vv.at(bi, g, lo)), 1, vv.row),
+                            T::of(1.0),
+                        );
+                    }
+                    if dropped {
+                        ds.iter_mut().zip(&m).for_each(|(x, &m)| *x = x.mul(m));
+                    }
+                    // d scores = p (d probs - sum_j p_j d probs_j), where the sum is d out . out
+                    // (with dropout too: sum_j p_j m_j (d out . v_j) = d out . out).
+                    for (i, (ds_row, p_row)) in ds.chunks_mut(w).zip(p.chunks(w)).enumerate() {
+                        let at = ov.at(bi, h, r0 + i);
+                        let mut dot = T::ZERO;
+                        for (&a, &b) in go[at..at + d].iter().zip(&o[at..at + d]) {
+                            dot = dot + a.mul(b);
+                        }
+                        for (x, &p) in ds_row.iter_mut().zip(p_row) {
+                            *x = p.mul(*x - dot);
+                        }
+                    }
+                    unsafe {
+                        // d v += (p m)^T d out
+                        let pv = if dropped { pm.as_ptr() } else { p.as_ptr() };
+                        matmul(
+                            (w, d, rows),
+                            (dv_acc.as_mut_ptr().add(lo * d), d, 1),
+                            true,
+                            (pv, 1, w),
+                            (go_blk, ov.row, 1),
+                            T::of(1.0),
+                        );
+                        // d q = scale d scores k
+                        matmul(
+                            (rows, d, w),
+                            (dq.0.ptr().add(dq.1.at(bi, h, r0)), dq.1.row, 1),
+                            false,
+                            (ds.as_ptr(), w, 1),
+                            (k.as_ptr().add(kv.at(bi, g, lo)), kv.row, 1),
+                            scale,
+                        );
+                        // d k += scale d scores^T q
+                        matmul(
+                            (w, d, rows),
+                            (dk_acc.as_mut_ptr().add(lo * d), d, 1),
+                            true,
+                            (ds.as_ptr(), 1, w),
+                            (q.as_ptr().add(qv.at(bi, h, r0)), qv.row, 1),
+                            scale,
+                        );
+                    }
+                }
+            }
+            for r in 0..t_k {
+                // SAFETY: (bi, g) rows of dk and dv belong to this task alone.
+                unsafe {
+                    let to = dk.0.ptr().add(dk.1.at(bi, g, r));
+                    std::ptr::copy_nonoverlapping(dk_acc[r * d..].as_ptr(), to, d);
+                    let to = dv.0.ptr().add(dv.1.at(bi, g, r));
+                    std::ptr::copy_nonoverlapping(dv_acc[r * d..].as_ptr(), to, d);
+                }
+            }
+        });
+    }
+}
+
+/// `s` as a `T` slice with a view of its (batch, heads, rows, d) layout, checked to fit.
+fn view_of<'a, T: Element>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<(&'a [T], View)> {
+    let Some(v) = T::slice(s) else {
+        candle_core::bail!("attention: {what} has another dtype than q");
+    };
+    let (Some(view), &[b, h, r, d]) = (View::of(l), l.dims()) else {
+        candle_core::bail!("attention: {what} must be 4-D with unit stride along its last dim");
+    };
+    let last = view.at(b - 1, h - 1, r - 1) + d;
+    if b * h * r * d == 0 || last > v.len() {
+        candle_core::bail!("attention: {what} is empty or its view ends beyond its buffer");
+    }
+    Ok((v, view))
+}
+
+/// A contiguous `T` slice of a tensor's CPU storage: the op's output and its gradient.
+fn contiguous_of<'a, T: Element>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match (T::slice(s), l.contiguous_offsets()) {
+        (Some(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("attention: {what} must be contiguous and of q's dtype"),
+    }
+}
+
+/// q (b, heads, t, d), k and v (b, kv_heads, t_k, d) in any layout with unit stride along d.
+#[derive(Debug, Clone)]
+pub(crate) struct Split {
+    pub(crate) keys: Option<Arc<KeyRanges>>,
+    pub(crate) dropout: Option<Dropout>,
+}
+
+impl Split {
+    fn inputs<'a, T: Element>(
+        &'a self,
+        q: (&'a CpuStorage, &Layout),
+        k: (&'a CpuStorage, &Layout),
+        v: (&'a CpuStorage, &Layout),
+    ) -> candle_core::Result<Inputs<'a, T>> {
+        let (&[b, heads, t, d], &[kb, kv_heads, t_k, kd]) = (q.1.dims(), k.1.dims()) else {
+            candle_core::bail!("attention: q and k must be 4-D");
+        };
+        if kb != b || kd != d || v.1.dims() != k.1.dims() || kv_heads == 0 || heads % kv_heads != 0
+        {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit",
+                q.1.dims(),
+                k.1.dims(),
+                v.1.dims()
+            );
+        }
+        if let Some(keys) = &self.keys {
+            if !keys.fits(b, t, t_k) {
+                candle_core::bail!("attention: the mask does not fit ({b}, {t}, {t_k})");
+            }
+        }
+        Ok(Inputs {
+            dims: Dims {
+                b,
+                heads,
+                kv_heads,
+                t,
+                t_k,
+                d,
+            },
+            keys: self.keys.as_deref(),
+            dropout: self.dropout,
+            q: view_of(q.0, q.1, "q")?,
+            k: view_of(k.0, k.1, "k")?,
+            v: view_of(v.0, v.1, "v")?,
+        })
+    }
+
+    fn forward<T: Element>(
+        &self,
+        q: (&CpuStorage, &Layout),
+        k: (&CpuStorage, &Layout),
+        v: (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inp = self.inputs::<T>(q, k, v)?;
+        let Dims { b, heads, t, d, .. } = inp.dims;
+        Ok((T::storage(inp.forward()), Shape::from((b, t, heads, d))))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn backward<T: Element>(
+        &self,
+        q: (&CpuStorage, &Layout),
+        k: (&CpuStorage, &Layout),
+        v: (&CpuStorage, &Layout),
+        o: &[T],
+        go: &[T],
+    ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let inp = self.inputs::<T>(q, k, v)?;
+        let Dims {
+            b,
+            heads,
+            kv_heads,
+            t,
+            t_k,
+            d,
+        } = inp.dims;
+        let mut dq = vec![T::ZERO; b * heads * t * d];
+        let mut dk = vec![T::ZERO; b * kv_heads * t_k * d];
+        let mut dv = vec![T::ZERO; b * kv_heads * t_k * d];
+        inp.backward(
+            o,
+            go,
+            (Shared(dq.as_mut_ptr()), View::heads_first(heads, t, d)),
+            (Shared(dk.as_mut_ptr()), View::heads_first(kv_heads, t_k, d)),
+            (Shared(dv.as_mut_ptr()), View::heads_first(kv_heads, t_k, d)),
+        );
+        Ok((dq, dk, dv))
+    }
+}
+
+impl CustomOp3 for Split {
+    fn name(&self) -> &'static str {
+        "sft-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s1 {
+            CpuStorage::F32(_) => self.forward::<f32>((s1, l1), (s2, l2), (s3, l3)),
+            CpuStorage::F64(_) => self.forward::<f64>((s1, l1), (s2, l2), (s3, l3)),
+            _ => candle_core::bail!("attention: q must be f32 or f64"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = out.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (q3, k3, v3) = ((cpu(&qs)?, ql), (cpu(&ks)?, kl), (cpu(&vs)?, vl));
+        let (os, gs) = (cpu(&os)?, cpu(&gs)?);
+        let dev = q.device();
+        let (dq, dk, dv) = match os {
+            CpuStorage::F32(_) => {
+                let (dq, dk, dv) = self.backward::<f32>(
+                    q3,
+                    k3,
+                    v3,
+                    contiguous_of(os, ol, "output")?,
+                    contiguous_of(gs, gl, "gradient")?,
+                )?;
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dv, v.shape(), dev)?,
+                )
+            }
+            CpuStorage::F64(_) => {
+                let (dq, dk, dv) = self.backward::<f64>(
+                    q3,
+                    k3,
+                    v3,
+                    contiguous_of(os, ol, "output")?,
+                    contiguous_of(gs, gl, "gradient")?,
+                )?;
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dv, v.shape(), dev)?,
+                )
+            }
+            _ => candle_core::bail!("attention: the output must be f32 or f64"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Attention over a fused projection qkv (b, t, 3 heads d) laid out `[q | k | v]`, heads
+/// contiguous within each, as GPT-2's `c_attn` produces it: q, k and v are read in place and
+/// their gradient is written as one tensor, so neither direction splits or copies.
+#[derive(Debug, Clone)]
+pub(crate) struct Qkv {
+    pub(crate) heads: usize,
+    pub(crate) keys: Option<Arc<KeyRanges>>,
+    pub(crate) dropout: Option<Dropout>,
+}
+
+impl Qkv {
+    fn inputs<'a, T: Element>(
+        &'a self,
+        s: &'a CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<Inputs<'a, T>> {
+        let (Some(v), Some((start, end)), &[b, t, three_e]) =
+            (T::slice(s), l.contiguous_offsets(), l.dims())
+        else {
+            candle_core::bail!("attention: qkv must be a contiguous (b, t, 3 e) f32 or f64 tensor");
+        };
+        let heads = self.heads;
+        if heads == 0 || three_e % (3 * heads) != 0 {
+            candle_core::bail!("attention: qkv width {three_e} is not 3 x {heads} heads");
+        }
+        if let Some(keys) = &self.keys {
+            if !keys.fits(b, t, t) {
+                candle_core::bail!("attention: the mask does not fit ({b}, {t}, {t})");
+            }
+        }
+        let e = three_e / 3;
+        let d = e / heads;
+        let view = |part: usize| View {
+            start: part * e,
+            batch: t * three_e,
+            head: d,
+            row: three_e,
+        };
+        let v = &v[start..end];
+        Ok(Inputs {
+            dims: Dims {
+                b,
+                heads,
+                kv_heads: heads,
+                t,
+                t_k: t,
+                d,
+            },
+            keys: self.keys.as_deref(),
+            dropout: self.dropout,
+            q: (v, view(0)),
+            k: (v, view(1)),
+            v: (v, view(2)),
+        })
+    }
+
+    fn forward<T: Element>(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inp = self.inputs::<T>(s, l)?;
+        let Dims { b, heads, t, d, .. } = inp.dims;
+        Ok((T::storage(inp.forward()), Shape::from((b, t, heads * d))))
+    }
+
+    fn backward<T: Element>(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        o: &[T],
+        go: &[T],
+    ) -> candle_core::Result<Vec<T>> {
+        let inp = self.inputs::<T>(s, l)?;
+        let (b, t, d) = (inp.dims.b, inp.dims.t, inp.dims.d);
+        let e = self.heads * d;
+        let mut dqkv = vec![T::ZERO; b * t * 3 * e];
+        let ptr = Shared(dqkv.as_mut_ptr());
+        let view = |part: usize| View {
+            start: part * e,
+            batch: t * 3 * e,
+            head: d,
+            row: 3 * e,
+        };
+        inp.backward(o, go, (ptr, view(0)), (ptr, view(1)), (ptr, view(2)));
+        Ok(dqkv)
+    }
+}
+
+impl CustomOp1 for Qkv {
+    fn name(&self) -> &'static str {
+        "sft-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s {
+            CpuStorage::F32(_) => self.forward::<f32>(s, l),
+            CpuStorage::F64(_) => self.forward::<f64>(s, l),
+            _ => candle_core::bail!("attention: qkv must be f32 or f64"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let (s, l) = qkv.storage_and_layout();
+        let (os, ol) = out.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (s, os, gs) = (cpu(&s)?, cpu(&os)?, cpu(&gs)?);
+        let d = match s {
+            CpuStorage::F32(_) => Tensor::from_vec(
+                self.backward::<f32>(
+                    s,
+                    l,
+                    contiguous_of(os, ol, "output")?,
+                    contiguous_of(gs, gl, "gradient")?,
+                )?,
+                qkv.shape(),
+                qkv.device(),
+            )?,
+            CpuStorage::F64(_) => Tensor::from_vec(
+                self.backward::<f64>(
+                    s,
+                    l,
+                    contiguous_of(os, ol, "output")?,
+                    contiguous_of(gs, gl, "gradient")?,
+                )?,
+                qkv.shape(),
+                qkv.device(),
+            )?,
+            _ => candle_core::bail!("attention: qkv must be f32 or f64"),
+        };
+        Ok(Some(d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, StandardNormal};
+
+    use crate::ops::{self, Dropout, Mask};
+
+    fn randn(shape: &[usize], seed: u64) -> Var {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+        Var::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The composition's output in the fused op's (b, t, heads d) layout.
+    fn composed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Mask>,
+        dropout: Option<&Dropout>,
+    ) -> Tensor {
+        let (b, heads, t, d) = q.dims4().unwrap();
+        ops::composed_attention(q, k, v, mask.map(Mask::additive), dropout)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, heads * d))
+            .unwrap()
+    }
+
+    /// d/dx of sum(y * w) for each of `xs`.
+    fn grads(y: &Tensor, w: &Tensor, xs: &[&Var]) -> Vec<Tensor> {
+        let g = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        xs.iter()
+            .map(|x| g.get(x.as_tensor()).unwrap().clone())
+            .collect()
+    }
+
+    /// Fused and composed attention agree in value and in the gradients of q, k and v, in f64;
+    /// rows listed in `padding` (no key to see) are left out of the comparison of values and
+    /// carry no gradient, as in training, where their labels are ignored.
+    fn check(
+        dims: (usize, usize, usize, usize, usize, usize),
+        mask: Option<Mask>,
+        padding: &[(usize, usize)],
+        dropout: Option<&Dropout>,
+    ) {
+        let (b, heads, kv_heads, t, t_k, d) = dims;
+        let q = randn(&[b, heads, t, d], 1);
+        let k = randn(&[b, kv_heads, t_k, d], 2);
+        let v = randn(&[b, kv_heads, t_k, d], 3);
+        let mut w: Vec<f64> = (0..b * t * heads * d)
+            .map(|i| ((i as f64) * 0.37).sin())
+            .collect();
+        for &(bi, r) in padding {
+            let at = (bi * t + r) * heads * d;
+            w[at..at + heads * d].iter_mut().for_each(|x| *x = 0.0);
+        }
+        let w = Tensor::from_vec(w, (b, t, heads * d), &Device::Cpu).unwrap();
+        let fused = ops::attention(&q, &k, &v, mask.as_ref(), dropout).unwrap();
+        let want = composed(&q, &k, &v, mask.as_ref(), dropout);
+        let keep = w.ne(0.0).unwrap().to_dtype(DType::F64).unwrap();
+        let diff = max_diff(&(&fused * &keep).unwrap(), &(&want * &keep).unwrap());
+        assert!(diff < 1e-12, "values differ by {diff}");
+        let gf = grads(&fused, &w, &[&q, &k, &v]);
+        let gc = grads(&want, &w, &[&q, &k, &v]);
+        for (name, (f, c)) in ["q", "k", "v"].iter().zip(gf.iter().zip(&gc)) {
+            assert!(
+                max_diff(f, c) < 1e-12,
+                "d{name} differs by {}",
+                max_diff(f, c)
+            );
+            assert!(
+                max_diff(f, &f.zeros_like().unwrap()) > 1e-3,
+                "d{name} is zero"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composition_causal_over_several_blocks() {
+        let mask = Mask::new(ops::causal_mask(150, 0, DType::F64, &Device::Cpu).unwrap()).unwrap();
+        assert!(mask_is_fused(&mask));
+        check((2, 4, 2, 150, 150, 8), Some(mask), &[], None);
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composition_with_packed_segments_and_padding() {
+        // Row 0: three segments across block edges; row 1: one segment, then padding.
+        let t = 140;
+        let seg: Vec<u32> = (0..t)
+            .map(|i| {
+                if i < 50 {
+                    1
+                } else if i < 70 {
+                    2
+                } else {
+                    3
+                }
+            })
+            .chain((0..t).map(|i| if i < 100 { 1 } else { 0 }))
+            .collect();
+        let seg = Tensor::from_vec(seg, (2, t), &Device::Cpu).unwrap();
+        let mask = Mask::new(ops::segment_mask(&seg, DType::F64).unwrap()).unwrap();
+        assert!(mask_is_fused(&mask));
+        let padding: Vec<(usize, usize)> = (100..t).map(|r| (1, r)).collect();
+        check((2, 2, 2, t, t, 4), Some(mask), &padding, None);
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composition_after_a_kv_cache_and_without_mask() {
+        let mask = Mask::new(ops::causal_mask(7, 90, DType::F64, &Device::Cpu).unwrap()).unwrap();
+        check((1, 6, 3, 7, 97, 8), Some(mask), &[], None);
+        check((2, 2, 1, 5, 70, 8), None, &[], None);
+    }
+
+    fn mask_is_fused(m: &Mask) -> bool {
+        m.fits_fused()
+    }
+
+    #[test]
+    fn fused_attention_draws_the_compositions_dropout_mask() {
+        let dropout = Dropout {
+            p: 0.3,
+            seed: 11,
+            site: 4,
+        };
+        let mask = Mask::new(ops::causal_mask(130, 0, DType::F64, &Device::Cpu).unwrap()).unwrap();
+        check((2, 4, 2, 130, 130, 8), Some(mask), &[], Some(&dropout));
+        let seg: Vec<u32> = (0..90).map(|i| if i < 70 { 1 } else { 2 }).collect();
+        let seg = Tensor::from_vec(seg, (1, 90), &Device::Cpu).unwrap();
+        let mask = Mask::new(ops::segment_mask(&seg, DType::F64).unwrap()).unwrap();
+        check((1, 2, 1, 90, 90, 4), Some(mask), &[], Some(&dropout));
+    }
+
+    #[test]
+    fn a_mask_that_is_not_a_key_range_per_row_takes_the_composition() {
+        let mut m = vec![0.0f64; 16];
+        m[4 + 2] = -1e9; // row 1 (from 4) sees keys 0, 1 and 3: a hole
+        let mask = Mask::new(Tensor::from_vec(m, (1, 1, 4, 4), &Device::Cpu).unwrap()).unwrap();
+        assert!(!mask_is_fused(&mask));
+        check((1, 2, 2, 4, 4, 8), Some(mask), &[], None);
+    }
+
+    #[test]
+    fn padding_rows_attend_uniformly_as_the_composition_does_in_f32() {
+        let seg = Tensor::new(&[[1u32, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+        let mask = Mask::new(ops::segment_mask(&seg, DType::F32).unwrap()).unwrap();
+        let f32 = |v: Var| v.as_tensor().to_dtype(DType::F32).unwrap();
+        let (q, k, v) = (
+            f32(randn(&[1, 2, 5, 4], 4)),
+            f32(randn(&[1, 2, 5, 4], 5)),
+            f32(randn(&[1, 2, 5, 4], 6)),
+        );
+        let fused = ops::attention(&q, &k, &v, Some(&mask), None).unwrap();
+        let want = composed(&q, &k, &v, Some(&mask), None);
+        assert!(
+            max_diff(&fused, &want) < 1e-6,
+            "{}",
+            max_diff(&fused, &want)
+        );
+    }
+
+    #[test]
+    fn fused_qkv_attention_equals_split_attention_and_its_gradient() {
+        let (b, t, heads, d) = (2, 130, 3, 4);
+        let e = heads * d;
+        let qkv = randn(&[b, t, 3 * e], 7);
+        let mask = Mask::new(ops::causal_mask(t, 0, DType::F64, &Device::Cpu).unwrap()).unwrap();
+        let w = randn(&[b, t, e], 8);
+        let w = w.as_tensor();
+        let fused = ops::attention_qkv(&qkv, heads, Some(&mask), None).unwrap();
+        let split = qkv.reshape((b, t, 3, heads, d)).unwrap();
+        let part = |j: usize| {
+            split
+                .narrow(2, j, 1)
+                .unwrap()
+                .squeeze(2)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        let want = composed(&part(0), &part(1), &part(2), Some(&mask), None);
+        assert!(max_diff(&fused, &want) < 1e-12);
+        let (gf, gc) = (
+            grads(&fused, w, &[&qkv]).remove(0),
+            grads(&want, w, &[&qkv]).remove(0),
+        );
+        assert!(max_diff(&gf, &gc) < 1e-12, "{}", max_diff(&gf, &gc));
+        assert!(max_diff(&gf, &gf.zeros_like().unwrap()) > 1e-3);
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (b, t, heads, d) = (3, 100, 4, 8);
+        let qkv = randn(&[b, t, 3 * heads * d], 9)
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let qkv = Var::from_tensor(&qkv).unwrap();
+        let mask = Mask::new(ops::causal_mask(t, 0, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = ops::attention_qkv(&qkv, heads, Some(&mask), None).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let g: Vec<f32> = g
+                    .get(qkv.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                (y, g)
+            })
+        };
+        assert!(run(1) == run(3));
+    }
+}
