@@ -33,7 +33,7 @@ fn forward<T: Real>(x: &[T], w: Option<&[T]>, b: Option<&[T]>, n: usize) -> Vec<
 }
 
 /// Column sums of `g * x` (when `x` is given) and of `g`, over rows of `n` values.
-fn column_sums<T: Real>(g: &[T], x: Option<&[T]>, n: usize) -> (Vec<T>, Vec<T>) {
+pub(crate) fn column_sums<T: Real>(g: &[T], x: Option<&[T]>, n: usize) -> (Vec<T>, Vec<T>) {
     let blocks: Vec<(Vec<T>, Vec<T>)> = g
         .par_chunks(n * ROWS)
         .enumerate()

@@ -20,10 +20,12 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::kernels::{cpu, Element, Real};
+use gemm::Parallelism;
+
+use crate::kernels::{cpu, matmul, Element, Real};
+use crate::math::lanes;
 use crate::ops::Dropout;
 use crate::Result;
 
@@ -194,43 +196,11 @@ impl<T> Shared<T> {
     }
 }
 
-/// `dst (m x n) = alpha * dst + beta * lhs (m x k) rhs (k x n)`, single-threaded (the caller
-/// splits the work), strides as (row, column). `alpha` applies only when `accumulate`.
-///
-/// # Safety
-/// Every pointer must address the whole strided matrix it describes.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: Real + 'static>(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut T, usize, usize),
-    accumulate: bool,
-    lhs: (*const T, usize, usize),
-    rhs: (*const T, usize, usize),
-    beta: T,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.0,
-            dst.2 as isize,
-            dst.1 as isize,
-            accumulate,
-            lhs.0,
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0,
-            rhs.2 as isize,
-            rhs.1 as isize,
-            T::of(1.0),
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
+fn max_of<T: Real>(a: T, b: T) -> T {
+    if b > a {
+        b
+    } else {
+        a
     }
 }
 
@@ -245,30 +215,15 @@ fn softmax_in_range<T: Real>(row: &mut [T], range: Option<(usize, usize)>) {
     row[..lo].iter_mut().for_each(|x| *x = T::ZERO);
     row[hi..].iter_mut().for_each(|x| *x = T::ZERO);
     let row = &mut row[lo..hi];
-    let max = lanes(row, T::NEG_INF, |m, x| if x > m { x } else { m });
+    let max = lanes(row, T::NEG_INF, max_of, max_of);
     // No masked keys inside the range, so no underflow test: the loop vectorises.
     for x in row.iter_mut() {
         *x = (*x - max).exp();
     }
-    let sum = lanes(row, T::ZERO, |a, x| a + x);
+    let sum = lanes(row, T::ZERO, |a, x| a + x, |a, b| a + b);
     for x in row.iter_mut() {
         *x = x.div(sum);
     }
-}
-
-/// Folds `xs` with `f` in eight interleaved lanes, then folds the lanes: one dependency chain
-/// per lane, so the loop vectorises (a single running max or sum is one scalar chain).
-#[inline]
-fn lanes<T: Real>(xs: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
-    let mut acc = [init; 8];
-    let mut chunks = xs.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = f(*a, x);
-        }
-    }
-    let tail = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
-    acc.iter().fold(tail, |a, &x| f(a, x))
 }
 
 /// The inputs of one attention call: q (b, heads, t, d), k and v (b, kv_heads, t_k, d), each a
@@ -314,6 +269,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
                 (q.as_ptr().add(qv.at(bi, h, r0)), qv.row, 1),
                 (k.as_ptr().add(kv.at(bi, g, lo)), 1, kv.row),
                 self.scale(),
+                Parallelism::None,
             );
         }
         for (i, row) in p.chunks_mut(w).enumerate() {
@@ -385,6 +341,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
                             (p.as_ptr(), hi - lo, 1),
                             (v.as_ptr().add(vv.at(bi, g, lo)), vv.row, 1),
                             T::of(1.0),
+                            Parallelism::None,
                         );
                     }
                 }
@@ -450,6 +407,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
                             (go_blk, ov.row, 1),
                             (v.as_ptr().add(vv.at(bi, g, lo)), 1, vv.row),
                             T::of(1.0),
+                            Parallelism::None,
                         );
                     }
                     if dropped {
@@ -477,6 +435,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
                             (pv, 1, w),
                             (go_blk, ov.row, 1),
                             T::of(1.0),
+                            Parallelism::None,
                         );
                         // d q = scale d scores k
                         matmul(
@@ -486,6 +445,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
                             (ds.as_ptr(), w, 1),
                             (k.as_ptr().add(kv.at(bi, g, lo)), kv.row, 1),
                             scale,
+                            Parallelism::None,
                         );
                         // d k += scale d scores^T q
                         matmul(
@@ -495,6 +455,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
                             (ds.as_ptr(), 1, w),
                             (q.as_ptr().add(qv.at(bi, h, r0)), qv.row, 1),
                             scale,
+                            Parallelism::None,
                         );
                     }
                 }

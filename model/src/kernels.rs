@@ -18,6 +18,7 @@
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
 };
+use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use crate::Result;
@@ -108,6 +109,47 @@ pub(crate) fn cpu(s: &Storage) -> candle_core::Result<&CpuStorage> {
     match s {
         Storage::Cpu(s) => Ok(s),
         _ => candle_core::bail!("a fused kernel runs on the CPU only"),
+    }
+}
+
+/// `dst (m x n) = dst + beta * lhs (m x k) rhs (k x n)` when `accumulate`, else `beta * lhs rhs`,
+/// with the given parallelism; each matrix is (pointer, row stride, column stride).
+///
+/// # Safety
+/// Every pointer must address the whole strided matrix it describes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul<T: Real + 'static>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    accumulate: bool,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    beta: T,
+    parallelism: Parallelism,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2 as isize,
+            dst.1 as isize,
+            accumulate,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            T::of(1.0),
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 

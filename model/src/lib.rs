@@ -16,6 +16,7 @@ mod config;
 pub mod generate;
 mod gpt;
 mod kernels;
+mod linear;
 pub mod math;
 mod ops;
 mod params;

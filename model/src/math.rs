@@ -41,6 +41,27 @@ pub fn tanh_f32(x: f32) -> f32 {
     1.0 - 2.0 / (exp_f32(2.0 * x) + 1.0)
 }
 
+/// Folds `xs` into eight interleaved accumulators with `f`, then the accumulators into one with
+/// `merge`: eight independent dependency chains, so a running max or sum vectorises where a
+/// single chain stays scalar. The order of operations is fixed by the length alone.
+#[inline]
+pub fn lanes<S: Copy, T: Copy>(
+    xs: &[S],
+    init: T,
+    f: impl Fn(T, S) -> T,
+    merge: impl Fn(T, T) -> T,
+) -> T {
+    let mut acc = [init; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = f(*a, x);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
+    acc.iter().fold(tail, |a, &x| merge(a, x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +80,15 @@ mod tests {
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(-1e9) < 1e-37);
         assert!(exp_f32(1e9).is_finite());
+    }
+
+    #[test]
+    fn lanes_fold_every_element_once() {
+        for n in [0, 1, 7, 8, 9, 31, 100] {
+            let xs: Vec<u64> = (1..=n).collect();
+            assert_eq!(lanes(&xs, 0, |a, x| a + x, |a, b| a + b), n * (n + 1) / 2);
+            assert_eq!(lanes(&xs, 0, |a, x| a.max(x), |a, b| a.max(b)), n);
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::kernels::accumulate;
 use crate::Result;
-use sft_model::math::exp_f32;
+use sft_model::math::{exp_f32, lanes};
 
 /// What one pass over a set of target rows produced.
 #[derive(Debug)]
@@ -151,34 +151,26 @@ impl InplaceOp1 for SoftmaxCe<'_> {
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
                 let t = t as usize;
-                let mut max = f32::NEG_INFINITY;
-                let mut arg = 0;
-                for (j, &x) in row.iter().enumerate() {
-                    if x > max {
-                        max = x;
-                        arg = j;
-                    }
-                }
+                let fmax = |a: f32, x: f32| if x > a { x } else { a };
+                let max = lanes(row, f32::NEG_INFINITY, fmax, fmax);
+                // The first maximum, as a running arg-max finds it.
+                let arg = row.iter().position(|&x| x == max).unwrap_or(0);
                 // exp in f32 (`exp_f32`, under 2e-7 relative), summed in f64; training keeps
                 // the exps in the row so the gradient needs no second exp pass.
                 let target = row[t];
-                let mut sum = 0f64;
-                match scale {
+                let sum = match scale {
                     Some(_) => {
                         // Exps in a pass of their own, which vectorises; the f64 sum after.
                         for x in row.iter_mut() {
                             *x = exp_f32(*x - max);
                         }
-                        for &x in row.iter() {
-                            sum += x as f64;
-                        }
+                        lanes(row, 0f64, |a, x| a + x as f64, |a, b| a + b)
                     }
                     None => {
-                        for &x in row.iter() {
-                            sum += exp_f32(x - max) as f64;
-                        }
+                        let add = |a: f64, x: f32| a + exp_f32(x - max) as f64;
+                        lanes(row, 0f64, add, |a, b| a + b)
                     }
-                }
+                };
                 let loss = max as f64 + sum.ln() - target as f64;
                 if let Some(s) = scale {
                     let k = (s / sum) as f32;
