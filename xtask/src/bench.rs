@@ -442,7 +442,7 @@ fn poem_sets(poems: &Path, out: &Path) -> anyhow::Result<()> {
     };
     let content = |i: usize| records[i % records.len()]["content"].as_str().unwrap_or("");
     let mut lines = String::new();
-    for i in 0..records.len() {
+    for (i, record) in records.iter().enumerate() {
         let mut set = content(i).to_string();
         let mut k = 1;
         while k < 8 && uniform() < 0.6 {
@@ -454,7 +454,7 @@ fn poem_sets(poems: &Path, out: &Path) -> anyhow::Result<()> {
             set.push_str(next);
             k += 1;
         }
-        let mut r = records[i].clone();
+        let mut r = record.clone();
         r["content"] = Value::String(set);
         lines.push_str(&r.to_string());
         lines.push('\n');
