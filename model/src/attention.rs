@@ -9,10 +9,15 @@
 //!
 //! The mask is taken as what our masks are, a contiguous range of keys per query row (causal,
 //! packed segments, a KV-cache offset), so blocks of query rows multiply only the keys some row
-//! of the block may see: under a causal mask, about 60% of the products at t = 256. Keys outside
+//! of the block may see: under a causal mask, about 60% of the products at t = 256. Blocks break
+//! at packed segments' starts, so a packed row costs what its segments cost alone. Keys outside
 //! a row's range get probability exactly zero, as `exp(-1e9)` gives in the composition. A query
 //! row with no key at all (padding) attends uniformly to every key, as the composition does in
 //! f32, where `score - 1e9` rounds to the same value for every key.
+//!
+//! Dropout on the probabilities is drawn inside the op: row i of head h takes the words of the
+//! site's ChaCha8 stream that `Dropout::apply` gives it on the composition's (b, heads, t, t_k)
+//! probabilities, so a training run keeps its masks whichever path runs.
 //!
 //! Work is split by (batch, KV head), so the gradients of a KV head shared by a group of query
 //! heads are summed by one task in a fixed order: results do not depend on the thread count.
@@ -20,9 +25,8 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
-
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use crate::kernels::{cpu, matmul, Element, Real};
 use crate::math::lanes;
@@ -106,21 +110,38 @@ fn row_range(
     }
 }
 
-/// The keys a block of rows needs: the union of the rows' ranges, all keys if one sees none.
-fn block_window(
+/// The blocks of query rows of batch row `bi`, each with the keys it needs (the union of its
+/// rows' ranges, all keys for rows that see none): up to [`BLOCK`] rows, and a new block where a
+/// row's range starts elsewhere than the block's first row's (a packed segment's start, or
+/// padding), so no block reaches back into the segment before its own.
+fn blocks(
     keys: Option<&KeyRanges>,
     bi: usize,
-    rows: std::ops::Range<usize>,
+    t: usize,
     t_k: usize,
-) -> (usize, usize) {
-    let mut window = (usize::MAX, 0);
-    for r in rows {
-        match row_range(keys, bi, r, t_k) {
-            Some((lo, hi)) => window = (window.0.min(lo), window.1.max(hi)),
-            None => return (0, t_k),
+) -> impl Iterator<Item = ((usize, usize), (usize, usize))> + '_ {
+    let start = move |r: usize| row_range(keys, bi, r, t_k).map(|(lo, _)| lo);
+    let mut r0 = 0;
+    std::iter::from_fn(move || {
+        if r0 >= t {
+            return None;
         }
-    }
-    window
+        let first = start(r0);
+        let mut r1 = r0 + 1;
+        while r1 < t && r1 - r0 < BLOCK && start(r1) == first {
+            r1 += 1;
+        }
+        let window = match first {
+            None => (0, t_k),
+            Some(lo) => (r0..r1).fold((lo, lo), |(lo, hi), r| {
+                let (a, b) = row_range(keys, bi, r, t_k).unwrap_or((lo, hi));
+                (lo.min(a), hi.max(b))
+            }),
+        };
+        let block = ((r0, r1), window);
+        r0 = r1;
+        Some(block)
+    })
 }
 
 /// Where element (batch, head, row, 0) of a (batch, heads, rows, d) array with unit stride along
@@ -323,9 +344,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
             let (bi, g) = (task / kv_heads, task % kv_heads);
             let (mut p, mut m) = (Vec::new(), Vec::new());
             for h in g * group..(g + 1) * group {
-                for r0 in (0..t).step_by(BLOCK) {
-                    let r1 = (r0 + BLOCK).min(t);
-                    let (lo, hi) = block_window(self.keys, bi, r0..r1, t_k);
+                for ((r0, r1), (lo, hi)) in blocks(self.keys, bi, t, t_k) {
                     p.resize((r1 - r0) * (hi - lo), T::ZERO);
                     self.probs(&mut p, bi, h, g, (r0, r1), (lo, hi));
                     if self.dropout_mask(&mut m, bi, h, (r0, r1), (lo, hi)) {
@@ -380,9 +399,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
             let mut dv_acc = vec![T::ZERO; t_k * d];
             let (mut p, mut ds, mut m, mut pm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for h in g * group..(g + 1) * group {
-                for r0 in (0..t).step_by(BLOCK) {
-                    let r1 = (r0 + BLOCK).min(t);
-                    let (lo, hi) = block_window(self.keys, bi, r0..r1, t_k);
+                for ((r0, r1), (lo, hi)) in blocks(self.keys, bi, t, t_k) {
                     let (rows, w) = (r1 - r0, hi - lo);
                     p.resize(rows * w, T::ZERO);
                     ds.resize(rows * w, T::ZERO);
