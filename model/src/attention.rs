@@ -227,6 +227,7 @@ fn max_of<T: Real>(a: T, b: T) -> T {
 
 /// Softmax over one row of scores restricted to `range` (relative to the row); the rest of the
 /// row becomes zero. `None`: uniform over the whole row.
+#[inline(always)]
 fn softmax_in_range<T: Real>(row: &mut [T], range: Option<(usize, usize)>) {
     let Some((lo, hi)) = range else {
         let u = T::of(1.0).div(T::of(row.len() as f64));
@@ -293,10 +294,10 @@ impl<T: Real + 'static> Inputs<'_, T> {
                 Parallelism::None,
             );
         }
-        for (i, row) in p.chunks_mut(w).enumerate() {
+        crate::with_avx2!(for (i, row) in p.chunks_mut(w).enumerate() {
             let range = row_range(self.keys, bi, r0 + i, t_k).map(|(a, b)| (a - lo, b - lo));
             softmax_in_range(row, range);
-        }
+        });
     }
 
     /// The dropout multipliers of the same block into `m`; false (and `m` untouched) without

@@ -150,36 +150,38 @@ impl InplaceOp1 for SoftmaxCe<'_> {
             .par_chunks_mut(vocab)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
-                let t = t as usize;
-                let fmax = |a: f32, x: f32| if x > a { x } else { a };
-                let max = lanes(row, f32::NEG_INFINITY, fmax, fmax);
-                // The first maximum, as a running arg-max finds it.
-                let arg = row.iter().position(|&x| x == max).unwrap_or(0);
-                // exp in f32 (`exp_f32`, under 2e-7 relative), summed in f64; training keeps
-                // the exps in the row so the gradient needs no second exp pass.
-                let target = row[t];
-                let sum = match scale {
-                    Some(_) => {
-                        // Exps in a pass of their own, which vectorises; the f64 sum after.
-                        for x in row.iter_mut() {
-                            *x = exp_f32(*x - max);
+                sft_model::with_avx2!({
+                    let t = t as usize;
+                    let fmax = |a: f32, x: f32| if x > a { x } else { a };
+                    let max = lanes(row, f32::NEG_INFINITY, fmax, fmax);
+                    // The first maximum, as a running arg-max finds it.
+                    let arg = row.iter().position(|&x| x == max).unwrap_or(0);
+                    // exp in f32 (`exp_f32`, under 2e-7 relative), summed in f64; training keeps
+                    // the exps in the row so the gradient needs no second exp pass.
+                    let target = row[t];
+                    let sum = match scale {
+                        Some(_) => {
+                            // Exps in a pass of their own, which vectorises; the f64 sum after.
+                            for x in row.iter_mut() {
+                                *x = exp_f32(*x - max);
+                            }
+                            lanes(row, 0f64, |a, x| a + x as f64, |a, b| a + b)
                         }
-                        lanes(row, 0f64, |a, x| a + x as f64, |a, b| a + b)
+                        None => {
+                            let add = |a: f64, x: f32| a + exp_f32(x - max) as f64;
+                            lanes(row, 0f64, add, |a, b| a + b)
+                        }
+                    };
+                    let loss = max as f64 + sum.ln() - target as f64;
+                    if let Some(s) = scale {
+                        let k = (s / sum) as f32;
+                        for x in row.iter_mut() {
+                            *x *= k;
+                        }
+                        row[t] -= s as f32;
                     }
-                    None => {
-                        let add = |a: f64, x: f32| a + exp_f32(x - max) as f64;
-                        lanes(row, 0f64, add, |a, b| a + b)
-                    }
-                };
-                let loss = max as f64 + sum.ln() - target as f64;
-                if let Some(s) = scale {
-                    let k = (s / sum) as f32;
-                    for x in row.iter_mut() {
-                        *x *= k;
-                    }
-                    row[t] -= s as f32;
-                }
-                (loss, usize::from(arg == t))
+                    (loss, usize::from(arg == t))
+                })
             })
             .collect();
         let loss = rows.iter().map(|r| r.0).sum::<f64>();
