@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::{cpu, fusable, Element, Real};
+use crate::kernels::{cpu, fusable, slice_of, Element, Real};
 use crate::Result;
 
 /// Rows per block of the column sums: partial sums stay small, blocks many enough to share.
@@ -86,9 +86,9 @@ fn backward<T: Element>(
     let grad = grad.contiguous()?;
     let n = x.dim(candle_core::D::Minus1)?;
     let (gs, gl) = grad.storage_and_layout();
-    let g = slice::<T>(cpu(&gs)?, gl, "gradient")?;
+    let g = slice_of::<T>(cpu(&gs)?, gl, "affine: the gradient")?;
     let (xs, xl) = x.storage_and_layout();
-    let xv = slice::<T>(cpu(&xs)?, xl, "input")?;
+    let xv = slice_of::<T>(cpu(&xs)?, xl, "affine: the input")?;
     let dev = x.device();
     let wv = match w {
         Some(w) => Some(w.contiguous()?.flatten_all()?.to_vec1::<T>()?),
@@ -109,27 +109,19 @@ fn backward<T: Element>(
     Ok((dx, dw, db))
 }
 
-/// A contiguous `T` slice of a CPU storage.
-fn slice<'a, T: Element>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    match (T::slice(s), l.contiguous_offsets()) {
-        (Some(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("affine: the {what} must be contiguous, f32 or f64 like the input"),
-    }
-}
-
 fn run<T: Element>(
     x: (&CpuStorage, &Layout),
     w: Option<(&CpuStorage, &Layout)>,
     b: Option<(&CpuStorage, &Layout)>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let n = *x.1.dims().last().unwrap_or(&1);
-    let xv = slice::<T>(x.0, x.1, "input")?;
-    let w = w.map(|(s, l)| slice::<T>(s, l, "scale")).transpose()?;
-    let b = b.map(|(s, l)| slice::<T>(s, l, "shift")).transpose()?;
+    let xv = slice_of::<T>(x.0, x.1, "affine: the input")?;
+    let w = w
+        .map(|(s, l)| slice_of::<T>(s, l, "affine: the scale"))
+        .transpose()?;
+    let b = b
+        .map(|(s, l)| slice_of::<T>(s, l, "affine: the shift"))
+        .transpose()?;
     Ok((T::storage(forward(xv, w, b, n)), x.1.shape().clone()))
 }
 
@@ -248,30 +240,10 @@ pub(crate) fn affine(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>) -> Resu
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, Var};
+    use candle_core::{Device, Tensor, Var};
 
     use super::affine;
-
-    fn values(n: usize, seed: f64) -> Vec<f64> {
-        (0..n)
-            .map(|i| ((i as f64 + 1.0) * seed).sin() * 2.0)
-            .collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::testing::{max_diff, values};
 
     #[test]
     fn fused_affine_matches_broadcast_ops_and_their_gradients() {

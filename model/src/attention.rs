@@ -24,11 +24,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::kernels::{cpu, matmul, Element, Real};
+use crate::kernels::{cpu, matmul, slice_of, Element, Real};
 use crate::math::lanes;
 use crate::ops::Dropout;
 use crate::Result;
@@ -58,10 +58,7 @@ impl KeyRanges {
         let &[batch, 1, rows, keys] = mask.dims() else {
             return Ok(None);
         };
-        let values: Vec<f32> = mask
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let values: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let mut ranges = Vec::with_capacity(batch * rows);
         for row in values.chunks(keys) {
             let (mut lo, mut hi) = (0, 0);
@@ -510,18 +507,6 @@ fn view_of<'a, T: Element>(
     Ok((v, view))
 }
 
-/// A contiguous `T` slice of a tensor's CPU storage: the op's output and its gradient.
-fn contiguous_of<'a, T: Element>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    match (T::slice(s), l.contiguous_offsets()) {
-        (Some(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("attention: {what} must be contiguous and of q's dtype"),
-    }
-}
-
 /// q (b, heads, t, d), k and v (b, kv_heads, t_k, d) in any layout with unit stride along d.
 #[derive(Debug, Clone)]
 pub(crate) struct Split {
@@ -582,15 +567,21 @@ impl Split {
     }
 
     #[allow(clippy::type_complexity)]
+    /// The gradients of q, k and v, from the op's inputs, output and output gradient.
     fn backward<T: Element>(
         &self,
-        q: (&CpuStorage, &Layout),
-        k: (&CpuStorage, &Layout),
-        v: (&CpuStorage, &Layout),
-        o: &[T],
-        go: &[T],
-    ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
-        let inp = self.inputs::<T>(q, k, v)?;
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = out.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let inp = self.inputs::<T>((cpu(&qs)?, ql), (cpu(&ks)?, kl), (cpu(&vs)?, vl))?;
+        let o = slice_of(cpu(&os)?, ol, "attention: the output")?;
+        let go = slice_of(cpu(&gs)?, gl, "attention: the gradient")?;
         let Dims {
             b,
             heads,
@@ -609,7 +600,12 @@ impl Split {
             (Shared(dk.as_mut_ptr()), View::heads_first(kv_heads, t_k, d)),
             (Shared(dv.as_mut_ptr()), View::heads_first(kv_heads, t_k, d)),
         );
-        Ok((dq, dk, dv))
+        let dev = q.device();
+        Ok((
+            Tensor::from_vec(dq, q.shape(), dev)?,
+            Tensor::from_vec(dk, k.shape(), dev)?,
+            Tensor::from_vec(dv, v.shape(), dev)?,
+        ))
     }
 }
 
@@ -643,44 +639,10 @@ impl CustomOp3 for Split {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let (os, ol) = out.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
-        let (q3, k3, v3) = ((cpu(&qs)?, ql), (cpu(&ks)?, kl), (cpu(&vs)?, vl));
-        let (os, gs) = (cpu(&os)?, cpu(&gs)?);
-        let dev = q.device();
-        let (dq, dk, dv) = match os {
-            CpuStorage::F32(_) => {
-                let (dq, dk, dv) = self.backward::<f32>(
-                    q3,
-                    k3,
-                    v3,
-                    contiguous_of(os, ol, "output")?,
-                    contiguous_of(gs, gl, "gradient")?,
-                )?;
-                (
-                    Tensor::from_vec(dq, q.shape(), dev)?,
-                    Tensor::from_vec(dk, k.shape(), dev)?,
-                    Tensor::from_vec(dv, v.shape(), dev)?,
-                )
-            }
-            CpuStorage::F64(_) => {
-                let (dq, dk, dv) = self.backward::<f64>(
-                    q3,
-                    k3,
-                    v3,
-                    contiguous_of(os, ol, "output")?,
-                    contiguous_of(gs, gl, "gradient")?,
-                )?;
-                (
-                    Tensor::from_vec(dq, q.shape(), dev)?,
-                    Tensor::from_vec(dk, k.shape(), dev)?,
-                    Tensor::from_vec(dv, v.shape(), dev)?,
-                )
-            }
-            _ => candle_core::bail!("attention: the output must be f32 or f64"),
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => self.backward::<f32>((q, k, v), out, &grad)?,
+            DType::F64 => self.backward::<f64>((q, k, v), out, &grad)?,
+            dtype => candle_core::bail!("attention: {dtype:?} q has no fused backward"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
     }
@@ -752,14 +714,19 @@ impl Qkv {
         Ok((T::storage(inp.forward()), Shape::from((b, t, heads * d))))
     }
 
+    /// The gradient of qkv, from the op's input, output and output gradient.
     fn backward<T: Element>(
         &self,
-        s: &CpuStorage,
-        l: &Layout,
-        o: &[T],
-        go: &[T],
-    ) -> candle_core::Result<Vec<T>> {
-        let inp = self.inputs::<T>(s, l)?;
+        qkv: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (s, l) = qkv.storage_and_layout();
+        let (os, ol) = out.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let inp = self.inputs::<T>(cpu(&s)?, l)?;
+        let o = slice_of(cpu(&os)?, ol, "attention: the output")?;
+        let go = slice_of(cpu(&gs)?, gl, "attention: the gradient")?;
         let (b, t, d) = (inp.dims.b, inp.dims.t, inp.dims.d);
         let e = self.heads * d;
         let mut dqkv = vec![T::ZERO; b * t * 3 * e];
@@ -771,7 +738,7 @@ impl Qkv {
             row: 3 * e,
         };
         inp.backward(o, go, (ptr, view(0)), (ptr, view(1)), (ptr, view(2)));
-        Ok(dqkv)
+        Tensor::from_vec(dqkv, qkv.shape(), qkv.device())
     }
 }
 
@@ -795,34 +762,11 @@ impl CustomOp1 for Qkv {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        let (s, l) = qkv.storage_and_layout();
-        let (os, ol) = out.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
-        let (s, os, gs) = (cpu(&s)?, cpu(&os)?, cpu(&gs)?);
-        let d = match s {
-            CpuStorage::F32(_) => Tensor::from_vec(
-                self.backward::<f32>(
-                    s,
-                    l,
-                    contiguous_of(os, ol, "output")?,
-                    contiguous_of(gs, gl, "gradient")?,
-                )?,
-                qkv.shape(),
-                qkv.device(),
-            )?,
-            CpuStorage::F64(_) => Tensor::from_vec(
-                self.backward::<f64>(
-                    s,
-                    l,
-                    contiguous_of(os, ol, "output")?,
-                    contiguous_of(gs, gl, "gradient")?,
-                )?,
-                qkv.shape(),
-                qkv.device(),
-            )?,
-            _ => candle_core::bail!("attention: qkv must be f32 or f64"),
-        };
-        Ok(Some(d))
+        Ok(Some(match qkv.dtype() {
+            DType::F32 => self.backward::<f32>(qkv, out, &grad)?,
+            DType::F64 => self.backward::<f64>(qkv, out, &grad)?,
+            dtype => candle_core::bail!("attention: {dtype:?} qkv has no fused backward"),
+        }))
     }
 }
 
@@ -834,27 +778,13 @@ mod tests {
     use rand_distr::{Distribution, StandardNormal};
 
     use crate::ops::{self, Dropout, Mask};
+    use crate::testing::{grads, max_diff};
 
     fn randn(shape: &[usize], seed: u64) -> Var {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let n = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
         Var::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// The composition's output in the fused op's (b, t, heads d) layout.
@@ -872,14 +802,6 @@ mod tests {
             .unwrap()
             .reshape((b, t, heads * d))
             .unwrap()
-    }
-
-    /// d/dx of sum(y * w) for each of `xs`.
-    fn grads(y: &Tensor, w: &Tensor, xs: &[&Var]) -> Vec<Tensor> {
-        let g = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
-        xs.iter()
-            .map(|x| g.get(x.as_tensor()).unwrap().clone())
-            .collect()
     }
 
     /// Fused and composed attention agree in value and in the gradients of q, k and v, in f64;

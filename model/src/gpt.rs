@@ -92,7 +92,7 @@ impl Gpt {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let e = self.cfg.n_embd;
-        let (heads, hd) = (self.cfg.n_head, self.cfg.head_dim());
+        let heads = self.cfg.n_head;
         let dropout = |site: u64| {
             dropout_seed
                 .filter(|_| self.cfg.dropout > 0.0)
@@ -119,16 +119,9 @@ impl Gpt {
             let y = match kv.as_deref_mut() {
                 None => ops::attention_qkv(&qkv, heads, mask, dropout(site).as_ref())?,
                 Some(kv) => {
-                    let qkv = qkv.reshape((b, t, 3, heads, hd))?;
-                    let part = |j: usize| -> Result<Tensor> {
-                        Ok(qkv
-                            .narrow(2, j, 1)?
-                            .squeeze(2)?
-                            .transpose(1, 2)?
-                            .contiguous()?)
-                    };
-                    let (k, v) = kv[i].append(part(1)?, part(2)?)?;
-                    ops::attention(&part(0)?, &k, &v, mask, dropout(site).as_ref())?
+                    let (q, k, v) = ops::split_qkv(&qkv, heads)?;
+                    let (k, v) = kv[i].append(k, v)?;
+                    ops::attention(&q, &k, &v, mask, dropout(site).as_ref())?
                 }
             };
             x = (x + drop(blk.attn_proj.forward(&y)?, site + 1)?)?;

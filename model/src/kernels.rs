@@ -153,6 +153,18 @@ pub(crate) unsafe fn matmul<T: Real + 'static>(
     }
 }
 
+/// The contiguous `T` values of a CPU storage under its layout; `what` names it in the error.
+pub(crate) fn slice_of<'a, T: Element>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match (T::slice(s), l.contiguous_offsets()) {
+        (Some(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what} must be contiguous, and f32 or f64 like its op's input"),
+    }
+}
+
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),
@@ -856,13 +868,8 @@ pub(crate) fn rms_norm_core(x: &Tensor, eps: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{grads, max_diff, values};
     use candle_core::{Device, Var};
-
-    fn values(n: usize, seed: f64) -> Vec<f64> {
-        (0..n)
-            .map(|i| ((i as f64 + 1.0) * seed).sin() * 3.0)
-            .collect()
-    }
 
     #[test]
     fn fused_softmax_and_its_gradient_match_the_composition() {
@@ -932,21 +939,6 @@ mod tests {
         assert!(d < 1e-6);
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     /// Value and gradient of `sum(f(x) * w)` for a fused op and its candle composition, in f64.
     fn check_fused(
         fused: impl Fn(&Tensor) -> Tensor,
@@ -1000,14 +992,6 @@ mod tests {
         }
     }
 
-    /// d/dx of sum(y * w) for each of `xs`, through candle's backward.
-    fn grads_of(y: &Tensor, w: &Tensor, xs: &[&Var]) -> Vec<Tensor> {
-        let g = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
-        xs.iter()
-            .map(|x| g.get(x.as_tensor()).unwrap().clone())
-            .collect()
-    }
-
     #[test]
     fn fused_rope_matches_the_composition_and_its_gradient() {
         let dev = Device::Cpu;
@@ -1032,8 +1016,8 @@ mod tests {
         assert!(max_diff(&fused, &composed) < 1e-12);
         let w = Tensor::from_vec(values(b * t * h * d, 1.7), (b, h, t, d), &dev).unwrap();
         let (gf, gc) = (
-            grads_of(&fused, &w, &[&x]).remove(0),
-            grads_of(&composed, &w, &[&x]).remove(0),
+            grads(&fused, &w, &[&x]).remove(0),
+            grads(&composed, &w, &[&x]).remove(0),
         );
         assert!(max_diff(&gf, &gc) < 1e-12, "{}", max_diff(&gf, &gc));
         assert!(max_diff(&gf, &gf.zeros_like().unwrap()) > 1e-3);
@@ -1061,8 +1045,8 @@ mod tests {
         let fused = silu_mul(gate.as_tensor(), up.as_tensor()).unwrap();
         let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
         assert!(max_diff(&fused, &composed) < 1e-10);
-        let gf = grads_of(&fused, &w, &[&gate, &up]);
-        let gc = grads_of(&composed, &w, &[&gate, &up]);
+        let gf = grads(&fused, &w, &[&gate, &up]);
+        let gc = grads(&composed, &w, &[&gate, &up]);
         for (f, c) in gf.iter().zip(&gc) {
             assert!(max_diff(f, c) < 1e-10, "{}", max_diff(f, c));
             assert!(max_diff(f, &f.zeros_like().unwrap()) > 1e-3);

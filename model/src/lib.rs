@@ -22,6 +22,8 @@ mod ops;
 mod params;
 pub mod presets;
 mod qwen2;
+#[cfg(test)]
+mod testing;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

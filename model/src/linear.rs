@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use gemm::Parallelism;
 
 use crate::affine::column_sums;
-use crate::kernels::{cpu, fusable, matmul, Element};
+use crate::kernels::{cpu, fusable, matmul, slice_of, Element};
 use crate::Result;
 
 /// Split every product over the current pool, as candle's matmul does.
@@ -36,17 +36,6 @@ fn dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     Ok((x.shape().elem_count() / n_in.max(1), n_in, n_out))
 }
 
-fn slice<'a, T: Element>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    match (T::slice(s), l.contiguous_offsets()) {
-        (Some(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("dense: the {what} must be contiguous and of the input's dtype"),
-    }
-}
-
 fn forward<T: Element>(
     x: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
@@ -54,11 +43,11 @@ fn forward<T: Element>(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let (rows, n_in, n_out) = dims(x.1, w.1)?;
     let (xv, wv) = (
-        slice::<T>(x.0, x.1, "input")?,
-        slice::<T>(w.0, w.1, "weight")?,
+        slice_of::<T>(x.0, x.1, "dense: the input")?,
+        slice_of::<T>(w.0, w.1, "dense: the weight")?,
     );
     let mut y = match b {
-        Some((s, l)) => slice::<T>(s, l, "bias")?.repeat(rows),
+        Some((s, l)) => slice_of::<T>(s, l, "dense: the bias")?.repeat(rows),
         None => vec![T::ZERO; rows * n_out],
     };
     // SAFETY: y is rows x n_out, x rows x n_in, w n_out x n_in, all contiguous.
@@ -90,9 +79,9 @@ fn backward<T: Element>(
     let (ws, wl) = w.storage_and_layout();
     let (gs, gl) = grad.storage_and_layout();
     let (rows, n_in, n_out) = dims(xl, wl)?;
-    let xv = slice::<T>(cpu(&xs)?, xl, "input")?;
-    let wv = slice::<T>(cpu(&ws)?, wl, "weight")?;
-    let g = slice::<T>(cpu(&gs)?, gl, "gradient")?;
+    let xv = slice_of::<T>(cpu(&xs)?, xl, "dense: the input")?;
+    let wv = slice_of::<T>(cpu(&ws)?, wl, "dense: the weight")?;
+    let g = slice_of::<T>(cpu(&gs)?, gl, "dense: the gradient")?;
     let mut dx = vec![T::ZERO; rows * n_in];
     let mut dw = vec![T::ZERO; n_out * n_in];
     // SAFETY: every matrix is contiguous with the dims given.
@@ -224,25 +213,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::dense;
-
-    fn values(n: usize, seed: f64) -> Vec<f64> {
-        (0..n).map(|i| ((i as f64 + 1.0) * seed).sin()).collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::testing::{max_diff, values};
 
     #[test]
     fn dense_matches_matmul_and_bias_and_their_gradients() {

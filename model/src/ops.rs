@@ -253,8 +253,6 @@ pub(crate) fn attention_qkv(
     mask: Option<&Mask>,
     dropout: Option<&Dropout>,
 ) -> Result<Tensor> {
-    let (b, t, three_e) = qkv.dims3()?;
-    let e = three_e / 3;
     if let Some(keys) = fused_keys(qkv, mask) {
         let dropout = dropout.filter(|d| d.p > 0.0).copied();
         let op = attention::Qkv {
@@ -264,7 +262,14 @@ pub(crate) fn attention_qkv(
         };
         return Ok(qkv.contiguous()?.apply_op1(op)?);
     }
-    let qkv = qkv.reshape((b, t, 3, heads, e / heads))?;
+    let (q, k, v) = split_qkv(qkv, heads)?;
+    attention(&q, &k, &v, mask, dropout)
+}
+
+/// q, k and v, each (b, heads, t, d) and contiguous, from GPT-2's fused projection (b, t, 3 e).
+pub(crate) fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, three_e) = qkv.dims3()?;
+    let qkv = qkv.reshape((b, t, 3, heads, three_e / 3 / heads))?;
     let part = |j: usize| -> Result<Tensor> {
         Ok(qkv
             .narrow(2, j, 1)?
@@ -272,7 +277,7 @@ pub(crate) fn attention_qkv(
             .transpose(1, 2)?
             .contiguous()?)
     };
-    attention(&part(0)?, &part(1)?, &part(2)?, mask, dropout)
+    Ok((part(0)?, part(1)?, part(2)?))
 }
 
 /// The composition of candle ops (and the fused softmax) behind [`attention`]: any device,
