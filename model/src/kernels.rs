@@ -447,8 +447,8 @@ impl CustomOp2 for GeluBackward {
 }
 
 /// Which normalisation a [`Norm`] computes over the last dim.
-#[derive(Clone, Copy)]
-enum NormKind {
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NormKind {
     /// `(x - mean) / sqrt(var + eps)`: LayerNorm without its affine part.
     Layer,
     /// `x / sqrt(mean(x^2) + eps)`: RMSNorm without its gain.

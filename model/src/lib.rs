@@ -18,6 +18,7 @@ mod gpt;
 mod kernels;
 mod linear;
 pub mod math;
+mod norm;
 mod ops;
 mod params;
 pub mod presets;

@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use crate::affine::affine;
 use crate::attention::{self, KeyRanges};
+use crate::kernels::NormKind;
+use crate::norm::norm_affine;
 use crate::{kernels, Result};
 
 /// Additive attention-mask value for a forbidden key. Finite, so that a fully masked row (a
@@ -79,6 +81,9 @@ impl Linear {
 
 /// RMSNorm over the last dim: `w * x / sqrt(mean(x^2) + eps)`, normalised in at least f32.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(y) = norm_affine(x, NormKind::Rms, eps, w, None)? {
+        return Ok(y);
+    }
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?;
     let y = kernels::rms_norm_core(&xc, eps)?.to_dtype(dtype)?;
@@ -87,6 +92,9 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm over the last dim, with an optional bias.
 pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if let Some(y) = norm_affine(x, NormKind::Layer, eps, w, b)? {
+        return Ok(y);
+    }
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?;
     let y = kernels::layer_norm_core(&xc, eps)?.to_dtype(dtype)?;

@@ -1,0 +1,332 @@
+//! LayerNorm and RMSNorm with their gain (and shift) in one op: `(x - mean) * inv * w + b` per
+//! row, with a hand-written backward that recomputes each row's statistics.
+//!
+//! As the normalisation kernel followed by the affine op, a norm was two graph nodes, and the
+//! normalised rows were kept for backward; here it is one node keeping only its input, and
+//! backward makes one pass per row for the input's gradient plus the gain's and shift's column
+//! sums (in fixed blocks of rows, summed in order, so independent of the thread count).
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::kernels::{cpu, fusable, slice_of, Element, NormKind, Real};
+use crate::math::lanes;
+use crate::Result;
+
+/// Rows per block of the column sums.
+const ROWS: usize = 64;
+
+/// Mean (0 for RMSNorm) and `1 / sqrt(variance + eps)` of a row, in eight lanes.
+#[inline]
+fn stats<T: Real>(row: &[T], kind: NormKind, eps: T) -> (T, T) {
+    let n = T::of(row.len() as f64);
+    let add = |a: T, b: T| a + b;
+    let mean = match kind {
+        NormKind::Layer => lanes(row, T::ZERO, add, add).div(n),
+        NormKind::Rms => T::ZERO,
+    };
+    let sq = |a: T, v: T| a + (v - mean).mul(v - mean);
+    let m2 = lanes(row, T::ZERO, sq, add).div(n);
+    (mean, T::of(1.0).div((m2 + eps).sqrt()))
+}
+
+/// `(x - mean) * inv * w + b` per row of `w.len()` values.
+fn forward_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, kind: NormKind, eps: f64) -> Vec<T> {
+    let (n, eps) = (w.len(), T::of(eps));
+    let mut y = x.to_vec();
+    y.par_chunks_mut(n * ROWS).for_each(|rows| {
+        for row in rows.chunks_mut(n) {
+            let (mean, inv) = stats(row, kind, eps);
+            for (j, v) in row.iter_mut().enumerate() {
+                let h = (*v - mean).mul(inv).mul(w[j]);
+                *v = match b {
+                    Some(b) => h + b[j],
+                    None => h,
+                };
+            }
+        }
+    });
+    y
+}
+
+/// Partial sums of `g * x_hat` (the gain's gradient) and of `g` (the shift's), per block of rows.
+type Partials<T> = Vec<(Vec<T>, Vec<T>)>;
+
+/// The input's gradient and, per block of rows, the partial column sums. With x_hat the
+/// normalised row and h = g w: LayerNorm dx = inv (h - mean(h) - x_hat mean(h x_hat)), RMSNorm
+/// dx = inv (h - x_hat mean(h x_hat)).
+fn backward_rows<T: Real>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    kind: NormKind,
+    eps: f64,
+) -> (Vec<T>, Partials<T>) {
+    let (n, eps) = (w.len(), T::of(eps));
+    let nn = T::of(n as f64);
+    let mut dx = g.to_vec();
+    let partials = dx
+        .par_chunks_mut(n * ROWS)
+        .zip(x.par_chunks(n * ROWS))
+        .map(|(gs, xs)| {
+            let (mut dw, mut db) = (vec![T::ZERO; n], vec![T::ZERO; n]);
+            for (g, x) in gs.chunks_mut(n).zip(xs.chunks(n)) {
+                let (mean, inv) = stats(x, kind, eps);
+                let (mut sum_h, mut sum_hy) = (T::ZERO, T::ZERO);
+                for j in 0..n {
+                    let y = (x[j] - mean).mul(inv);
+                    dw[j] = dw[j] + g[j].mul(y);
+                    db[j] = db[j] + g[j];
+                    let h = g[j].mul(w[j]);
+                    sum_h = sum_h + h;
+                    sum_hy = sum_hy + h.mul(y);
+                }
+                let mean_h = match kind {
+                    NormKind::Layer => sum_h.div(nn),
+                    NormKind::Rms => T::ZERO,
+                };
+                let mean_hy = sum_hy.div(nn);
+                for j in 0..n {
+                    let y = (x[j] - mean).mul(inv);
+                    g[j] = inv.mul(g[j].mul(w[j]) - mean_h - y.mul(mean_hy));
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    (dx, partials)
+}
+
+/// The element-wise sum of `parts`, in their order.
+fn total<'a, T: Real + 'a>(parts: impl Iterator<Item = &'a Vec<T>>, n: usize) -> Vec<T> {
+    parts.fold(vec![T::ZERO; n], |mut acc, p| {
+        acc.iter_mut().zip(p).for_each(|(a, &v)| *a = *a + v);
+        acc
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct NormAffine {
+    kind: NormKind,
+    eps: f64,
+}
+
+impl NormAffine {
+    fn forward<T: Element>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let xv = slice_of::<T>(x.0, x.1, "norm: the input")?;
+        let w = slice_of::<T>(w.0, w.1, "norm: the gain")?;
+        let b = b
+            .map(|(s, l)| slice_of::<T>(s, l, "norm: the shift"))
+            .transpose()?;
+        let y = forward_rows(xv, w, b, self.kind, self.eps);
+        Ok((T::storage(y), x.1.shape().clone()))
+    }
+
+    /// The gradients of x, the gain and (with `shift`) the shift.
+    fn backward<T: Element>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        shift: bool,
+    ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let xv = slice_of::<T>(cpu(&xs)?, xl, "norm: the input")?;
+        let wv = slice_of::<T>(cpu(&ws)?, wl, "norm: the gain")?;
+        let g = slice_of::<T>(cpu(&gs)?, gl, "norm: the gradient")?;
+        let n = wv.len();
+        let (dx, partials) = backward_rows(xv, wv, g, self.kind, self.eps);
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(total(partials.iter().map(|p| &p.0), n), w.shape(), dev)?,
+            shift
+                .then(|| Tensor::from_vec(total(partials.iter().map(|p| &p.1), n), w.shape(), dev))
+                .transpose()?,
+        ))
+    }
+}
+
+impl CustomOp2 for NormAffine {
+    fn name(&self) -> &'static str {
+        "sft-norm-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s1 {
+            CpuStorage::F32(_) => self.forward::<f32>((s1, l1), (s2, l2), None),
+            CpuStorage::F64(_) => self.forward::<f64>((s1, l1), (s2, l2), None),
+            _ => candle_core::bail!("norm: only f32 and f64"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = match x.dtype() {
+            candle_core::DType::F32 => self.backward::<f32>(x, w, grad, false)?,
+            _ => self.backward::<f64>(x, w, grad, false)?,
+        };
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for NormAffine {
+    fn name(&self) -> &'static str {
+        "sft-norm-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s1 {
+            CpuStorage::F32(_) => self.forward::<f32>((s1, l1), (s2, l2), Some((s3, l3))),
+            CpuStorage::F64(_) => self.forward::<f64>((s1, l1), (s2, l2), Some((s3, l3))),
+            _ => candle_core::bail!("norm: only f32 and f64"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = match x.dtype() {
+            candle_core::DType::F32 => self.backward::<f32>(x, w, grad, true)?,
+            _ => self.backward::<f64>(x, w, grad, true)?,
+        };
+        Ok((
+            Some(dx),
+            Some(dw),
+            db.map(|d| d.reshape(b.shape())).transpose()?,
+        ))
+    }
+}
+
+/// The norm of `kind` over the last dim of `x`, times `w`, plus `b`, in one op; `None` where it
+/// does not apply (another device or dtype, parameters of another length): the caller composes.
+pub(crate) fn norm_affine(
+    x: &Tensor,
+    kind: NormKind,
+    eps: f64,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let n = x.dim(D::Minus1)?;
+    let fits = |p: &Tensor| {
+        p.elem_count() == n && p.dtype() == x.dtype() && p.device().same_device(x.device())
+    };
+    if !fusable(x) || !fits(w) || !b.is_none_or(fits) || n == 0 {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let op = NormAffine { kind, eps };
+    Ok(Some(match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,
+        None => x.apply_op2(&w, op)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::norm_affine;
+    use crate::kernels::NormKind;
+    use crate::testing::{max_diff, values};
+
+    #[test]
+    fn fused_norms_with_their_gains_match_the_two_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        // 150 rows: two full blocks of the column sums and a partial one.
+        let (rows, n) = (150, 24);
+        let x = Var::from_vec(values(rows * n, 0.37), (rows, n), &dev).unwrap();
+        let w = Var::from_vec(values(n, 0.91), n, &dev).unwrap();
+        let b = Var::from_vec(values(n, 1.3), n, &dev).unwrap();
+        let g = Tensor::from_vec(values(rows * n, 1.7), (rows, n), &dev).unwrap();
+        for (kind, shift) in [
+            (NormKind::Layer, true),
+            (NormKind::Layer, false),
+            (NormKind::Rms, false),
+        ] {
+            let bt = shift.then_some(b.as_tensor());
+            let fused = norm_affine(&x, kind, 1e-5, &w, bt).unwrap().unwrap();
+            let core = match kind {
+                NormKind::Layer => crate::kernels::layer_norm_core(&x, 1e-5).unwrap(),
+                NormKind::Rms => crate::kernels::rms_norm_core(&x, 1e-5).unwrap(),
+            };
+            let composed = crate::affine::affine(&core, Some(&w), bt).unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-12);
+            let grads = |y: &Tensor| (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gc) = (grads(&fused), grads(&composed));
+            for v in [&x, &w, &b] {
+                match (gf.get(v.as_tensor()), gc.get(v.as_tensor())) {
+                    (Some(f), Some(c)) => {
+                        assert!(max_diff(f, c) < 1e-11, "{}", max_diff(f, c));
+                        assert!(max_diff(f, &f.zeros_like().unwrap()) > 1e-3);
+                    }
+                    (None, None) => assert!(!shift),
+                    _ => panic!("fused and composed differ in which inputs get a gradient"),
+                }
+            }
+        }
+        let half = x.to_dtype(DType::BF16).unwrap();
+        let wh = w.to_dtype(DType::BF16).unwrap();
+        assert!(norm_affine(&half, NormKind::Rms, 1e-5, &wh, None)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn fused_norm_gradients_do_not_depend_on_the_thread_count() {
+        let dev = Device::Cpu;
+        let f32v = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        let x = Var::from_vec(f32v(values(700 * 32, 0.37)), (700, 32), &dev).unwrap();
+        let w = Var::from_vec(f32v(values(32, 0.91)), 32, &dev).unwrap();
+        let b = Var::from_vec(f32v(values(32, 1.3)), 32, &dev).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = norm_affine(&x, NormKind::Layer, 1e-5, &w, Some(&b))
+                    .unwrap()
+                    .unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                [&x, &w, &b].map(|v| {
+                    let t = g.get(v.as_tensor()).unwrap();
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+            })
+        };
+        assert!(run(1) == run(3));
+    }
+}
