@@ -7,10 +7,10 @@
 //! over contiguous rows in fixed blocks, summed in a fixed order, so the result does not depend on
 //! the thread count; the input's gradient is `g * w`, or the gradient itself (no copy) for a bias.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::{cpu, fusable, slice_of, Element, Real};
+use crate::kernels::{cpu, fusable, slice_of, Element, Input, ParamOp, Real, WithParams};
 use crate::Result;
 
 /// Rows per block of the column sums: partial sums stay small, blocks many enough to share.
@@ -110,9 +110,9 @@ fn backward<T: Element>(
 }
 
 fn run<T: Element>(
-    x: (&CpuStorage, &Layout),
-    w: Option<(&CpuStorage, &Layout)>,
-    b: Option<(&CpuStorage, &Layout)>,
+    x: Input<'_>,
+    w: Option<Input<'_>>,
+    b: Option<Input<'_>>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let n = *x.1.dims().last().unwrap_or(&1);
     let xv = slice_of::<T>(x.0, x.1, "affine: the input")?;
@@ -125,86 +125,40 @@ fn run<T: Element>(
     Ok((T::storage(forward(xv, w, b, n)), x.1.shape().clone()))
 }
 
-impl CustomOp2 for Affine {
-    fn name(&self) -> &'static str {
-        "sft-affine"
-    }
+impl ParamOp for Affine {
+    const NAME: &'static str = "sft-affine";
 
-    fn cpu_fwd(
+    fn forward<T: Element>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: Input<'_>,
+        params: &[Input<'_>],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (w, b) = match self.0 {
-            Params::Scale => (Some((s2, l2)), None),
-            _ => (None, Some((s2, l2))),
+            Params::Scale => (Some(params[0]), None),
+            Params::Shift => (None, Some(params[0])),
+            Params::Both => (Some(params[0]), params.get(1).copied()),
         };
-        match s1 {
-            CpuStorage::F32(_) => run::<f32>((s1, l1), w, b),
-            CpuStorage::F64(_) => run::<f64>((s1, l1), w, b),
-            _ => candle_core::bail!("affine: only f32 and f64"),
-        }
+        run::<T>(x, w, b)
     }
 
-    fn bwd(
+    fn backward<T: Element>(
         &self,
         x: &Tensor,
-        p: &Tensor,
-        _y: &Tensor,
+        params: &[&Tensor],
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = (self.0 == Params::Scale).then_some(p);
-        let (dx, dw, db) = match x.dtype() {
-            candle_core::DType::F32 => backward::<f32>(self.0, x, w, grad)?,
-            _ => backward::<f64>(self.0, x, w, grad)?,
-        };
-        let dp = match self.0 {
-            Params::Scale => dw,
-            _ => db.map(|db| db.reshape(p.shape())).transpose()?,
-        };
-        Ok((Some(dx), dp))
-    }
-}
-
-impl CustomOp3 for Affine {
-    fn name(&self) -> &'static str {
-        "sft-affine"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => run::<f32>((s1, l1), Some((s2, l2)), Some((s3, l3))),
-            CpuStorage::F64(_) => run::<f64>((s1, l1), Some((s2, l2)), Some((s3, l3))),
-            _ => candle_core::bail!("affine: only f32 and f64"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = match x.dtype() {
-            candle_core::DType::F32 => backward::<f32>(self.0, x, Some(w), grad)?,
-            _ => backward::<f64>(self.0, x, Some(w), grad)?,
-        };
+    ) -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)> {
+        let w = (self.0 != Params::Shift).then_some(params[0]);
+        let (dx, dw, db) = backward::<T>(self.0, x, w, grad)?;
+        // The shift's gradient in the shape the shift came in.
+        let shift = params.last().expect("one or two parameters");
+        let db = db.map(|db| db.reshape(shift.shape())).transpose()?;
         Ok((
-            Some(dx),
-            dw,
-            db.map(|db| db.reshape(b.shape())).transpose()?,
+            dx,
+            match self.0 {
+                Params::Scale => vec![dw],
+                Params::Shift => vec![db],
+                Params::Both => vec![dw, db],
+            },
         ))
     }
 }
@@ -220,11 +174,13 @@ pub(crate) fn affine(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>) -> Resu
     if fusable(x) && fits(w) && fits(b) {
         let x = x.contiguous()?;
         return Ok(match (w, b) {
-            (Some(w), Some(b)) => {
-                x.apply_op3(&w.contiguous()?, &b.contiguous()?, Affine(Params::Both))?
-            }
-            (Some(w), None) => x.apply_op2(&w.contiguous()?, Affine(Params::Scale))?,
-            (None, Some(b)) => x.apply_op2(&b.contiguous()?, Affine(Params::Shift))?,
+            (Some(w), Some(b)) => x.apply_op3(
+                &w.contiguous()?,
+                &b.contiguous()?,
+                WithParams(Affine(Params::Both)),
+            )?,
+            (Some(w), None) => x.apply_op2(&w.contiguous()?, WithParams(Affine(Params::Scale)))?,
+            (None, Some(b)) => x.apply_op2(&b.contiguous()?, WithParams(Affine(Params::Shift)))?,
             (None, None) => x,
         });
     }

@@ -165,6 +165,130 @@ pub(crate) fn slice_of<'a, T: Element>(
     }
 }
 
+/// The storage and layout of one input of an op.
+pub(crate) type Input<'a> = (&'a CpuStorage, &'a Layout);
+
+/// An op over an input `x` and one or two parameter tensors (a weight, a bias, a gain and a
+/// shift), written once over the float type and run by candle as `CustomOp2` (x, p) or
+/// `CustomOp3` (x, p, q) through [`WithParams`].
+pub(crate) trait ParamOp: Send + Sync {
+    const NAME: &'static str;
+
+    fn forward<T: Element>(
+        &self,
+        x: Input<'_>,
+        params: &[Input<'_>],
+    ) -> candle_core::Result<(CpuStorage, Shape)>;
+
+    /// The gradients of `x` and of each parameter, in order, from the output's gradient
+    /// (contiguous).
+    fn backward<T: Element>(
+        &self,
+        x: &Tensor,
+        params: &[&Tensor],
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)>;
+}
+
+/// A [`ParamOp`] as candle's custom op, for f32 and f64.
+pub(crate) struct WithParams<O>(pub(crate) O);
+
+impl<O: ParamOp> WithParams<O> {
+    fn run_forward(
+        &self,
+        x: Input<'_>,
+        params: &[Input<'_>],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match x.0 {
+            CpuStorage::F32(_) => self.0.forward::<f32>(x, params),
+            CpuStorage::F64(_) => self.0.forward::<f64>(x, params),
+            _ => candle_core::bail!("{}: only f32 and f64", O::NAME),
+        }
+    }
+
+    fn run_backward(
+        &self,
+        x: &Tensor,
+        params: &[&Tensor],
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dp) = match x.dtype() {
+            DType::F32 => self.0.backward::<f32>(x, params, &grad)?,
+            DType::F64 => self.0.backward::<f64>(x, params, &grad)?,
+            dtype => candle_core::bail!("{}: no backward for {dtype:?}", O::NAME),
+        };
+        if dp.len() != params.len() {
+            candle_core::bail!(
+                "{}: {} gradients for {} parameters",
+                O::NAME,
+                dp.len(),
+                params.len()
+            );
+        }
+        Ok((Some(dx), dp))
+    }
+}
+
+impl<O: ParamOp> CustomOp2 for WithParams<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run_forward((s1, l1), &[(s2, l2)])
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp) = self.run_backward(x, &[p], grad)?;
+        let mut dp = dp.into_iter();
+        Ok((dx, dp.next().flatten()))
+    }
+}
+
+impl<O: ParamOp> CustomOp3 for WithParams<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run_forward((s1, l1), &[(s2, l2), (s3, l3)])
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        q: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp) = self.run_backward(x, &[p, q], grad)?;
+        let mut dp = dp.into_iter();
+        Ok((dx, dp.next().flatten(), dp.next().flatten()))
+    }
+}
+
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),

@@ -7,11 +7,11 @@
 //! product's starting value), backward the two products of the gradients and the bias's column
 //! sums, all through `gemm` with the same threading candle's matmul uses.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, Layout, Shape, Tensor, D};
 use gemm::Parallelism;
 
 use crate::affine::column_sums;
-use crate::kernels::{cpu, fusable, matmul, slice_of, Element};
+use crate::kernels::{cpu, fusable, matmul, slice_of, Element, Input, ParamOp, WithParams};
 use crate::Result;
 
 /// Split every product over the current pool, as candle's matmul does.
@@ -37,9 +37,9 @@ fn dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
 }
 
 fn forward<T: Element>(
-    x: (&CpuStorage, &Layout),
-    w: (&CpuStorage, &Layout),
-    b: Option<(&CpuStorage, &Layout)>,
+    x: Input<'_>,
+    w: Input<'_>,
+    b: Option<Input<'_>>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let (rows, n_in, n_out) = dims(x.1, w.1)?;
     let (xv, wv) = (
@@ -116,77 +116,34 @@ fn backward<T: Element>(
     ))
 }
 
-impl CustomOp2 for Dense {
-    fn name(&self) -> &'static str {
-        "sft-dense"
-    }
+impl ParamOp for Dense {
+    const NAME: &'static str = "sft-dense";
 
-    fn cpu_fwd(
+    fn forward<T: Element>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: Input<'_>,
+        params: &[Input<'_>],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => forward::<f32>((s1, l1), (s2, l2), None),
-            CpuStorage::F64(_) => forward::<f64>((s1, l1), (s2, l2), None),
-            _ => candle_core::bail!("dense: only f32 and f64"),
-        }
+        forward::<T>(x, params[0], params.get(1).copied())
     }
 
-    fn bwd(
+    fn backward<T: Element>(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
+        params: &[&Tensor],
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = match x.dtype() {
-            candle_core::DType::F32 => backward::<f32>(x, w, grad, false)?,
-            _ => backward::<f64>(x, w, grad, false)?,
-        };
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for Dense {
-    fn name(&self) -> &'static str {
-        "sft-dense"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => forward::<f32>((s1, l1), (s2, l2), Some((s3, l3))),
-            CpuStorage::F64(_) => forward::<f64>((s1, l1), (s2, l2), Some((s3, l3))),
-            _ => candle_core::bail!("dense: only f32 and f64"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = match x.dtype() {
-            candle_core::DType::F32 => backward::<f32>(x, w, grad, true)?,
-            _ => backward::<f64>(x, w, grad, true)?,
+    ) -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)> {
+        let (dx, dw, db) = backward::<T>(x, params[0], grad, params.len() == 2)?;
+        let db = match (db, params.get(1)) {
+            (Some(db), Some(b)) => Some(db.reshape(b.shape())?),
+            _ => None,
         };
         Ok((
-            Some(dx),
-            Some(dw),
-            db.map(|d| d.reshape(b.shape())).transpose()?,
+            dx,
+            [Some(dw)]
+                .into_iter()
+                .chain(params.get(1).map(|_| db))
+                .collect(),
         ))
     }
 }
@@ -203,8 +160,8 @@ pub(crate) fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     Ok(Some(match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense)?,
-        None => x.apply_op2(&w, Dense)?,
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, WithParams(Dense))?,
+        None => x.apply_op2(&w, WithParams(Dense))?,
     }))
 }
 

@@ -6,10 +6,10 @@
 //! backward makes one pass per row for the input's gradient plus the gain's and shift's column
 //! sums (in fixed blocks of rows, summed in order, so independent of the thread count).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::kernels::{cpu, fusable, slice_of, Element, NormKind, Real};
+use crate::kernels::{cpu, fusable, slice_of, Element, Input, NormKind, ParamOp, Real, WithParams};
 use crate::math::lanes;
 use crate::Result;
 
@@ -112,11 +112,11 @@ struct NormAffine {
 }
 
 impl NormAffine {
-    fn forward<T: Element>(
+    fn run<T: Element>(
         &self,
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
+        x: Input<'_>,
+        w: Input<'_>,
+        b: Option<Input<'_>>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let xv = slice_of::<T>(x.0, x.1, "norm: the input")?;
         let w = slice_of::<T>(w.0, w.1, "norm: the gain")?;
@@ -128,7 +128,7 @@ impl NormAffine {
     }
 
     /// The gradients of x, the gain and (with `shift`) the shift.
-    fn backward<T: Element>(
+    fn gradients<T: Element>(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -155,77 +155,30 @@ impl NormAffine {
     }
 }
 
-impl CustomOp2 for NormAffine {
-    fn name(&self) -> &'static str {
-        "sft-norm-affine"
-    }
+impl ParamOp for NormAffine {
+    const NAME: &'static str = "sft-norm-affine";
 
-    fn cpu_fwd(
+    fn forward<T: Element>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: Input<'_>,
+        params: &[Input<'_>],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => self.forward::<f32>((s1, l1), (s2, l2), None),
-            CpuStorage::F64(_) => self.forward::<f64>((s1, l1), (s2, l2), None),
-            _ => candle_core::bail!("norm: only f32 and f64"),
-        }
+        self.run::<T>(x, params[0], params.get(1).copied())
     }
 
-    fn bwd(
+    fn backward<T: Element>(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
+        params: &[&Tensor],
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = match x.dtype() {
-            candle_core::DType::F32 => self.backward::<f32>(x, w, grad, false)?,
-            _ => self.backward::<f64>(x, w, grad, false)?,
-        };
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for NormAffine {
-    fn name(&self) -> &'static str {
-        "sft-norm-affine"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => self.forward::<f32>((s1, l1), (s2, l2), Some((s3, l3))),
-            CpuStorage::F64(_) => self.forward::<f64>((s1, l1), (s2, l2), Some((s3, l3))),
-            _ => candle_core::bail!("norm: only f32 and f64"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = match x.dtype() {
-            candle_core::DType::F32 => self.backward::<f32>(x, w, grad, true)?,
-            _ => self.backward::<f64>(x, w, grad, true)?,
-        };
+    ) -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)> {
+        let (dx, dw, db) = self.gradients::<T>(x, params[0], grad, params.len() == 2)?;
         Ok((
-            Some(dx),
-            Some(dw),
-            db.map(|d| d.reshape(b.shape())).transpose()?,
+            dx,
+            [Some(dw)]
+                .into_iter()
+                .chain(params.get(1).map(|_| db))
+                .collect(),
         ))
     }
 }
@@ -249,8 +202,8 @@ pub(crate) fn norm_affine(
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let op = NormAffine { kind, eps };
     Ok(Some(match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,
-        None => x.apply_op2(&w, op)?,
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, WithParams(op))?,
+        None => x.apply_op2(&w, WithParams(op))?,
     }))
 }
 
