@@ -165,6 +165,37 @@ pub(crate) fn slice_of<'a, T: Element>(
     }
 }
 
+/// Rows per block of a column sum: partial sums stay small, and there are blocks enough to
+/// share between threads.
+pub(crate) const SUM_ROWS: usize = 64;
+
+/// The element-wise sum of `parts` (each `n` long), in their order.
+pub(crate) fn sum_in_order<'a, T: Real + 'a>(
+    parts: impl Iterator<Item = &'a Vec<T>>,
+    n: usize,
+) -> Vec<T> {
+    parts.fold(vec![T::ZERO; n], |mut acc, p| {
+        acc.iter_mut().zip(p).for_each(|(a, &v)| *a = *a + v);
+        acc
+    })
+}
+
+/// Column sums of rows of `n` values (a bias's gradient), per block of [`SUM_ROWS`] rows and
+/// then over the blocks in order, so the result does not depend on the thread count.
+pub(crate) fn column_sums<T: Real>(g: &[T], n: usize) -> Vec<T> {
+    let blocks: Vec<Vec<T>> = g
+        .par_chunks(n * SUM_ROWS)
+        .map(|rows| {
+            let mut sum = vec![T::ZERO; n];
+            for row in rows.chunks(n) {
+                sum.iter_mut().zip(row).for_each(|(s, &g)| *s = *s + g);
+            }
+            sum
+        })
+        .collect();
+    sum_in_order(blocks.iter(), n)
+}
+
 /// The storage and layout of one input of an op.
 pub(crate) type Input<'a> = (&'a CpuStorage, &'a Layout);
 
@@ -192,6 +223,18 @@ pub(crate) trait ParamOp: Send + Sync {
 
 /// A [`ParamOp`] as candle's custom op, for f32 and f64.
 pub(crate) struct WithParams<O>(pub(crate) O);
+
+impl<O: ParamOp + 'static> WithParams<O> {
+    /// `op` on `x` and its parameters, all made contiguous: candle's `CustomOp2` for one
+    /// parameter, `CustomOp3` for two.
+    pub(crate) fn apply(op: O, x: &Tensor, p: &Tensor, q: Option<&Tensor>) -> Result<Tensor> {
+        let (x, p) = (x.contiguous()?, p.contiguous()?);
+        Ok(match q {
+            Some(q) => x.apply_op3(&p, &q.contiguous()?, WithParams(op))?,
+            None => x.apply_op2(&p, WithParams(op))?,
+        })
+    }
+}
 
 impl<O: ParamOp> WithParams<O> {
     fn run_forward(
@@ -1017,18 +1060,7 @@ mod tests {
         let fused = masked_softmax(&scores, &mask).unwrap();
         let composed =
             candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f64 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = max_diff;
         assert!(diff(&fused, &composed) < 1e-14);
         let g_fused = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let g_composed = (composed * &w)
@@ -1050,17 +1082,7 @@ mod tests {
         let fused = masked_softmax(&scores32, &shared).unwrap();
         let composed =
             candle_nn::ops::softmax(&scores32.broadcast_add(&shared).unwrap(), D::Minus1).unwrap();
-        let d: f32 = (fused - composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(d < 1e-6);
+        assert!(max_diff(&fused, &composed) < 1e-6);
     }
 
     /// Value and gradient of `sum(f(x) * w)` for a fused op and its candle composition, in f64.

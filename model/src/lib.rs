@@ -9,7 +9,6 @@
 //!
 //! Inference uses [`Model::detached`] (no graph is recorded) and a [`KvCache`]; see [`generate`].
 
-mod affine;
 mod attention;
 mod checkpoint;
 mod config;

@@ -10,8 +10,9 @@
 use candle_core::{CpuStorage, Layout, Shape, Tensor, D};
 use gemm::Parallelism;
 
-use crate::affine::column_sums;
-use crate::kernels::{cpu, fusable, matmul, slice_of, Element, Input, ParamOp, WithParams};
+use crate::kernels::{
+    column_sums, cpu, fusable, matmul, slice_of, Element, Input, ParamOp, WithParams,
+};
 use crate::Result;
 
 /// Split every product over the current pool, as candle's matmul does.
@@ -107,7 +108,7 @@ fn backward<T: Element>(
             parallelism(),
         );
     }
-    let db = bias.then(|| column_sums(g, None, n_out).1);
+    let db = bias.then(|| column_sums(g, n_out));
     let dev = x.device();
     Ok((
         Tensor::from_vec(dx, x.shape(), dev)?,
@@ -158,11 +159,7 @@ pub(crate) fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option
     if !fusable(x) || !w_fits || !b_fits || x.elem_count() == 0 {
         return Ok(None);
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    Ok(Some(match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, WithParams(Dense))?,
-        None => x.apply_op2(&w, WithParams(Dense))?,
-    }))
+    Ok(Some(WithParams::apply(Dense, x, w, b)?))
 }
 
 #[cfg(test)]

@@ -9,12 +9,12 @@
 use candle_core::{CpuStorage, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::kernels::{cpu, fusable, slice_of, Element, Input, NormKind, ParamOp, Real, WithParams};
+use crate::kernels::{
+    cpu, fusable, slice_of, sum_in_order, Element, Input, NormKind, ParamOp, Real, WithParams,
+    SUM_ROWS,
+};
 use crate::math::lanes;
 use crate::Result;
-
-/// Rows per block of the column sums.
-const ROWS: usize = 64;
 
 /// Mean (0 for RMSNorm) and `1 / sqrt(variance + eps)` of a row, in eight lanes.
 #[inline]
@@ -34,7 +34,7 @@ fn stats<T: Real>(row: &[T], kind: NormKind, eps: T) -> (T, T) {
 fn forward_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, kind: NormKind, eps: f64) -> Vec<T> {
     let (n, eps) = (w.len(), T::of(eps));
     let mut y = x.to_vec();
-    y.par_chunks_mut(n * ROWS).for_each(|rows| {
+    y.par_chunks_mut(n * SUM_ROWS).for_each(|rows| {
         for row in rows.chunks_mut(n) {
             let (mean, inv) = stats(row, kind, eps);
             for (j, v) in row.iter_mut().enumerate() {
@@ -66,8 +66,8 @@ fn backward_rows<T: Real>(
     let nn = T::of(n as f64);
     let mut dx = g.to_vec();
     let partials = dx
-        .par_chunks_mut(n * ROWS)
-        .zip(x.par_chunks(n * ROWS))
+        .par_chunks_mut(n * SUM_ROWS)
+        .zip(x.par_chunks(n * SUM_ROWS))
         .map(|(gs, xs)| {
             let (mut dw, mut db) = (vec![T::ZERO; n], vec![T::ZERO; n]);
             for (g, x) in gs.chunks_mut(n).zip(xs.chunks(n)) {
@@ -95,14 +95,6 @@ fn backward_rows<T: Real>(
         })
         .collect();
     (dx, partials)
-}
-
-/// The element-wise sum of `parts`, in their order.
-fn total<'a, T: Real + 'a>(parts: impl Iterator<Item = &'a Vec<T>>, n: usize) -> Vec<T> {
-    parts.fold(vec![T::ZERO; n], |mut acc, p| {
-        acc.iter_mut().zip(p).for_each(|(a, &v)| *a = *a + v);
-        acc
-    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -147,9 +139,19 @@ impl NormAffine {
         let dev = x.device();
         Ok((
             Tensor::from_vec(dx, x.shape(), dev)?,
-            Tensor::from_vec(total(partials.iter().map(|p| &p.0), n), w.shape(), dev)?,
+            Tensor::from_vec(
+                sum_in_order(partials.iter().map(|p| &p.0), n),
+                w.shape(),
+                dev,
+            )?,
             shift
-                .then(|| Tensor::from_vec(total(partials.iter().map(|p| &p.1), n), w.shape(), dev))
+                .then(|| {
+                    Tensor::from_vec(
+                        sum_in_order(partials.iter().map(|p| &p.1), n),
+                        w.shape(),
+                        dev,
+                    )
+                })
                 .transpose()?,
         ))
     }
@@ -199,12 +201,7 @@ pub(crate) fn norm_affine(
     if !fusable(x) || !fits(w) || !b.is_none_or(fits) || n == 0 {
         return Ok(None);
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let op = NormAffine { kind, eps };
-    Ok(Some(match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, WithParams(op))?,
-        None => x.apply_op2(&w, WithParams(op))?,
-    }))
+    Ok(Some(WithParams::apply(NormAffine { kind, eps }, x, w, b)?))
 }
 
 #[cfg(test)]
@@ -235,7 +232,11 @@ mod tests {
                 NormKind::Layer => crate::kernels::layer_norm_core(&x, 1e-5).unwrap(),
                 NormKind::Rms => crate::kernels::rms_norm_core(&x, 1e-5).unwrap(),
             };
-            let composed = crate::affine::affine(&core, Some(&w), bt).unwrap();
+            let scaled = core.broadcast_mul(&w).unwrap();
+            let composed = match bt {
+                Some(b) => scaled.broadcast_add(b).unwrap(),
+                None => scaled,
+            };
             assert!(max_diff(&fused, &composed) < 1e-12);
             let grads = |y: &Tensor| (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let (gf, gc) = (grads(&fused), grads(&composed));

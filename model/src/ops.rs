@@ -16,7 +16,6 @@ use rand_chacha::ChaCha8Rng;
 
 use std::sync::Arc;
 
-use crate::affine::affine;
 use crate::attention::{self, KeyRanges};
 use crate::kernels::NormKind;
 use crate::norm::norm_affine;
@@ -40,6 +39,19 @@ fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
+/// `x * w + b` over the last dim with candle's broadcast ops: the path for half precision and
+/// other devices (f32 and f64 on the CPU take the fused dense and norm ops).
+fn scale_shift(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = match w {
+        Some(w) => x.broadcast_mul(w)?,
+        None => x.clone(),
+    };
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
 /// `x @ w^T + b` over the last dim of `x`; `w` is (out, in) as stored by `nn.Linear`.
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if let Some(y) = crate::linear::dense(x, w, b)? {
@@ -52,7 +64,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let rows = lead.iter().product::<usize>();
     // 2-D on both sides: no batch folding, so no layout trap; reshape copies a permuted input.
     let y = x.reshape((rows, n_in))?.matmul(&w.t()?)?;
-    let y = affine(&y, None, b)?;
+    let y = scale_shift(&y, None, b)?;
     let mut out_dims = lead.to_vec();
     out_dims.push(w.dim(0)?);
     Ok(y.reshape(out_dims)?)
@@ -87,7 +99,7 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?;
     let y = kernels::rms_norm_core(&xc, eps)?.to_dtype(dtype)?;
-    affine(&y, Some(w), None)
+    scale_shift(&y, Some(w), None)
 }
 
 /// LayerNorm over the last dim, with an optional bias.
@@ -98,7 +110,7 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -
     let dtype = x.dtype();
     let xc = x.to_dtype(compute_dtype(dtype))?;
     let y = kernels::layer_norm_core(&xc, eps)?.to_dtype(dtype)?;
-    affine(&y, Some(w), b)
+    scale_shift(&y, Some(w), b)
 }
 
 /// Softmax over the last dim, in at least f32, returned in the input dtype.
@@ -391,6 +403,7 @@ pub(crate) fn segment_mask(segments: &Tensor, dtype: DType) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_diff;
     use rand_distr::{Distribution, StandardNormal};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -398,19 +411,6 @@ mod tests {
         let n = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// Reference `x @ w^T` with explicit loops over host data.
@@ -436,10 +436,10 @@ mod tests {
         let got = linear(&x, &w, None).unwrap();
         let want = naive_linear(&x.to_vec3().unwrap(), &w.to_vec2().unwrap());
         let want = Tensor::new(want, &Device::Cpu).unwrap();
-        assert!(max_abs_diff(&got, &want) < 1e-5);
+        assert!(max_diff(&got, &want) < 1e-5);
         let trap = candle_nn::Module::forward(&candle_nn::Linear::new(w, None), &x).unwrap();
         assert!(
-            max_abs_diff(&trap, &want) > 1e-2,
+            max_diff(&trap, &want) > 1e-2,
             "candle fixed the trap: simplify linear"
         );
     }
@@ -458,7 +458,7 @@ mod tests {
         for row in 0..2 {
             let one = |t: &Tensor| t.narrow(0, row, 1).unwrap();
             let alone = attention(&one(&q), &one(&k), &one(&v), Some(&mask), None).unwrap();
-            assert!(max_abs_diff(&one(&both), &alone) < 1e-6);
+            assert!(max_diff(&one(&both), &alone) < 1e-6);
         }
     }
 
@@ -476,7 +476,7 @@ mod tests {
         let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() / 8f64.sqrt()).unwrap();
         let want = softmax_last_dim(&scores).unwrap().matmul(&rep(&v)).unwrap();
         let want = want.transpose(1, 2).unwrap().reshape((1, 5, 32)).unwrap();
-        assert!(max_abs_diff(&got, &want) < 1e-6);
+        assert!(max_diff(&got, &want) < 1e-6);
     }
 
     #[test]
