@@ -778,7 +778,7 @@ mod tests {
     use rand_distr::{Distribution, StandardNormal};
 
     use crate::ops::{self, Dropout, Mask};
-    use crate::testing::{grads, max_diff};
+    use crate::testing::{grads, max_diff, on_threads};
 
     fn randn(shape: &[usize], seed: u64) -> Var {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -968,11 +968,7 @@ mod tests {
         let qkv = Var::from_tensor(&qkv).unwrap();
         let mask = Mask::new(ops::causal_mask(t, 0, DType::F32, &Device::Cpu).unwrap()).unwrap();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let y = ops::attention_qkv(&qkv, heads, Some(&mask), None).unwrap();
                 let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
                 let g: Vec<f32> = g

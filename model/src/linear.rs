@@ -167,7 +167,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::dense;
-    use crate::testing::{max_diff, values};
+    use crate::testing::{max_diff, on_threads, values};
 
     #[test]
     fn dense_matches_matmul_and_bias_and_their_gradients() {
@@ -216,11 +216,7 @@ mod tests {
         let w = Var::from_vec(f32v(values(96 * 64, 0.91)), (96, 64), &dev).unwrap();
         let b = Var::from_vec(f32v(values(96, 1.3)), 96, &dev).unwrap();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let y = dense(&x, &w, Some(&b)).unwrap().unwrap();
                 let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
                 [&x, &w, &b].map(|v| {

@@ -210,7 +210,7 @@ mod tests {
 
     use super::norm_affine;
     use crate::kernels::NormKind;
-    use crate::testing::{max_diff, values};
+    use crate::testing::{max_diff, on_threads, values};
 
     #[test]
     fn fused_norms_with_their_gains_match_the_two_ops_and_their_gradients() {
@@ -266,11 +266,7 @@ mod tests {
         let w = Var::from_vec(f32v(values(32, 0.91)), 32, &dev).unwrap();
         let b = Var::from_vec(f32v(values(32, 1.3)), 32, &dev).unwrap();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let y = norm_affine(&x, NormKind::Layer, 1e-5, &w, Some(&b))
                     .unwrap()
                     .unwrap();

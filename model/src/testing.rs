@@ -32,3 +32,12 @@ pub(crate) fn grads(y: &Tensor, w: &Tensor, xs: &[&Var]) -> Vec<Tensor> {
         .map(|x| g.get(x.as_tensor()).unwrap().clone())
         .collect()
 }
+
+/// `f` run on a rayon pool of `threads` workers (to check a result does not depend on them).
+pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
