@@ -8,13 +8,19 @@
 //! `sft bench generate --model DIR [--prompt-len P] [--new-tokens N] [--json]`: greedy decoding
 //! with the KV cache, `{"tokens_per_s":..,"prefill_s":..,"prompt_len":..,"new_tokens":..}`.
 //!
-//! `sft bench gemm [--n N] [--json]`: candle's f32 matmul rate, `{"gflops":..}`, the peak that
-//! model FLOPs utilisation is measured against.
+//! `sft bench gemm [--n N] [--dtype D] [--json]`: candle's matmul rate on the device,
+//! `{"gflops":..,"n":..,"dtype":..,"device":..}`, the peak that model FLOPs utilisation is
+//! measured against.
+//!
+//! `train` and `gemm` run on the first CUDA GPU when `sft` is built with `--features cuda` and
+//! one is present, else on the CPU; `--dtype bf16` is for the GPU (on the CPU, f32 is the fast
+//! path: half precision falls back to candle's composed ops).
 
 use std::path::PathBuf;
 
 use candle_core::DType;
-use sft::bench::{bench_generate, bench_train, sgemm_peak_gflops, BenchOptions};
+use sft::bench::{bench_generate, bench_train, device_name, matmul_peak_gflops, BenchOptions};
+use sft::config::parse_dtype;
 use sft_model::Model;
 
 #[derive(clap::Subcommand)]
@@ -23,7 +29,7 @@ pub(crate) enum Command {
     Train(TrainArgs),
     /// Time greedy decoding with the KV cache.
     Generate(GenerateArgs),
-    /// Measure the f32 matrix-multiply peak.
+    /// Measure the matrix-multiply peak.
     Gemm(GemmArgs),
 }
 
@@ -46,6 +52,9 @@ pub(crate) struct GemmArgs {
     /// Matrix side.
     #[arg(long, default_value_t = 1024)]
     n: usize,
+    /// Matrix dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
     #[arg(long)]
     threads: Option<usize>,
     #[arg(long)]
@@ -68,6 +77,9 @@ pub(crate) struct TrainArgs {
     /// Share of positions that are targets.
     #[arg(long, default_value_t = 1.0)]
     target_fraction: f64,
+    /// Weights and activations: f32, bf16 or f16 (the optimizer state stays f32).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
     /// Compute threads (default: physical cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -107,11 +119,22 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn gemm(args: GemmArgs) -> anyhow::Result<()> {
-    let gflops = sgemm_peak_gflops(args.n, 5)?;
+    let dev = sft::setup::device()?;
+    let gflops = matmul_peak_gflops(args.n, 5, args.dtype, &dev)?;
+    let (dtype, device) = (
+        format!("{:?}", args.dtype).to_lowercase(),
+        device_name(&dev),
+    );
     if args.json {
-        println!("{}", serde_json::json!({ "gflops": gflops, "n": args.n }));
+        println!(
+            "{}",
+            serde_json::json!({ "gflops": gflops, "n": args.n, "dtype": dtype, "device": device })
+        );
     } else {
-        println!("{gflops:.1} GFLOP/s f32 matmul ({0}x{0})", args.n);
+        println!(
+            "{gflops:.1} GFLOP/s {dtype} matmul on {device} ({0}x{0})",
+            args.n
+        );
     }
     Ok(())
 }
@@ -120,7 +143,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 {
         anyhow::bail!("--steps and --batch-size must be positive and --seq-len at least 2");
     }
-    let model = Model::load(&args.model, DType::F32, &sft::setup::device()?)?;
+    let model = Model::load(&args.model, args.dtype, &sft::setup::device()?)?;
     if args.seq_len > model.config().max_positions() {
         anyhow::bail!(
             "--seq-len {} exceeds the model's context {}",
@@ -143,9 +166,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{:.1} tokens/s  step {:.3} s (forward+loss {:.3}, backward {:.3}, optimizer {:.3})  {:.1} GFLOP/s  peak RSS {:.0} MiB  ({} params, {}x{}, {} threads)",
+            "{:.1} tokens/s  step {:.3} s (forward+loss {:.3}, backward {:.3}, optimizer {:.3})  {:.1} GFLOP/s  peak RSS {:.0} MiB  ({} params, {}x{}, {} {}, {} threads)",
             r.tokens_per_s, r.step_s_median, r.forward_s, r.backward_s, r.optimizer_s, r.gflops_per_s,
-            r.peak_rss_mib, r.params, r.batch_size, r.seq_len, r.threads
+            r.peak_rss_mib, r.params, r.batch_size, r.seq_len, r.dtype, r.device, r.threads
         );
     }
     Ok(())

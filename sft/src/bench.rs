@@ -42,6 +42,9 @@ pub struct BenchResult {
     /// token, causal half of it counted).
     pub flops_per_step: f64,
     pub gflops_per_s: f64,
+    /// Where the step ran (`cpu`, `cuda:0`) and in which dtype (`f32`, `bf16`).
+    pub device: String,
+    pub dtype: String,
 }
 
 /// Runs the benchmark on `model` (its weights change: it trains).
@@ -57,6 +60,8 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     )?;
     let (mut fwd, mut bwd, mut optim, mut total) = (vec![], vec![], vec![], vec![]);
     let mut acc = GradAccumulator::new(model.params().len());
+    // A GPU queues kernels and returns: each phase ends when the device has done its work.
+    let dev = model.device();
     for step in 0..opts.warmup + opts.steps {
         let samples: Vec<Rendered> = (0..opts.batch_size)
             .map(|_| {
@@ -71,13 +76,17 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
             .collect();
         let rows: Vec<Vec<&Rendered>> = samples.iter().map(|s| vec![s]).collect();
         let batch = collate(&rows, 0, None);
+        dev.synchronize()?;
         let t0 = Instant::now();
         let f = forward_loss(model, &batch, 1.0 / batch.n_targets as f64, None)?
             .expect("the benchmark batch has targets");
+        dev.synchronize()?;
         let t1 = Instant::now();
         backward(model, f, &mut acc)?;
+        dev.synchronize()?;
         let t2 = Instant::now();
         opt.step(&acc.take(), 1e-5)?;
+        dev.synchronize()?;
         let t3 = Instant::now();
         if step >= opts.warmup {
             fwd.push((t1 - t0).as_secs_f64());
@@ -109,7 +118,18 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         threads: candle_core::utils::get_num_threads(),
         flops_per_step: flops,
         gflops_per_s: flops / step / 1e9,
+        device: device_name(dev),
+        dtype: format!("{:?}", model.dtype()).to_lowercase(),
     })
+}
+
+/// `cpu`, `cuda:0`, `metal:0`.
+pub fn device_name(dev: &candle_core::Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -183,16 +203,22 @@ pub fn bench_generate(
     })
 }
 
-/// The machine's f32 matrix-multiply rate through candle (GFLOP/s, best of `reps` n×n×n
-/// products): the peak that model FLOPs utilisation is measured against.
-pub fn sgemm_peak_gflops(n: usize, reps: usize) -> Result<f64> {
-    let dev = candle_core::Device::Cpu;
-    let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), &dev)?;
-    let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+/// The matrix-multiply rate of `dev` in `dtype` (GFLOP/s, best of `reps` n×n×n products through
+/// candle): the peak that model FLOPs utilisation is measured against.
+pub fn matmul_peak_gflops(
+    n: usize,
+    reps: usize,
+    dtype: candle_core::DType,
+    dev: &candle_core::Device,
+) -> Result<f64> {
+    let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
     let mut best = f64::INFINITY;
     for _ in 0..reps.max(1) + 1 {
+        dev.synchronize()?;
         let t = Instant::now();
         let c = a.matmul(&b)?;
+        dev.synchronize()?;
         // Force the result: candle is eager, but keep the optimiser from dropping the work.
         std::hint::black_box(&c);
         best = best.min(t.elapsed().as_secs_f64());

@@ -7,6 +7,7 @@
 
 mod bench;
 mod ci;
+mod cuda;
 mod hub;
 mod init_model;
 mod train;
@@ -42,6 +43,9 @@ enum Cmd {
     },
     /// Training, data-prep and generation benchmarks, optionally against PyTorch.
     Bench(bench::Args),
+    /// Lint `sft` with its `cuda` feature (installs NVIDIA's compiler from PyPI when there is
+    /// no CUDA toolkit); no GPU needed.
+    CudaCheck(cuda::Args),
 }
 
 #[derive(Subcommand)]
@@ -89,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench(args) => bench::run(args),
+        Cmd::CudaCheck(args) => cuda::run(args),
     }
 }
 
@@ -102,10 +107,20 @@ pub(crate) fn project_root() -> PathBuf {
 /// Builds the release `sft` binary (training runs and benchmarks want the optimised build) and
 /// returns its path.
 pub(crate) fn build_sft() -> anyhow::Result<PathBuf> {
+    build_sft_with(&[])
+}
+
+/// The release `sft` built with the given cargo features of `sft-cli` (`cuda`).
+pub(crate) fn build_sft_with(features: &[&str]) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("$ cargo build --release --package sft-cli");
+    let mut args = vec!["build", "--release", "--package", "sft-cli"];
+    let features = features.join(",");
+    if !features.is_empty() {
+        args.extend(["--features", &features]);
+    }
+    eprintln!("$ cargo {}", args.join(" "));
     let status = Command::new(&cargo)
-        .args(["build", "--release", "--package", "sft-cli"])
+        .args(&args)
         .status()
         .with_context(|| format!("running {cargo}"))?;
     if !status.success() {

@@ -1,18 +1,19 @@
 """The PyTorch peer of `sft bench train`, run by `cargo xtask bench --peer`.
 
     python bench_peer.py --config {a,b,c,d} --threads N --steps S --warmup W \
-        [--batch-size B] [--seq-len L] [--dropout P]
+        [--batch-size B] [--seq-len L] [--dropout P] [--device cpu|cuda] [--dtype f32|bf16]
 
 prints exactly one line of JSON on stdout, with the keys `sft bench train --json` prints
 (tokens_per_s, step_s_median, peak_rss_mib, forward_s, backward_s, optimizer_s, params,
-batch_size, seq_len, threads) plus "config"; anything else goes to stderr. Times are medians over
+batch_size, seq_len, threads, device, dtype) plus "config" and "peak_device_mib" (CUDA's peak
+allocation, null on the CPU); anything else goes to stderr. Times are medians over
 the timed steps (the upper median for an even count, as ours); tokens_per_s = batch * seq_len /
 step_s_median; peak_rss_mib is getrusage(RUSAGE_SELF).ru_maxrss / 1024.
 
 A full step: forward with the causal-LM loss (the mean cross-entropy of logits[:, :-1] against
 ids[:, 1:], every position a target, computed as `transformers`' ForCausalLMLoss does), backward,
 clip_grad_norm_(1.0), AdamW(lr=1e-5, weight_decay=0.1) step, zero_grad(set_to_none=True). f32 on
-the CPU, random ids uniform in [0, vocab), torch.manual_seed(0), torch.set_num_threads(N),
+the CPU unless --device/--dtype say otherwise (on CUDA each phase ends with a synchronize), random ids uniform in [0, vocab), torch.manual_seed(0), torch.set_num_threads(N),
 torch.set_num_interop_threads(1). "forward_s" includes the loss, as ours does.
 
 Configurations (default batch x seq):
@@ -122,7 +123,7 @@ class Gpt(nn.Module):
     def forward(self, ids):
         t = ids.shape[1]
         assert t <= self.block_size, f"sequence length {t} > block size {self.block_size}"
-        pos = torch.arange(t, dtype=torch.long)
+        pos = torch.arange(t, dtype=torch.long, device=ids.device)
         x = self.drop(self.wte(ids) + self.wpe(pos))
         for blk in self.h:
             x = blk(x)
@@ -165,28 +166,40 @@ def run(a):
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
 
-    model = build(kind, cfg).float().train()
+    dev = torch.device(a.device)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    model = build(kind, cfg).to(device=dev, dtype=dtype).train()
+
+    def sync():
+        # CUDA queues kernels and returns: a phase ends when the device has done its work.
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights counted once
     n_params = sum(p.numel() for p in params)
     print(f"bench_peer: config {a.config}: {n_params:,} parameters, batch {batch} x seq {seq}, "
-          f"{a.threads} threads, torch {torch.__version__}", file=sys.stderr)
+          f"{a.threads} threads, {a.dtype} on {a.device}, torch {torch.__version__}", file=sys.stderr)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
     vocab = cfg["vocab_size"]
     fwd, bwd, optim, total = [], [], [], []
     for step in range(warmup + steps):
-        ids = torch.randint(0, vocab, (batch, seq))
+        ids = torch.randint(0, vocab, (batch, seq), device=dev)
+        sync()
         t0 = time.perf_counter()
         if kind == "gpt":
             loss = causal_lm_loss(model(ids), ids)
         else:
             # labels=ids: transformers' own ForCausalLMLoss (shift by padding the labels).
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         value = loss.item()
         del loss
@@ -213,6 +226,11 @@ def run(a):
         "seq_len": seq,
         "threads": a.threads,
         "config": a.config,
+        "device": a.device,
+        "dtype": a.dtype,
+        # The GPU's own peak allocation (host RSS above does not see it).
+        "peak_device_mib": (torch.cuda.max_memory_allocated(dev) / 2**20
+                            if dev.type == "cuda" else None),
     }
 
 
@@ -226,6 +244,9 @@ def main():
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--dropout", type=float,
                     help="config c only: dropout probability (default 0.1, nanopoet's)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
+                    help="weights and activations (bf16: the GPU benchmark's)")
     a = ap.parse_args()
     out = sys.stdout
     # Whatever a library prints goes to stderr: stdout carries the one JSON line only.
