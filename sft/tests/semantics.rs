@@ -1,7 +1,8 @@
 //! The trainer's loss semantics, each pinned by a test:
 //! - a PyTorch/transformers reference trajectory (3 steps, accumulation, clipping, AdamW);
 //! - gradients are identical for batch 8 x accumulation 1, batch 1 x accumulation 8, and packed;
-//! - a micro-batch without targets contributes zero, never NaN.
+//! - a micro-batch without targets contributes zero, never NaN;
+//! - a half-precision step (the composed ops a GPU runs) tracks the f32 one.
 
 use std::path::{Path, PathBuf};
 
@@ -44,12 +45,11 @@ fn rendered(s: &Sample) -> Rendered {
 }
 
 fn load(name: &str) -> Model {
-    Model::load(
-        &data_dir().join("models").join(name),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    load_as(name, DType::F32)
+}
+
+fn load_as(name: &str, dtype: DType) -> Model {
+    Model::load(&data_dir().join("models").join(name), dtype, &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -215,4 +215,70 @@ fn a_micro_batch_without_targets_contributes_nothing() {
     assert_eq!(stats.n_targets, 0);
     assert_eq!(stats.loss_sum, 0.0);
     assert!(grads.is_empty());
+}
+
+/// bf16 and f16 take the composed candle ops (the fused kernels are f32/f64 on the CPU), which
+/// are what a CUDA build runs: a packed step there must give f32's gradients to the precision's
+/// rounding, and AdamW must update the half-precision weights in place of their dtype.
+#[test]
+fn half_precision_steps_track_f32() {
+    let samples = eight_samples();
+    let bins = pack_bins(&samples.iter().map(Rendered::len).collect::<Vec<_>>(), 40).unwrap();
+    let rows: Vec<Vec<&Rendered>> = bins
+        .iter()
+        .map(|bin| bin.iter().map(|&i| &samples[i]).collect())
+        .collect();
+    for name in ["qwen2-untied", "qwen3"] {
+        let reference = grads_for(&load(name), std::slice::from_ref(&rows));
+        let scale = reference
+            .iter()
+            .map(|g| {
+                g.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .fold(0.0, f32::max);
+        for (dtype, tolerance) in [(DType::BF16, 0.15), (DType::F16, 0.02)] {
+            let model = load_as(name, dtype);
+            let grads = grads_for(&model, std::slice::from_ref(&rows));
+            let as_f32: Vec<Tensor> = grads
+                .iter()
+                .map(|g| g.to_dtype(DType::F32).unwrap())
+                .collect();
+            let diff = max_diff(&as_f32, &reference) / scale;
+            assert!(diff < tolerance, "{name} {dtype:?}: relative {diff}");
+            assert!(diff > 0.0, "{name} {dtype:?} must compute in {dtype:?}");
+
+            let before: Vec<Tensor> = model
+                .params()
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy().unwrap())
+                .collect();
+            let mut opt = AdamW::new(model.params(), &OptimConfig::default()).unwrap();
+            let stats = opt
+                .step(&grads.into_iter().map(Some).collect::<Vec<_>>(), 1e-2)
+                .unwrap();
+            assert!(stats.grad_norm.is_finite(), "{name} {dtype:?}");
+            for ((n, v), old) in model.params().iter().zip(&before) {
+                let t = v.as_tensor();
+                assert_eq!(t.dtype(), dtype, "{name}: {n} keeps its dtype");
+                let moved = (t.to_dtype(DType::F32).unwrap() - old.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                // Adam moves every weight by about lr whatever its gradient's size.
+                assert!(
+                    moved > 1e-3 && moved < 0.05,
+                    "{name} {dtype:?}: {n} moved {moved}"
+                );
+            }
+        }
+    }
 }
