@@ -16,6 +16,8 @@ pub(crate) const STEPS: &[&[&str]] = &[
         "warnings",
     ],
     &["test", "--workspace"],
+    // The `cuda` feature compiles (no GPU needed; the compiler comes from PyPI when missing).
+    &["xtask", "cuda-check"],
 ];
 
 pub(crate) fn run() -> anyhow::Result<()> {
