@@ -24,6 +24,9 @@ pub struct StepMetrics {
     pub target_tokens: usize,
     /// Non-padding tokens of this step.
     pub tokens: usize,
+    /// Positions the model ran on this step, padding included (rows x row length, summed over
+    /// micro-batches): `tokens / positions` is how full the rows were.
+    pub positions: usize,
     pub elapsed_s: f64,
 }
 
@@ -110,6 +113,7 @@ mod tests {
                 tokens_per_s: 100.0,
                 target_tokens: 10,
                 tokens: 20,
+                positions: 32,
                 elapsed_s: step as f64,
             };
             log.write("train", &m).unwrap();

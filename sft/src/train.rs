@@ -278,6 +278,7 @@ pub fn train(
             .collect();
         let step_targets: usize = batches.iter().map(|b| b.n_targets).sum();
         let step_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let step_positions: usize = batches.iter().map(|b| b.batch_size * b.seq_len).sum();
         let step_samples: usize = plan[state.micro_batch..end]
             .iter()
             .flatten()
@@ -321,6 +322,7 @@ pub fn train(
                 tokens_per_s: last_log.1 as f64 / last_log.0.elapsed().as_secs_f64().max(1e-9),
                 target_tokens: step_targets,
                 tokens: step_tokens,
+                positions: step_positions,
                 elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
             };
             on_event(Event::Step(&m));

@@ -169,9 +169,23 @@ fn a_run_writes_its_outputs() {
         "grad_norm",
         "tokens_per_s",
         "target_tokens",
+        "tokens",
+        "positions",
         "elapsed_s",
     ] {
         assert!(first.get(key).is_some(), "metrics line lacks {key}");
+    }
+    // Targets are tokens, tokens fill positions (the rest is padding).
+    for line in std::fs::read_to_string(&s.metrics).unwrap().lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        if m["kind"] == "train" {
+            let n = |k: &str| m[k].as_u64().unwrap();
+            assert!(
+                0 < n("target_tokens") && n("target_tokens") <= n("tokens"),
+                "{line}"
+            );
+            assert!(n("tokens") <= n("positions"), "{line}");
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
