@@ -278,18 +278,22 @@ impl<T: Real + 'static> Inputs<'_, T> {
         let (q, qv) = self.q;
         let (k, kv) = self.k;
         let w = hi - lo;
-        // SAFETY: the q rows r0..r1 and k rows lo..hi of these heads lie inside their buffers
-        // (checked against the layouts by the callers); p holds (r1 - r0) x w.
-        unsafe {
-            matmul(
-                (r1 - r0, w, d),
-                (p.as_mut_ptr(), w, 1),
-                false,
-                (q.as_ptr().add(qv.at(bi, h, r0)), qv.row, 1),
-                (k.as_ptr().add(kv.at(bi, g, lo)), 1, kv.row),
-                self.scale(),
-                Parallelism::None,
-            );
+        // A block of rows that see no key (padding; blocks never mix them with others) is
+        // uniform whatever the scores: the softmax below overwrites them, so skip the product.
+        if row_range(self.keys, bi, r0, t_k).is_some() {
+            // SAFETY: the q rows r0..r1 and k rows lo..hi of these heads lie inside their
+            // buffers (checked against the layouts by the callers); p holds (r1 - r0) x w.
+            unsafe {
+                matmul(
+                    (r1 - r0, w, d),
+                    (p.as_mut_ptr(), w, 1),
+                    false,
+                    (q.as_ptr().add(qv.at(bi, h, r0)), qv.row, 1),
+                    (k.as_ptr().add(kv.at(bi, g, lo)), 1, kv.row),
+                    self.scale(),
+                    Parallelism::None,
+                );
+            }
         }
         crate::with_avx2!(for (i, row) in p.chunks_mut(w).enumerate() {
             let range = row_range(self.keys, bi, r0 + i, t_k).map(|(a, b)| (a - lo, b - lo));
@@ -398,6 +402,19 @@ impl<T: Real + 'static> Inputs<'_, T> {
             let (mut p, mut ds, mut m, mut pm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for h in g * group..(g + 1) * group {
                 for ((r0, r1), (lo, hi)) in blocks(self.keys, bi, t, t_k) {
+                    // Padding rows (no key to see) whose output no loss reads have a zero
+                    // gradient, which makes every product below zero: d q stays as allocated.
+                    // In training that is every padding row, which would otherwise cost a full
+                    // row of keys each.
+                    let blind = row_range(self.keys, bi, r0, t_k).is_none();
+                    if blind
+                        && (r0..r1).all(|r| {
+                            let at = ov.at(bi, h, r);
+                            go[at..at + d].iter().all(|&x| x == T::ZERO)
+                        })
+                    {
+                        continue;
+                    }
                     let (rows, w) = (r1 - r0, hi - lo);
                     p.resize(rows * w, T::ZERO);
                     ds.resize(rows * w, T::ZERO);
