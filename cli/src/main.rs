@@ -100,6 +100,11 @@ fn on_pool<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
 /// nanoGPT's attention probabilities, the output layer's logit chunks) still went to `mmap`
 /// until `M_MMAP_MAX = 0` sent everything to the heap: (c) and (a) of `docs/performance.md`
 /// 8-14% and 9% faster, for 2% more peak memory. Blocks over 256 MiB are mapped by `alloc.rs`.
+///
+/// One arena: commands run on rayon's workers (`on_pool`), and glibc gives each new thread an
+/// arena of its own, made of 64 MiB mappings that it unmaps whenever one empties, whatever the
+/// trim threshold; each op's output then faulted in fresh zeroed pages again (`clear_page` was
+/// 15% of a (c) step). The main arena grows by `brk` and is never trimmed.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: called first thing in main, before any other thread exists or anything was
@@ -108,6 +113,7 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
