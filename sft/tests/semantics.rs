@@ -162,19 +162,21 @@ fn grads_for(model: &Model, micro_batches: &[Vec<Vec<&Rendered>>]) -> Vec<Tensor
         .collect()
 }
 
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn max_diff(a: &[Tensor], b: &[Tensor]) -> f32 {
     a.iter()
         .zip(b)
-        .map(|(x, y)| {
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
+        .map(|(x, y)| max_abs(&(x - y).unwrap()))
         .fold(0.0, f32::max)
 }
 
@@ -230,17 +232,7 @@ fn half_precision_steps_track_f32() {
         .collect();
     for name in ["qwen2-untied", "qwen3"] {
         let reference = grads_for(&load(name), std::slice::from_ref(&rows));
-        let scale = reference
-            .iter()
-            .map(|g| {
-                g.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
-            .fold(0.0, f32::max);
+        let scale = reference.iter().map(max_abs).fold(0.0, f32::max);
         for (dtype, tolerance) in [(DType::BF16, 0.15), (DType::F16, 0.02)] {
             let model = load_as(name, dtype);
             let grads = grads_for(&model, std::slice::from_ref(&rows));
@@ -265,14 +257,8 @@ fn half_precision_steps_track_f32() {
             for ((n, v), old) in model.params().iter().zip(&before) {
                 let t = v.as_tensor();
                 assert_eq!(t.dtype(), dtype, "{name}: {n} keeps its dtype");
-                let moved = (t.to_dtype(DType::F32).unwrap() - old.to_dtype(DType::F32).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let moved = max_abs(&(f32(t) - f32(old)).unwrap());
                 // Adam moves every weight by about lr whatever its gradient's size.
                 assert!(
                     moved > 1e-3 && moved < 0.05,
