@@ -299,3 +299,84 @@ fn bundled_demo_runs_end_to_end() {
     assert_eq!(a, b);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `sft bench train --json` and `sft bench gemm --json`: the keys scripts read (issue 8), in
+/// f32 and in bf16 (the composed ops a GPU runs), and a clear error for a dtype it lacks.
+#[test]
+fn bench_prints_its_json_contract() {
+    let model = data_dir().join("models/qwen2-tied");
+    for dtype in ["f32", "bf16"] {
+        let out = ok(sft()
+            .args([
+                "bench",
+                "train",
+                "--json",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+            ])
+            .args([
+                "--steps",
+                "2",
+                "--warmup",
+                "0",
+                "--threads",
+                "1",
+                "--dtype",
+                dtype,
+            ])
+            .arg("--model")
+            .arg(&model)
+            .output()
+            .unwrap());
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        for key in [
+            "tokens_per_s",
+            "step_s_median",
+            "peak_rss_mib",
+            "forward_s",
+            "backward_s",
+            "optimizer_s",
+            "gflops_per_s",
+        ] {
+            assert!(
+                v[key].as_f64().is_some_and(|x| x > 0.0),
+                "{dtype}: {key} in {v}"
+            );
+        }
+        assert_eq!(v["dtype"], dtype);
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(
+            (v["batch_size"].as_u64(), v["seq_len"].as_u64()),
+            (Some(2), Some(16))
+        );
+    }
+    let out = ok(sft()
+        .args([
+            "bench",
+            "gemm",
+            "--json",
+            "--n",
+            "64",
+            "--dtype",
+            "bf16",
+            "--threads",
+            "1",
+        ])
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["gflops"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert_eq!(
+        (v["dtype"].as_str(), v["n"].as_u64()),
+        (Some("bf16"), Some(64))
+    );
+    let bad = sft()
+        .args(["bench", "gemm", "--dtype", "f8"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("f8") && err.contains("bf16"), "{err}");
+}
