@@ -19,8 +19,9 @@
 use std::path::PathBuf;
 
 use candle_core::DType;
-use sft::bench::{bench_generate, bench_train, device_name, matmul_peak_gflops, BenchOptions};
+use sft::bench::{bench_generate, bench_train, matmul_peak_gflops, BenchOptions};
 use sft::config::parse_dtype;
+use sft::setup::device_name;
 use sft_model::Model;
 
 #[derive(clap::Subcommand)]

@@ -127,9 +127,10 @@ impl Progress {
                 start_step,
                 n_params,
                 out_dir,
+                device,
             } => {
                 self.line(&format!(
-                    "training {:.2}M parameters for {total_steps} steps into {}{}",
+                    "training {:.2}M parameters on {device} for {total_steps} steps into {}{}",
                     n_params as f64 / 1e6,
                     out_dir.display(),
                     if start_step > 0 {

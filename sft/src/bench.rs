@@ -118,18 +118,9 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         threads: candle_core::utils::get_num_threads(),
         flops_per_step: flops,
         gflops_per_s: flops / step / 1e9,
-        device: device_name(dev),
+        device: crate::setup::device_name(dev),
         dtype: format!("{:?}", model.dtype()).to_lowercase(),
     })
-}
-
-/// `cpu`, `cuda:0`, `metal:0`.
-pub fn device_name(dev: &candle_core::Device) -> String {
-    match dev.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -12,13 +12,25 @@ use sft_tokenizer::{
 use crate::config::{parse_dtype, BuildTokenizer, EvalSection, SpecialsPreset, TrainConfig};
 use crate::{Error, Result};
 
-/// The CPU, or the first CUDA GPU when built with the `cuda` feature and one is present.
+/// The first CUDA GPU when `sft` is built with the `cuda` feature and the driver opens one, else
+/// the CPU. candle's `cuda_is_available` only says that the feature is compiled in, so the GPU is
+/// opened to find out; callers name the device they got (`Event::Started`, the bench JSON), so a
+/// CPU fallback is never silent.
 pub fn device() -> Result<Device> {
     #[cfg(feature = "cuda")]
-    if candle_core::utils::cuda_is_available() {
-        return Ok(Device::new_cuda(0)?);
+    if let Ok(gpu) = Device::new_cuda(0) {
+        return Ok(gpu);
     }
     Ok(Device::Cpu)
+}
+
+/// `cpu`, `cuda:0`, `metal:0`.
+pub fn device_name(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// The tokenizer named by the config, the model's own, or one built from the training text.

@@ -39,6 +39,8 @@ pub enum Event<'a> {
         start_step: u64,
         n_params: usize,
         out_dir: &'a Path,
+        /// Where the run computes: `cpu`, `cuda:0`.
+        device: String,
     },
     Step(&'a StepMetrics),
     Eval(&'a EvalMetrics),
@@ -240,6 +242,7 @@ pub fn train(
         start_step: state.step,
         n_params,
         out_dir: &out_dir,
+        device: setup::device_name(&device),
     });
 
     // 5. The loop.

@@ -127,7 +127,20 @@ fn a_run_writes_its_outputs() {
     let dir = scratch("outputs");
     let data = poems(&dir, 60);
     let cfg = config(&data, &dir.join("out"));
-    let s = train(&cfg, &RunOptions { resume: None }, &mut |_| {}).unwrap();
+    let mut device = None;
+    let s = train(&cfg, &RunOptions { resume: None }, &mut |e| {
+        if let Event::Started { device: d, .. } = e {
+            device = Some(d);
+        }
+    })
+    .unwrap();
+    // The run names where it computes: the CPU unless built with a GPU backend (which may then
+    // have found a GPU).
+    let device = device.expect("the run reports its start");
+    assert!(
+        device == "cpu" || (cfg!(feature = "cuda") && device.starts_with("cuda:")),
+        "{device}"
+    );
     let out = dir.join("out");
     for f in [
         "metrics.jsonl",

@@ -6,7 +6,7 @@
 //! `$CUDA_ROOT`, `$CUDA_PATH` or `nvcc` on `PATH`), NVIDIA's compiler wheels from PyPI
 //! (`nvidia-cuda-nvcc` and the headers it needs, about 320 MB unpacked) go into
 //! `target/cuda-toolkit`, once. The check runs clippy with warnings denied on every target of
-//! `sft-cli` with the feature, in its own target directory (`target/cuda-check`) so that the CPU
+//! `sft` and `sft-cli` with the feature, in its own target directory (`target/cuda-check`) so that the CPU
 //! build's artefacts are not rebuilt. Linking needs the driver's `libcuda.so` and running needs
 //! a GPU: both are for a machine that has one (docs/performance.md).
 
@@ -57,6 +57,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let target = crate::project_root().join("target/cuda-check");
     let step = [
         "clippy",
+        "--package",
+        "sft",
         "--package",
         "sft-cli",
         "--features",
