@@ -16,6 +16,8 @@ use crate::common::{self, SamplingArgs, TemplateArgs};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
+    #[command(flatten)]
+    pub(crate) threads: crate::Threads,
     /// The checkpoint directory to chat with.
     #[arg(long)]
     model: PathBuf,

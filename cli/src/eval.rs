@@ -14,6 +14,8 @@ use crate::common::{self, TemplateArgs};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
+    #[command(flatten)]
+    pub(crate) threads: crate::Threads,
     /// The checkpoint directory to evaluate.
     #[arg(long)]
     model: PathBuf,

@@ -27,6 +27,8 @@ use crate::common::{self, SamplingArgs, TemplateArgs};
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "messages", "record"])))]
 pub(crate) struct Args {
+    #[command(flatten)]
+    pub(crate) threads: crate::Threads,
     /// The checkpoint directory to generate with.
     #[arg(long)]
     model: PathBuf,

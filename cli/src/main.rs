@@ -66,12 +66,21 @@ fn main() -> anyhow::Result<()> {
         // These two know their thread count only from their arguments or config.
         Command::Train(args) => train::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Eval(args) => on_pool(None, || eval::run(args)),
-        Command::Generate(args) => on_pool(None, || generate::run(args)),
-        Command::Chat(args) => on_pool(None, || chat::run(args)),
-        Command::EvalPoems(args) => on_pool(None, || quality::poems(args)),
-        Command::EvalAnswers(args) => on_pool(None, || quality::answers(args)),
+        Command::Eval(args) => on_pool(args.threads.threads, || eval::run(args)),
+        Command::Generate(args) => on_pool(args.threads.threads, || generate::run(args)),
+        Command::Chat(args) => on_pool(args.threads.threads, || chat::run(args)),
+        Command::EvalPoems(args) => on_pool(args.threads.threads, || quality::poems(args)),
+        Command::EvalAnswers(args) => on_pool(args.threads.threads, || quality::answers(args)),
     }
+}
+
+/// `--threads N` of the commands that run a model outside training (training takes
+/// `train.threads` from its config, the benchmarks their own flag).
+#[derive(clap::Args)]
+pub(crate) struct Threads {
+    /// Compute threads (default: rayon's, one per logical CPU).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
 }
 
 /// Runs `f` on a worker thread of rayon's global pool, of `threads` threads (default: rayon's,

@@ -26,6 +26,8 @@ const DEFAULT_TUNES: [&str; 6] = ["浣溪沙", "鹧鸪天", "蝶恋花", "西江
 
 #[derive(clap::Args)]
 pub(crate) struct PoemArgs {
+    #[command(flatten)]
+    pub(crate) threads: crate::Threads,
     #[arg(long)]
     model: PathBuf,
     /// Poem records: the ci patterns to check against and the poems for author conditioning.
@@ -156,6 +158,8 @@ pub(crate) fn poems(args: PoemArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 pub(crate) struct AnswerArgs {
+    #[command(flatten)]
+    pub(crate) threads: crate::Threads,
     #[arg(long)]
     model: PathBuf,
     /// Chat records whose last assistant turn is the reference answer.

@@ -74,14 +74,18 @@ fn poems_train_eval_generate() {
             dir.join("out").display()
         ),
     );
-    // `sft eval --json`: exactly the documented keys.
-    let stdout = ok(sft()
-        .args(["eval", "--json", "--model"])
-        .arg(&model)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap());
+    // `sft eval --json`: exactly the documented keys, and the same numbers on 1 and 2 threads.
+    let eval = |threads: &str| {
+        ok(sft()
+            .args(["eval", "--json", "--threads", threads, "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .output()
+            .unwrap())
+    };
+    let stdout = eval("1");
+    assert_eq!(stdout, eval("2"));
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(v["loss"].as_f64().unwrap() > 0.0);
     assert!(v["targets"].as_u64().unwrap() > 100);
@@ -213,7 +217,15 @@ fn chat_model_scripted_through_stdin() {
         ),
     );
     let mut child = sft()
-        .args(["chat", "--json", "--max-new-tokens", "8", "--model"])
+        .args([
+            "chat",
+            "--json",
+            "--max-new-tokens",
+            "8",
+            "--threads",
+            "1",
+            "--model",
+        ])
         .arg(&model)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

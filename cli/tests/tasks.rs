@@ -79,7 +79,7 @@ fn instructions_task_reduced() {
             .unwrap();
     assert_eq!(preflight["unknown_tokens"], 0, "{preflight}");
     let r = json(&ok(sft()
-        .args(["eval-answers", "--json", "--model"])
+        .args(["eval-answers", "--json", "--threads", "1", "--model"])
         .arg(out.join("final"))
         .arg("--data")
         .arg(&data)
