@@ -78,24 +78,26 @@ fn main() -> anyhow::Result<()> {
 /// `train.threads` from its config, the benchmarks their own flag).
 #[derive(clap::Args)]
 pub(crate) struct Threads {
-    /// Compute threads (default: rayon's, one per logical CPU).
+    /// Compute threads (default: the physical cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
 }
 
-/// Runs `f` on a worker thread of rayon's global pool, of `threads` threads (default: rayon's,
-/// the logical CPUs). The kernels and candle's ops split their work with rayon; called from a
+/// Runs `f` on a worker thread of rayon's global pool, of `threads` threads (default: candle's,
+/// the physical cores or the process's CPU mask; rayon's own default would be the logical CPUs,
+/// and candle's matmul and our kernels would then split work differently). The kernels and candle's ops split their work with rayon; called from a
 /// thread outside the pool, each such op queues its job for a worker and sleeps on a futex until
 /// it is done, a handoff per op (about 19 per generated token of a 4-layer model). Called from a
 /// worker, an op runs in place and splits only when another worker is idle to steal.
 fn on_pool<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
-    // candle's matmul reads `RAYON_NUM_THREADS` on every call, the pool once when it is built.
-    if let Some(n) = threads {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    // candle's matmul reads `RAYON_NUM_THREADS` on every call, the pool once when it is built;
+    // candle's default honours a `RAYON_NUM_THREADS` the user set.
+    let n = threads.unwrap_or_else(candle_core::utils::get_num_threads);
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     // The main thread's stack size, not rayon's 2 MiB default: templates and JSON recurse.
     // An error means the pool exists already (only in tests: one command per process).
     let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
         .stack_size(8 << 20)
         .build_global();
     rayon::scope(|_| f())
