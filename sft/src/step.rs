@@ -100,10 +100,22 @@ impl GradAccumulator {
                     *t = t.to_dtype(candle_core::DType::F32)?.copy()?;
                     *owned = true;
                 }
-                accumulate(t, g)?;
+                accumulate(t, &g.to_dtype(candle_core::DType::F32)?)?;
             }
         }
         Ok(())
+    }
+
+    /// Whether slot `i` has no gradient yet this step.
+    fn is_vacant(&self, i: usize) -> bool {
+        self.slots[i].is_none()
+    }
+
+    /// Starts slot `i` with an f32 tensor that nothing else refers to, so later gradients are
+    /// added into it in place without a copy.
+    fn start_owned(&mut self, i: usize, g: Tensor) {
+        debug_assert!(self.is_vacant(i) && g.dtype() == candle_core::DType::F32);
+        self.slots[i] = Some((g, true));
     }
 
     /// The summed gradients, leaving the accumulator empty for the next step.
@@ -182,7 +194,7 @@ fn target_loss(
 
 /// The backward half: gradients of every parameter, added into `acc`.
 pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Result<()> {
-    let ForwardLoss { selected, ce } = f;
+    let ForwardLoss { selected, mut ce } = f;
     let grad_hidden = ce
         .grad_hidden
         .expect("asked for gradients")
@@ -193,11 +205,26 @@ pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Res
     let head_id = model.lm_head_weight().id();
     for (i, (_, var)) in model.params().iter().enumerate() {
         let t = var.as_tensor();
-        if let Some(g) = grads.get(t) {
-            acc.add(i, g)?;
-        }
+        let graph = grads.get(t);
         if t.id() == head_id {
-            acc.add(i, ce.grad_head.as_ref().expect("asked for gradients"))?;
+            let head = ce.grad_head.take().expect("asked for gradients");
+            if acc.is_vacant(i) {
+                // The loss's head gradient is an f32 tensor of this step alone: the slot keeps
+                // it and takes the graph's gradient (a tied embedding's, vocab x hidden) into it,
+                // where the other order copied the graph's first. a + b == b + a, so the sum is
+                // the same bit for bit.
+                acc.start_owned(i, head);
+                if let Some(g) = graph {
+                    acc.add(i, g)?;
+                }
+            } else {
+                if let Some(g) = graph {
+                    acc.add(i, g)?;
+                }
+                acc.add(i, &head)?;
+            }
+        } else if let Some(g) = graph {
+            acc.add(i, g)?;
         }
     }
     Ok(())
