@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use sft::bench::{bench_generate, bench_train, matmul_peak_gflops, BenchOptions};
-use sft::config::parse_dtype;
+use sft::config::{dtype_name, parse_dtype};
 use sft::setup::device_name;
 use sft_model::Model;
 
@@ -122,10 +122,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 fn gemm(args: GemmArgs) -> anyhow::Result<()> {
     let dev = sft::setup::device()?;
     let gflops = matmul_peak_gflops(args.n, 5, args.dtype, &dev)?;
-    let (dtype, device) = (
-        format!("{:?}", args.dtype).to_lowercase(),
-        device_name(&dev),
-    );
+    let (dtype, device) = (dtype_name(args.dtype), device_name(&dev));
     if args.json {
         println!(
             "{}",

@@ -85,9 +85,9 @@ pub(crate) struct Threads {
 
 /// Runs `f` on a worker thread of rayon's global pool, of `threads` threads (default: candle's,
 /// the physical cores or the process's CPU mask; rayon's own default would be the logical CPUs,
-/// and candle's matmul and our kernels would then split work differently). The kernels and candle's ops split their work with rayon; called from a
-/// thread outside the pool, each such op queues its job for a worker and sleeps on a futex until
-/// it is done, a handoff per op (about 19 per generated token of a 4-layer model). Called from a
+/// and candle's matmul and our kernels would then split work differently). The kernels and
+/// candle's ops split their work with rayon; called from a thread outside the pool, each such op
+/// queues its job for a worker and sleeps on a futex until it is done, a handoff per op (about 19 per generated token of a 4-layer model). Called from a
 /// worker, an op runs in place and splits only when another worker is idle to steal.
 fn on_pool<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
     // candle's matmul reads `RAYON_NUM_THREADS` on every call, the pool once when it is built;

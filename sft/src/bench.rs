@@ -119,7 +119,7 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         flops_per_step: flops,
         gflops_per_s: flops / step / 1e9,
         device: crate::setup::device_name(dev),
-        dtype: format!("{:?}", model.dtype()).to_lowercase(),
+        dtype: crate::config::dtype_name(model.dtype()),
     })
 }
 

@@ -388,6 +388,11 @@ pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
     }
 }
 
+/// The short name of `dtype` (`f32`, `bf16`, `f16`, `f64`), as [`parse_dtype`] reads it.
+pub fn dtype_name(dtype: DType) -> String {
+    format!("{dtype:?}").to_lowercase()
+}
+
 /// Applies `a.b.c=value`; the value is read as TOML (`3`, `1e-4`, `true`, `"x"`, `[1, 2]`) and
 /// falls back to a plain string, so `--set run.out_dir=runs/x` needs no quotes.
 fn apply_override(table: &mut toml::Table, spec: &str) -> std::result::Result<(), String> {
@@ -419,6 +424,13 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> std::result::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dtype_names_read_back() {
+        for d in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            assert_eq!(parse_dtype(&dtype_name(d)), Ok(d));
+        }
+    }
 
     const BASE: &str = r#"
         [model]
