@@ -295,7 +295,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
                 );
             }
         }
-        crate::with_avx2!(for (i, row) in p.chunks_mut(w).enumerate() {
+        crate::with_avx512!(for (i, row) in p.chunks_mut(w).enumerate() {
             let range = row_range(self.keys, bi, r0 + i, t_k).map(|(a, b)| (a - lo, b - lo));
             softmax_in_range(row, range);
         });

@@ -15,6 +15,8 @@
 //! Each fused op also spares candle's backward a zero-filled buffer and an addition per input
 //! (`GradStore::or_insert` then `add`), which for a small model is a visible share of a step.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
 };
@@ -534,6 +536,20 @@ fn map_real2(
     })
 }
 
+/// A vector of `n` values written in parallel chunks of [`CHUNK`] by `f(start, chunk)`, which
+/// must write every element of its chunk; nothing is filled first (for an element-wise map, a
+/// copy or zero-fill of the output is a third of its memory traffic).
+fn fill_chunks<T: Send>(n: usize, f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| f(i * CHUNK, chunk));
+    // SAFETY: `f` wrote all n elements (every caller's loop covers its whole chunk).
+    unsafe { out.set_len(n) };
+    out
+}
+
 /// Element-wise work is split in chunks this long: large enough to amortise scheduling, small
 /// enough that two cores share a (rows, 1024) activation.
 const CHUNK: usize = 4096;
@@ -545,34 +561,29 @@ const GELU_K: f64 = 0.044_715;
 
 fn gelu_fwd<T: Real>(x: &[T]) -> Vec<T> {
     let (c, k, half, one) = (T::of(GELU_C), T::of(GELU_K), T::of(0.5), T::of(1.0));
-    let mut y = x.to_vec();
-    y.par_chunks_mut(CHUNK).for_each(|ys| {
-        for v in ys {
-            let x = *v;
+    fill_chunks(x.len(), |at, ys| {
+        crate::with_avx512!(for (y, &x) in ys.iter_mut().zip(&x[at..]) {
             let u = c.mul(x + k.mul(x.mul(x).mul(x)));
-            *v = half.mul(x).mul(one + u.tanh());
-        }
-    });
-    y
+            y.write(half.mul(x).mul(one + u.tanh()));
+        })
+    })
 }
 
 /// dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 k x^2), times the incoming gradient.
 fn gelu_bwd<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     let (c, k3, half, one) = (T::of(GELU_C), T::of(3.0 * GELU_K), T::of(0.5), T::of(1.0));
     let k = T::of(GELU_K);
-    let mut out = g.to_vec();
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(gs, xs)| {
-            for (g, &x) in gs.iter_mut().zip(xs) {
+    fill_chunks(x.len(), |at, out| {
+        crate::with_avx512!(
+            for ((o, &x), &g) in out.iter_mut().zip(&x[at..]).zip(&g[at..]) {
                 let x2 = x.mul(x);
                 let t = c.mul(x + k.mul(x2).mul(x)).tanh();
                 let d = half.mul(one + t)
                     + half.mul(x).mul(one - t.mul(t)).mul(c).mul(one + k3.mul(x2));
-                *g = g.mul(d);
+                o.write(g.mul(d));
             }
-        });
-    out
+        )
+    })
 }
 
 struct Gelu;
@@ -883,15 +894,13 @@ fn sigmoid<T: Real>(x: T) -> T {
 }
 
 fn silu_mul_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
-    let mut out = u.to_vec();
-    out.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(os, gs)| {
-            for (o, &g) in os.iter_mut().zip(gs) {
-                *o = g.mul(sigmoid(g)).mul(*o);
+    fill_chunks(g.len(), |at, out| {
+        crate::with_avx512!(
+            for ((o, &g), &u) in out.iter_mut().zip(&g[at..]).zip(&u[at..]) {
+                o.write(g.mul(sigmoid(g)).mul(u));
             }
-        });
-    out
+        )
+    })
 }
 
 /// Both gradients in one pass, stacked: `[d gate; d up]`, each of the inputs' size.
@@ -905,11 +914,14 @@ fn silu_mul_bwd<T: Real>(g: &[T], u: &[T], grad: &[T]) -> Vec<T> {
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .zip(grad.par_chunks(CHUNK))
         .for_each(|(((dg, du), (g, u)), grad)| {
-            for i in 0..dg.len() {
-                let (x, s) = (g[i], sigmoid(g[i]));
-                du[i] = grad[i].mul(x.mul(s));
-                dg[i] = grad[i].mul(u[i]).mul(s).mul(one + x.mul(one - s));
-            }
+            let ins = g.iter().zip(u).zip(grad);
+            crate::with_avx512!(
+                for ((dg, du), ((&x, &u), &grad)) in dg.iter_mut().zip(du).zip(ins) {
+                    let s = sigmoid(x);
+                    *du = grad.mul(x.mul(s));
+                    *dg = grad.mul(u).mul(s).mul(one + x.mul(one - s));
+                }
+            )
         });
     out
 }

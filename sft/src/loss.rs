@@ -150,7 +150,7 @@ impl InplaceOp1 for SoftmaxCe<'_> {
             .par_chunks_mut(vocab)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
-                sft_model::with_avx2!({
+                sft_model::with_avx512!({
                     let t = t as usize;
                     let fmax = |a: f32, x: f32| if x > a { x } else { a };
                     let max = lanes(row, f32::NEG_INFINITY, fmax, fmax);
