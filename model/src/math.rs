@@ -178,7 +178,10 @@ mod tests {
             (e, sum)
         };
         let baseline = kernel(&xs);
-        for wide in [crate::with_avx2!(kernel(&xs)), crate::with_avx512!(kernel(&xs))] {
+        for wide in [
+            crate::with_avx2!(kernel(&xs)),
+            crate::with_avx512!(kernel(&xs)),
+        ] {
             assert_eq!(baseline.1.to_bits(), wide.1.to_bits());
             assert!(baseline
                 .0

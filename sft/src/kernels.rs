@@ -165,14 +165,15 @@ impl InplaceOp2 for AdamWKernel<'_> {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    let gi = if scale == 1.0 { g[i] } else { g[i] * scale };
-                    p[i] *= decay;
-                    m[i] = b1 * m[i] + one_minus_b1 * gi;
-                    v[i] = b2 * v[i] + one_minus_b2 * gi * gi;
-                    let denom = v[i].sqrt() / bc2_sqrt + eps;
-                    p[i] -= step_size * (m[i] / denom);
-                }
+                let state = p.iter_mut().zip(m.iter_mut().zip(v.iter_mut()));
+                sft_model::with_avx512!(for ((p, (m, v)), &g) in state.zip(g) {
+                    let g = if scale == 1.0 { g } else { g * scale };
+                    *p *= decay;
+                    *m = b1 * *m + one_minus_b1 * g;
+                    *v = b2 * *v + one_minus_b2 * g * g;
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    *p -= step_size * (*m / denom);
+                })
             });
         Ok(())
     }
