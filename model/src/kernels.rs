@@ -786,16 +786,26 @@ fn rope_rows<T: Real>(
         let x = &src[from..from + d];
         let at = (bi * t + ti) * d;
         let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
-        for j in 0..d {
-            let swapped = x[if j < half { j + half } else { j - half }];
-            let term = swapped.mul(s[j]);
-            row[j] = x[j].mul(c[j])
-                + if dir == RopeDir::Forward {
-                    term
-                } else {
-                    T::ZERO - term
-                };
-        }
+        let rotate = |out: &mut [T], x: &[T], swapped: &[T], c: &[T], s: &[T]| {
+            let ins = x.iter().zip(swapped).zip(c.iter().zip(s));
+            for (o, ((&x, &swapped), (&c, &s))) in out.iter_mut().zip(ins) {
+                let term = swapped.mul(s);
+                *o = x.mul(c)
+                    + if dir == RopeDir::Forward {
+                        term
+                    } else {
+                        T::ZERO - term
+                    };
+            }
+        };
+        // Each half of the row takes the other half as its rotated partner: two straight loops,
+        // where one loop with the partner's index chosen per element stayed scalar.
+        let (r1, r2) = row.split_at_mut(half);
+        let (x1, x2) = x.split_at(half);
+        crate::with_avx2!({
+            rotate(r1, x1, x2, &c[..half], &s[..half]);
+            rotate(r2, x2, x1, &c[half..], &s[half..]);
+        });
     });
     out
 }
