@@ -56,10 +56,17 @@ unsafe fn map(size: usize) -> *mut u8 {
         )
     };
     if p == libc::MAP_FAILED {
-        std::ptr::null_mut()
-    } else {
-        p.cast()
+        return std::ptr::null_mut();
     }
+    // Transparent huge pages where the system offers them on request (`madvise` mode, the usual
+    // default): a first touch then faults in 2 MiB at a time instead of 4 KiB. A Qwen2.5-0.5B
+    // step touches gigabytes of fresh memory (optimizer moments, the tied head's gradient), and
+    // on a virtual machine each 4 KiB fault costs microseconds. Advice only: failure is harmless.
+    // SAFETY: `p` is the mapping of `size` bytes just made.
+    unsafe {
+        libc::madvise(p, size, libc::MADV_HUGEPAGE);
+    }
+    p.cast()
 }
 
 #[cfg(target_os = "linux")]
