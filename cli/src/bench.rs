@@ -78,6 +78,10 @@ pub(crate) struct TrainArgs {
     /// Share of positions that are targets.
     #[arg(long, default_value_t = 1.0)]
     target_fraction: f64,
+    /// Train with the model's dropout (nanopoet's GPT: 0.1), as `sft train` does; without this
+    /// flag the steps run without dropout.
+    #[arg(long)]
+    dropout: bool,
     /// Weights and activations: f32, bf16 or f16 (the optimizer state stays f32).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
@@ -157,6 +161,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             steps: args.steps,
             warmup: args.warmup,
             target_fraction: args.target_fraction,
+            dropout: args.dropout,
             seed: 0,
         },
     )?;

@@ -359,6 +359,8 @@ fn bench_prints_its_json_contract() {
         }
         assert_eq!(v["dtype"], dtype);
         assert_eq!(v["device"], "cpu");
+        // Without `--dropout` the steps run without it (and a Qwen2 model has none anyway).
+        assert_eq!(v["dropout"].as_f64(), Some(0.0), "{v}");
         assert_eq!(
             (v["batch_size"].as_u64(), v["seq_len"].as_u64()),
             (Some(2), Some(16))

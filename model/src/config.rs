@@ -429,6 +429,14 @@ impl ModelConfig {
         }
     }
 
+    /// Dropout probability in training mode (Qwen2 checkpoints train without dropout here).
+    pub fn dropout(&self) -> f64 {
+        match self {
+            ModelConfig::Qwen2(_) => 0.0,
+            ModelConfig::Gpt(c) => c.dropout,
+        }
+    }
+
     pub fn tie_word_embeddings(&self) -> bool {
         match self {
             ModelConfig::Qwen2(c) => c.tie_word_embeddings,

@@ -22,6 +22,9 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Fraction of positions that are targets (1.0: every position, as in pretraining).
     pub target_fraction: f64,
+    /// Train with the model's configured dropout (a fresh seed per step), as training does;
+    /// off, steps run without it.
+    pub dropout: bool,
     pub seed: u64,
 }
 
@@ -45,6 +48,8 @@ pub struct BenchResult {
     /// Where the step ran (`cpu`, `cuda:0`) and in which dtype (`f32`, `bf16`).
     pub device: String,
     pub dtype: String,
+    /// The dropout probability the steps ran with (0 without `dropout`).
+    pub dropout: f64,
 }
 
 /// Runs the benchmark on `model` (its weights change: it trains).
@@ -78,7 +83,8 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         let batch = collate(&rows, 0, None);
         dev.synchronize()?;
         let t0 = Instant::now();
-        let f = forward_loss(model, &batch, 1.0 / batch.n_targets as f64, None)?
+        let dropout_seed = opts.dropout.then(|| opts.seed.wrapping_add(step as u64));
+        let f = forward_loss(model, &batch, 1.0 / batch.n_targets as f64, dropout_seed)?
             .expect("the benchmark batch has targets");
         dev.synchronize()?;
         let t1 = Instant::now();
@@ -120,6 +126,7 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         gflops_per_s: flops / step / 1e9,
         device: crate::setup::device_name(dev),
         dtype: crate::config::dtype_name(model.dtype()),
+        dropout: if opts.dropout { cfg.dropout() } else { 0.0 },
     })
 }
 
