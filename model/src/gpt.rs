@@ -108,6 +108,12 @@ impl Gpt {
                 None => Ok(x),
             }
         };
+        let residual = |x: &Tensor, h: Tensor, site: u64| -> Result<Tensor> {
+            match dropout(site) {
+                Some(d) => ops::residual_dropout(x, &h, &d),
+                None => Ok((x + h)?),
+            }
+        };
 
         let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
         let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
@@ -124,10 +130,10 @@ impl Gpt {
                     ops::attention(&q, &k, &v, mask, dropout(site).as_ref())?
                 }
             };
-            x = (x + drop(blk.attn_proj.forward(&y)?, site + 1)?)?;
+            x = residual(&x, blk.attn_proj.forward(&y)?, site + 1)?;
             let h = self.norm(&blk.ln_2, &x)?;
             let m = blk.mlp_proj.forward(&ops::gelu(&blk.c_fc.forward(&h)?)?)?;
-            x = (x + drop(m, site + 2)?)?;
+            x = residual(&x, m, site + 2)?;
         }
         self.norm(&self.ln_f, &x)
     }

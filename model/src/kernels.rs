@@ -23,6 +23,7 @@ use candle_core::{
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::ops::Dropout;
 use crate::Result;
 
 /// The float types the kernels run on (f32 for training, f64 for gradient checks).
@@ -1019,6 +1020,107 @@ pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
+// Residual dropout, `x + dropout(h)`, as one op that draws its own mask: as `Dropout::apply`
+// and an addition it was two graph nodes, a mask tensor drawn on one thread, a multiplication
+// and an addition each way, and one more gradient edge for candle's backward.
+struct ResidualDropout(Dropout);
+
+/// The site's stream positioned at word `at`, where element `at` of the masked tensor draws
+/// (as in [`Dropout::apply`], which draws element i from word i): chunks draw independently.
+fn stream_at(d: &Dropout, at: usize) -> rand_chacha::ChaCha8Rng {
+    let mut rng = d.stream();
+    rng.set_word_pos(at as u128);
+    rng
+}
+
+fn residual_dropout_fwd<T: Real>(d: &Dropout, x: &[T], h: &[T]) -> Vec<T> {
+    fill_chunks(x.len(), |at, out| {
+        let mut rng = stream_at(d, at);
+        for ((o, &x), &h) in out.iter_mut().zip(&x[at..]).zip(&h[at..]) {
+            o.write(x + h.mul(T::of(d.draw(&mut rng) as f64)));
+        }
+    })
+}
+
+/// `g` times the mask: the gradient of `h`.
+fn dropout_mask_mul<T: Real>(d: &Dropout, g: &[T]) -> Vec<T> {
+    fill_chunks(g.len(), |at, out| {
+        let mut rng = stream_at(d, at);
+        for (o, &g) in out.iter_mut().zip(&g[at..]) {
+            o.write(g.mul(T::of(d.draw(&mut rng) as f64)));
+        }
+    })
+}
+
+impl CustomOp2 for ResidualDropout {
+    fn name(&self) -> &'static str {
+        "sft-residual-dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("residual dropout: {:?} against {:?}", l1.dims(), l2.dims());
+        }
+        let d = &self.0;
+        let out = map_real2(
+            (s1, l1),
+            (s2, l2),
+            "residual dropout",
+            |x, h| residual_dropout_fwd(d, x, h),
+            |x, h| residual_dropout_fwd(d, x, h),
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _h: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dh = grad.contiguous()?.apply_op1_no_bwd(&MaskMul(self.0))?;
+        Ok((Some(grad.clone()), Some(dh)))
+    }
+}
+
+struct MaskMul(Dropout);
+
+impl CustomOp1 for MaskMul {
+    fn name(&self) -> &'static str {
+        "sft-dropout-mask-mul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let out = map_real(
+            s,
+            l,
+            "dropout gradient",
+            |g| dropout_mask_mul(d, g),
+            |g| dropout_mask_mul(d, g),
+        )?;
+        Ok((out, l.shape().clone()))
+    }
+}
+
+/// `x + dropout(h)`: fused on the CPU (f32, f64), else [`Dropout::apply`] and an addition; the
+/// same masks and results either way.
+pub(crate) fn residual_dropout(x: &Tensor, h: &Tensor, d: &Dropout) -> Result<Tensor> {
+    if d.p > 0.0 && fusable(x) && x.dtype() == h.dtype() && x.shape() == h.shape() {
+        Ok(x.contiguous()?
+            .apply_op2(&h.contiguous()?, ResidualDropout(*d))?)
+    } else {
+        Ok((x + d.apply(h)?)?)
+    }
+}
+
 /// GELU (tanh approximation), fused on the CPU.
 pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
     if fusable(x) {
@@ -1136,6 +1238,56 @@ mod tests {
         // f32 takes the same kernels.
         let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
         assert!(max_diff(&fused(&x32), &composed(&x32)) < 1e-5);
+    }
+
+    #[test]
+    fn residual_dropout_gives_the_compositions_values_and_gradients_bit_for_bit() {
+        let dev = Device::Cpu;
+        // Several chunks, so the draws of a chunk that seeks its stream are checked too.
+        let n = 3 * CHUNK + 77;
+        for dtype in [DType::F32, DType::F64] {
+            let var = |seed| {
+                Var::from_tensor(
+                    &Tensor::from_vec(values(n, seed), n, &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap()
+            };
+            let (x, h) = (var(0.53), var(0.91));
+            let w = Tensor::from_vec(values(n, 1.7), n, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let d = Dropout {
+                p: 0.3,
+                seed: 11,
+                site: 4,
+            };
+            let fused = residual_dropout(x.as_tensor(), h.as_tensor(), &d).unwrap();
+            let composed = (x.as_tensor() + d.apply(h.as_tensor()).unwrap()).unwrap();
+            let bits = |t: &Tensor| -> Vec<u64> {
+                let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&fused), bits(&composed), "{dtype:?} values");
+            let (gf, gc) = (
+                grads(&fused, &w, &[&x, &h]),
+                grads(&composed, &w, &[&x, &h]),
+            );
+            for (a, b) in gf.iter().zip(&gc) {
+                assert_eq!(bits(a), bits(b), "{dtype:?} gradients");
+            }
+            let dropped = bits(&gf[1])
+                .iter()
+                .filter(|&&b| f64::from_bits(b) == 0.0)
+                .count();
+            assert!(
+                (dropped as f64 / n as f64 - 0.3).abs() < 0.02,
+                "{dropped} of {n}"
+            );
+        }
     }
 
     #[test]

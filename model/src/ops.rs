@@ -130,6 +130,11 @@ pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
     kernels::gelu(x)
 }
 
+/// `x + dropout(h)`, residual dropout.
+pub(crate) fn residual_dropout(x: &Tensor, h: &Tensor, d: &Dropout) -> Result<Tensor> {
+    kernels::residual_dropout(x, h, d)
+}
+
 /// RoPE tables for positions `0..max_positions`, in the "rotate half" layout of `transformers`,
 /// kept in f32 whatever the model dtype (a bf16 angle loses integer positions above 256).
 #[derive(Debug, Clone)]
