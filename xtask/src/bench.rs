@@ -22,8 +22,8 @@ pub(crate) struct Args {
     /// Also run the PyTorch peer and print our/their ratios.
     #[arg(long)]
     peer: bool,
-    /// Training configurations to run (a, b, c, d; see `CONFIGS`); empty for none.
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d")]
+    /// Training configurations to run (a, b, c, c-dropout, d; see `CONFIGS`); empty for none.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,c-dropout,d")]
     configs: Vec<String>,
     /// Compute threads for both sides (default: available cores).
     #[arg(long)]
@@ -60,6 +60,16 @@ struct BenchConfig {
     seq: usize,
     /// Single optimizer step (memory and time), no warm-up.
     single_step: bool,
+    /// The model (under `target/bench/models`) and the peer's configuration: `name` unless set.
+    base: Option<&'static str>,
+    /// Steps with the model's dropout, on both sides (nanopoet trains with 0.1).
+    dropout: bool,
+}
+
+impl BenchConfig {
+    fn base(&self) -> &'static str {
+        self.base.unwrap_or(self.name)
+    }
 }
 
 const CONFIGS: &[BenchConfig] = &[
@@ -72,6 +82,8 @@ const CONFIGS: &[BenchConfig] = &[
         batch: 8,
         seq: 256,
         single_step: false,
+        base: None,
+        dropout: false,
     },
     BenchConfig {
         name: "b",
@@ -82,6 +94,8 @@ const CONFIGS: &[BenchConfig] = &[
         batch: 8,
         seq: 256,
         single_step: false,
+        base: None,
+        dropout: false,
     },
     BenchConfig {
         name: "c",
@@ -92,6 +106,20 @@ const CONFIGS: &[BenchConfig] = &[
         batch: 16,
         seq: 256,
         single_step: false,
+        base: None,
+        dropout: false,
+    },
+    BenchConfig {
+        name: "c-dropout",
+        what: "the same, training with its dropout 0.1 (as nanopoet does), both sides",
+        preset: "nanopoet-gpt",
+        vocab: 6000,
+        sets: &[],
+        batch: 16,
+        seq: 256,
+        single_step: false,
+        base: Some("c"),
+        dropout: true,
     },
     BenchConfig {
         name: "d",
@@ -102,6 +130,8 @@ const CONFIGS: &[BenchConfig] = &[
         batch: 1,
         seq: 256,
         single_step: true,
+        base: None,
+        dropout: false,
     },
 ];
 
@@ -154,8 +184,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         let cfg = CONFIGS
             .iter()
             .find(|c| c.name == name)
-            .with_context(|| format!("unknown config {name:?} (a, b, c, d)"))?;
-        let model = dir.join("models").join(cfg.name);
+            .with_context(|| format!("unknown config {name:?} (a, b, c, c-dropout, d)"))?;
+        let model = dir.join("models").join(cfg.base());
         if !model.join("model.safetensors").is_file() {
             eprintln!("initialising {} ({})", model.display(), cfg.what);
             crate::init_model::write_preset(cfg.preset, cfg.vocab, cfg.sets, &model)?;
@@ -176,15 +206,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 let v: Value = crate::json_output(
                     Command::new(py)
                         .arg(crate::project_root().join("tests/data/scripts/bench_peer.py"))
-                        .args(["--config", cfg.name])
+                        .args(["--config", cfg.base()])
                         .args(["--batch-size", &cfg.batch.to_string()])
                         .args(["--seq-len", &cfg.seq.to_string()])
                         .args(["--steps", &steps.to_string()])
                         .args(["--warmup", &warmup.to_string()])
                         .args(["--threads", &threads.to_string()])
                         .args(["--device", device, "--dtype", dtype])
-                        // `sft bench train` times steps without dropout.
-                        .args(if cfg.name == "c" {
+                        // The peer's (c) defaults to nanopoet's dropout; ours to none.
+                        .args(if cfg.base() == "c" && !cfg.dropout {
                             &["--dropout", "0"][..]
                         } else {
                             &[]
@@ -238,7 +268,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             let Some(cfg) = cfg.filter(|c| !c.single_step) else {
                 continue;
             };
-            let model = dir.join("models").join(cfg.name);
+            let model = dir.join("models").join(cfg.base());
             let one = sft_bench_train(&sft, &model, cfg, args.steps, args.warmup, 1, dtype)?;
             let (t1, tn) = (
                 one["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
@@ -284,7 +314,8 @@ fn sft_bench_train(
             .args(["--seq-len", &cfg.seq.to_string()])
             .args(["--steps", &steps.to_string()])
             .args(["--warmup", &warmup.to_string()])
-            .args(["--threads", &threads.to_string()]),
+            .args(["--threads", &threads.to_string()])
+            .args(cfg.dropout.then_some("--dropout")),
     )
 }
 
