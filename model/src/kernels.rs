@@ -551,6 +551,21 @@ fn fill_chunks<T: Send>(n: usize, f: impl Fn(usize, &mut [MaybeUninit<T>]) + Syn
     out
 }
 
+/// A vector of `n` values that `write` fills through a pointer to its buffer, which is not
+/// zero-filled first: for the output of a product that does not accumulate, which `gemm` writes
+/// without reading (with `read_dst` false it never loads the destination, and an empty inner
+/// dimension writes zeros).
+///
+/// # Safety
+/// `write` must write all `n` elements and nothing beyond them.
+pub(crate) unsafe fn written_by<T>(n: usize, write: impl FnOnce(*mut T)) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    write(v.as_mut_ptr());
+    // SAFETY: the caller's contract: all n elements are written.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Element-wise work is split in chunks this long: large enough to amortise scheduling, small
 /// enough that two cores share a (rows, 1024) activation.
 const CHUNK: usize = 4096;

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor, D};
 use gemm::Parallelism;
 
 use crate::kernels::{
-    column_sums, cpu, fusable, matmul, slice_of, Element, Input, ParamOp, WithParams,
+    column_sums, cpu, fusable, matmul, slice_of, written_by, Element, Input, ParamOp, WithParams,
 };
 use crate::Result;
 
@@ -47,22 +47,29 @@ fn forward<T: Element>(
         slice_of::<T>(x.0, x.1, "dense: the input")?,
         slice_of::<T>(w.0, w.1, "dense: the weight")?,
     );
-    let mut y = match b {
-        Some((s, l)) => slice_of::<T>(s, l, "dense: the bias")?.repeat(rows),
-        None => vec![T::ZERO; rows * n_out],
+    let product = |y: *mut T, accumulate: bool| {
+        // SAFETY: y has room for rows x n_out, x is rows x n_in, w n_out x n_in, all contiguous.
+        unsafe {
+            matmul(
+                (rows, n_out, n_in),
+                (y, n_out, 1),
+                accumulate,
+                (xv.as_ptr(), n_in, 1),
+                (wv.as_ptr(), 1, n_in),
+                T::of(1.0),
+                parallelism(),
+            );
+        }
     };
-    // SAFETY: y is rows x n_out, x rows x n_in, w n_out x n_in, all contiguous.
-    unsafe {
-        matmul(
-            (rows, n_out, n_in),
-            (y.as_mut_ptr(), n_out, 1),
-            b.is_some(),
-            (xv.as_ptr(), n_in, 1),
-            (wv.as_ptr(), 1, n_in),
-            T::of(1.0),
-            parallelism(),
-        );
-    }
+    let y = match b {
+        Some((s, l)) => {
+            let mut y = slice_of::<T>(s, l, "dense: the bias")?.repeat(rows);
+            product(y.as_mut_ptr(), true);
+            y
+        }
+        // SAFETY: a product that does not accumulate writes every element.
+        None => unsafe { written_by(rows * n_out, |y| product(y, false)) },
+    };
     let mut shape = x.1.dims().to_vec();
     *shape.last_mut().expect("dims checked") = n_out;
     Ok((T::storage(y), Shape::from(shape)))
@@ -83,31 +90,35 @@ fn backward<T: Element>(
     let xv = slice_of::<T>(cpu(&xs)?, xl, "dense: the input")?;
     let wv = slice_of::<T>(cpu(&ws)?, wl, "dense: the weight")?;
     let g = slice_of::<T>(cpu(&gs)?, gl, "dense: the gradient")?;
-    let mut dx = vec![T::ZERO; rows * n_in];
-    let mut dw = vec![T::ZERO; n_out * n_in];
-    // SAFETY: every matrix is contiguous with the dims given.
-    unsafe {
+    // SAFETY: every matrix is contiguous with the dims given, and both products write every
+    // element of their output (they do not accumulate).
+    let (dx, dw) = unsafe {
         // dx = g w
-        matmul(
-            (rows, n_in, n_out),
-            (dx.as_mut_ptr(), n_in, 1),
-            false,
-            (g.as_ptr(), n_out, 1),
-            (wv.as_ptr(), n_in, 1),
-            T::of(1.0),
-            parallelism(),
-        );
+        let dx = written_by(rows * n_in, |dx| {
+            matmul(
+                (rows, n_in, n_out),
+                (dx, n_in, 1),
+                false,
+                (g.as_ptr(), n_out, 1),
+                (wv.as_ptr(), n_in, 1),
+                T::of(1.0),
+                parallelism(),
+            )
+        });
         // dw = g^T x
-        matmul(
-            (n_out, n_in, rows),
-            (dw.as_mut_ptr(), n_in, 1),
-            false,
-            (g.as_ptr(), 1, n_out),
-            (xv.as_ptr(), n_in, 1),
-            T::of(1.0),
-            parallelism(),
-        );
-    }
+        let dw = written_by(n_out * n_in, |dw| {
+            matmul(
+                (n_out, n_in, rows),
+                (dw, n_in, 1),
+                false,
+                (g.as_ptr(), 1, n_out),
+                (xv.as_ptr(), n_in, 1),
+                T::of(1.0),
+                parallelism(),
+            )
+        });
+        (dx, dw)
+    };
     let db = bias.then(|| column_sums(g, n_out));
     let dev = x.device();
     Ok((
