@@ -518,7 +518,8 @@ fn map_real(
     })
 }
 
-/// Runs `f(a, b)` for two f32 or two f64 storages.
+/// Runs `f(a, b)` for two f32 or two f64 storages of the same length (the element-wise kernels
+/// zip them into outputs they do not fill first, so a shorter one would leave holes).
 fn map_real2(
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
@@ -526,12 +527,23 @@ fn map_real2(
     f32_fn: impl Fn(&[f32], &[f32]) -> Vec<f32>,
     f64_fn: impl Fn(&[f64], &[f64]) -> Vec<f64>,
 ) -> candle_core::Result<CpuStorage> {
+    fn same_len<'a, T>(
+        (a, b): (&'a [T], &'a [T]),
+        what: &str,
+    ) -> candle_core::Result<(&'a [T], &'a [T])> {
+        if a.len() != b.len() {
+            candle_core::bail!("{what}: inputs of {} and {} elements", a.len(), b.len());
+        }
+        Ok((a, b))
+    }
     Ok(match (s1, s2) {
         (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            CpuStorage::F32(f32_fn(contiguous(a, l1, what)?, contiguous(b, l2, what)?))
+            let (a, b) = same_len((contiguous(a, l1, what)?, contiguous(b, l2, what)?), what)?;
+            CpuStorage::F32(f32_fn(a, b))
         }
         (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            CpuStorage::F64(f64_fn(contiguous(a, l1, what)?, contiguous(b, l2, what)?))
+            let (a, b) = same_len((contiguous(a, l1, what)?, contiguous(b, l2, what)?), what)?;
+            CpuStorage::F64(f64_fn(a, b))
         }
         _ => candle_core::bail!("{what}: both inputs must be f32 or both f64"),
     })
@@ -1079,9 +1091,6 @@ impl CustomOp2 for ResidualDropout {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("residual dropout: {:?} against {:?}", l1.dims(), l2.dims());
-        }
         let d = &self.0;
         let out = map_real2(
             (s1, l1),
@@ -1253,6 +1262,15 @@ mod tests {
         // f32 takes the same kernels.
         let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
         assert!(max_diff(&fused(&x32), &composed(&x32)) < 1e-5);
+    }
+
+    #[test]
+    fn element_wise_kernels_refuse_inputs_of_different_lengths() {
+        let dev = Device::Cpu;
+        let a = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let b = Tensor::ones(6, DType::F32, &dev).unwrap();
+        let err = a.apply_op2_no_bwd(&b, &SiluMul).unwrap_err().to_string();
+        assert!(err.contains("inputs of 8 and 6 elements"), "{err}");
     }
 
     #[test]

@@ -87,9 +87,10 @@ macro_rules! with_avx2 {
     }};
 }
 
-/// [`with_avx2!`] with a third tier: AVX-512 (16 floats wide) where the CPU has it. For the
-/// element-wise kernels whose loops are long and compute-bound (GELU's `tanh`), where the wider
-/// registers pay; the row kernels bound by memory keep the AVX2 tier. Same results in every tier.
+/// [`with_avx2!`] with a third tier: AVX-512 (16 floats wide) where the CPU has it. For loops
+/// bound by arithmetic, where the wider registers pay: those around `exp_f32` (GELU, SiLU, the
+/// attention and loss softmaxes) and AdamW's square root and division; loops bound by memory
+/// (rotary embedding) keep the AVX2 tier. Same results in every tier.
 #[macro_export]
 macro_rules! with_avx512 {
     ($body:expr) => {{
