@@ -223,3 +223,51 @@ pub fn matmul_peak_gflops(
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use sft_model::ModelConfig;
+
+    fn tiny_gpt(dropout: f64) -> Model {
+        let mut cfg = sft_model::presets::preset("tiny-gpt").expect("a preset");
+        cfg["vocab_size"] = 50.into();
+        cfg["dropout"] = dropout.into();
+        let cfg = ModelConfig::from_json_str(&cfg.to_string()).unwrap();
+        Model::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// `--dropout` trains with the model's dropout: the weights after one step differ from a step
+    /// without it, and the result says which it was.
+    #[test]
+    fn bench_steps_take_the_models_dropout_when_asked() {
+        let weights = |dropout: bool| {
+            let model = tiny_gpt(0.3);
+            let opts = BenchOptions {
+                batch_size: 2,
+                seq_len: 16,
+                steps: 1,
+                warmup: 0,
+                target_fraction: 1.0,
+                dropout,
+                seed: 1,
+            };
+            let r = bench_train(&model, &opts).unwrap();
+            let w: Vec<f32> = model.params()[0]
+                .1
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (r.dropout, w)
+        };
+        let (off, w_off) = weights(false);
+        let (on, w_on) = weights(true);
+        assert_eq!((off, on), (0.0, 0.3));
+        assert_ne!(w_off, w_on);
+        // Without the flag the step is deterministic: the same weights again.
+        assert_eq!(weights(false).1, w_off);
+    }
+}
