@@ -7,7 +7,9 @@
 
 use candle_core::Tensor;
 
+use crate::backward::Grads;
 use crate::config::GptConfig;
+use crate::kernels::{self, NormKind};
 use crate::ops::{self, Dropout, Linear};
 use crate::{LayerKv, Result, Weights};
 
@@ -87,21 +89,65 @@ impl Gpt {
         ids: &Tensor,
         positions: &Tensor,
         mask: Option<&ops::Mask>,
+        kv: Option<&mut [LayerKv]>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        self.run(ids, positions, mask, kv, dropout_seed, None)
+    }
+
+    /// [`Gpt::forward_hidden`] for training with [`Gpt::backward`]: the hidden states and the
+    /// activations backward reads. The weights must be detached (no graph is built).
+    pub(crate) fn forward_traced(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &ops::Mask,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, GptTrace)> {
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        let mut last = None;
+        let hidden = self.run(
+            ids,
+            positions,
+            Some(mask),
+            None,
+            dropout_seed,
+            Some((&mut blocks, &mut last)),
+        )?;
+        let trace = GptTrace {
+            ids: ids.flatten_all()?,
+            positions: positions.flatten_all()?,
+            mask: mask.clone(),
+            dropout_seed,
+            blocks,
+            last: last.expect("the forward pass keeps ln_f's input"),
+        };
+        Ok((hidden, trace))
+    }
+
+    fn dropout(&self, dropout_seed: Option<u64>, site: u64) -> Option<Dropout> {
+        dropout_seed
+            .filter(|_| self.cfg.dropout > 0.0)
+            .map(|seed| Dropout {
+                p: self.cfg.dropout,
+                seed,
+                site,
+            })
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&ops::Mask>,
         mut kv: Option<&mut [LayerKv]>,
         dropout_seed: Option<u64>,
+        mut keep: Option<(&mut Vec<BlockTrace>, &mut Option<Tensor>)>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let e = self.cfg.n_embd;
         let heads = self.cfg.n_head;
-        let dropout = |site: u64| {
-            dropout_seed
-                .filter(|_| self.cfg.dropout > 0.0)
-                .map(|seed| Dropout {
-                    p: self.cfg.dropout,
-                    seed,
-                    site,
-                })
-        };
+        let dropout = |site: u64| self.dropout(dropout_seed, site);
         let drop = |x: Tensor, site: u64| -> Result<Tensor> {
             match dropout(site) {
                 Some(d) => d.apply(&x),
@@ -120,8 +166,8 @@ impl Gpt {
         let mut x = drop((tok + pos)?.reshape((b, t, e))?, 0)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = 1 + 3 * i as u64;
-            let h = self.norm(&blk.ln_1, &x)?;
-            let qkv = blk.c_attn.forward(&h)?;
+            let h1 = self.norm(&blk.ln_1, &x)?;
+            let qkv = blk.c_attn.forward(&h1)?;
             let y = match kv.as_deref_mut() {
                 None => ops::attention_qkv(&qkv, heads, mask, dropout(site).as_ref())?,
                 Some(kv) => {
@@ -130,11 +176,119 @@ impl Gpt {
                     ops::attention(&q, &k, &v, mask, dropout(site).as_ref())?
                 }
             };
-            x = residual(&x, blk.attn_proj.forward(&y)?, site + 1)?;
-            let h = self.norm(&blk.ln_2, &x)?;
-            let m = blk.mlp_proj.forward(&ops::gelu(&blk.c_fc.forward(&h)?)?)?;
-            x = residual(&x, m, site + 2)?;
+            let mid = residual(&x, blk.attn_proj.forward(&y)?, site + 1)?;
+            let h2 = self.norm(&blk.ln_2, &mid)?;
+            let f = blk.c_fc.forward(&h2)?;
+            let g = ops::gelu(&f)?;
+            let out = residual(&mid, blk.mlp_proj.forward(&g)?, site + 2)?;
+            if let Some((blocks, _)) = keep.as_mut() {
+                blocks.push(BlockTrace {
+                    x,
+                    h1,
+                    qkv,
+                    y,
+                    mid,
+                    h2,
+                    f,
+                    g,
+                });
+            }
+            x = out;
         }
-        self.norm(&self.ln_f, &x)
+        let hidden = self.norm(&self.ln_f, &x)?;
+        if let Some((_, last)) = keep {
+            *last = Some(x);
+        }
+        Ok(hidden)
     }
+
+    /// The gradients of every parameter (into `grads`) from the gradient of the hidden states
+    /// (b, t, n_embd) that [`Gpt::forward_traced`] returned.
+    pub(crate) fn backward(&self, tr: GptTrace, grad: &Tensor, grads: &mut Grads) -> Result<()> {
+        let heads = self.cfg.n_head;
+        let dropout = |site: u64| self.dropout(tr.dropout_seed, site);
+        // x + dropout(h): x takes the gradient as it is, h the gradient times the mask.
+        let branch = |g: &Tensor, site: u64| -> Result<Tensor> {
+            match dropout(site) {
+                Some(d) => Ok(kernels::dropout_backward(&d, g)?),
+                None => Ok(g.clone()),
+            }
+        };
+        let mut dx = self.norm_backward(&self.ln_f, &tr.last, grad, grads)?;
+        for (i, (blk, a)) in self.blocks.iter().zip(tr.blocks).enumerate().rev() {
+            let site = 1 + 3 * i as u64;
+            let dg = blk
+                .mlp_proj
+                .backward(&a.g, &branch(&dx, site + 2)?, grads)?;
+            let df = kernels::gelu_backward(&a.f, &dg)?;
+            let dh2 = blk.c_fc.backward(&a.h2, &df, grads)?;
+            // The residual branch's gradient first, as candle's backward adds them.
+            dx = (dx + self.norm_backward(&blk.ln_2, &a.mid, &dh2, grads)?)?;
+            let dy = blk
+                .attn_proj
+                .backward(&a.y, &branch(&dx, site + 1)?, grads)?;
+            let dqkv = ops::attention_qkv_backward(
+                &a.qkv,
+                &a.y,
+                &dy,
+                heads,
+                Some(&tr.mask),
+                dropout(site).as_ref(),
+            )?;
+            let dh1 = blk.c_attn.backward(&a.h1, &dqkv, grads)?;
+            dx = (dx + self.norm_backward(&blk.ln_1, &a.x, &dh1, grads)?)?;
+        }
+        let dx = dx.flatten_to(1)?;
+        let dx = match dropout(0) {
+            Some(d) => d.apply(&dx)?,
+            None => dx,
+        };
+        // An embedding lookup's gradient: the rows added up at their ids (as candle's
+        // index_select backward does).
+        grads.put(
+            &self.wte,
+            self.wte.zeros_like()?.index_add(&tr.ids, &dx, 0)?,
+        )?;
+        grads.put(
+            &self.wpe,
+            self.wpe.zeros_like()?.index_add(&tr.positions, &dx, 0)?,
+        )?;
+        Ok(())
+    }
+
+    fn norm_backward(
+        &self,
+        n: &Norm,
+        x: &Tensor,
+        grad: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.layer_norm_eps;
+        ops::norm_backward(NormKind::Layer, x, &n.w, n.b.as_ref(), eps, grad, grads)
+    }
+}
+
+/// What [`Gpt::backward`] reads of a training forward pass.
+pub(crate) struct GptTrace {
+    /// Flat token ids and positions (the embedding lookups' gradients add up at them).
+    ids: Tensor,
+    positions: Tensor,
+    mask: ops::Mask,
+    dropout_seed: Option<u64>,
+    blocks: Vec<BlockTrace>,
+    /// The input of `ln_f`.
+    last: Tensor,
+}
+
+/// A block's activations: the inputs of its norms, products, attention and GELU, and the
+/// attention's output.
+struct BlockTrace {
+    x: Tensor,
+    h1: Tensor,
+    qkv: Tensor,
+    y: Tensor,
+    mid: Tensor,
+    h2: Tensor,
+    f: Tensor,
+    g: Tensor,
 }

@@ -252,7 +252,8 @@ impl<O: ParamOp> WithParams<O> {
         }
     }
 
-    fn run_backward(
+    /// The op's gradients, called by candle's backward or by a model's own (`Model::backward`).
+    pub(crate) fn run_backward(
         &self,
         x: &Tensor,
         params: &[&Tensor],
@@ -627,9 +628,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
-        ))
+        Ok(Some(gelu_backward(x, grad)?))
     }
 }
 
@@ -896,11 +895,8 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = grad
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope(RopeDir::Backward))?;
         // The tables are constants of the positions.
-        Ok((Some(dx), None, None))
+        Ok((Some(rope_backward(grad, cos, sin)?), None, None))
     }
 }
 
@@ -989,8 +985,8 @@ impl CustomOp2 for SiluMul {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulBackward)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dg, du) = silu_mul_backward(gate, up, grad)?;
+        Ok((Some(dg), Some(du)))
     }
 }
 
@@ -1109,8 +1105,7 @@ impl CustomOp2 for ResidualDropout {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dh = grad.contiguous()?.apply_op1_no_bwd(&MaskMul(self.0))?;
-        Ok((Some(grad.clone()), Some(dh)))
+        Ok((Some(grad.clone()), Some(dropout_backward(&self.0, grad)?)))
     }
 }
 
@@ -1143,6 +1138,40 @@ pub(crate) fn residual_dropout(x: &Tensor, h: &Tensor, d: &Dropout) -> Result<Te
     } else {
         Ok((x + d.apply(h)?)?)
     }
+}
+
+// The backward halves of the fused ops as plain functions, for candle's backward (the ops'
+// `bwd`) and for the models' own backward pass alike. Each expects the fused forward's inputs
+// (CPU f32 or f64).
+
+/// The gradient of [`gelu`]'s input.
+pub(crate) fn gelu_backward(x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)
+}
+
+/// The gradient of `h` in [`residual_dropout`] (`x`'s is the incoming gradient itself).
+pub(crate) fn dropout_backward(d: &Dropout, grad: &Tensor) -> candle_core::Result<Tensor> {
+    grad.contiguous()?.apply_op1_no_bwd(&MaskMul(*d))
+}
+
+/// The gradients of `gate` and `up` in [`silu_mul`].
+pub(crate) fn silu_mul_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulBackward)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// The gradient of [`rope_heads_first`]'s input, (b, t, h, d), from its output's (b, h, t, d).
+pub(crate) fn rope_backward(
+    grad: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Tensor> {
+    grad.contiguous()?
+        .apply_op3_no_bwd(cos, sin, &Rope(RopeDir::Backward))
 }
 
 /// GELU (tanh approximation), fused on the CPU.

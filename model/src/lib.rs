@@ -10,6 +10,7 @@
 //! Inference uses [`Model::detached`] (no graph is recorded) and a [`KvCache`]; see [`generate`].
 
 mod attention;
+mod backward;
 mod checkpoint;
 mod config;
 pub mod generate;
@@ -28,12 +29,13 @@ mod testing;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 
+use crate::backward::Grads;
 pub use crate::config::{GptConfig, ModelConfig, Qwen2Config, GPT_MODEL_TYPE};
-use crate::gpt::Gpt;
+use crate::gpt::{Gpt, GptTrace};
 use crate::ops::Rope;
-use crate::qwen2::Qwen2;
+use crate::qwen2::{Qwen2, Qwen2Trace};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -162,8 +164,20 @@ pub struct Model {
     cfg: ModelConfig,
     params: Vec<(String, Var)>,
     net: Net,
+    /// The network over detached copies of the weights (same storage, no graph), for
+    /// [`Model::forward_traced`]; `slots` maps each of those tensors to its `params` index.
+    plain: Net,
+    slots: HashMap<TensorId, usize>,
     dtype: DType,
     device: Device,
+}
+
+/// The activations a training forward pass keeps for [`Model::backward`].
+pub struct Trace(TraceOf);
+
+enum TraceOf {
+    Qwen2(Qwen2Trace),
+    Gpt(GptTrace),
 }
 
 impl Model {
@@ -186,37 +200,53 @@ impl Model {
         detached: bool,
         rope: Option<Rope>,
     ) -> Result<Model> {
-        let map = params
-            .iter()
-            .map(|(n, v)| {
-                let t = if detached {
-                    v.as_detached_tensor()
-                } else {
-                    v.as_tensor().clone()
-                };
-                (n.clone(), t)
-            })
-            .collect();
-        let weights = Weights { map };
-        let net = match &cfg {
-            ModelConfig::Qwen2(c) => {
-                let rope = match rope {
-                    Some(r) => r,
-                    None => Rope::new(
-                        c.rope_theta,
-                        c.head_dim(),
-                        c.max_position_embeddings,
-                        device,
-                    )?,
-                };
-                Net::Qwen2(Qwen2::new(c, &weights, rope))
-            }
-            ModelConfig::Gpt(c) => Net::Gpt(Gpt::new(c, &weights)),
+        let weights = |detach: bool| Weights {
+            map: params
+                .iter()
+                .map(|(n, v)| {
+                    let t = match detach {
+                        true => v.as_detached_tensor(),
+                        false => v.as_tensor().clone(),
+                    };
+                    (n.clone(), t)
+                })
+                .collect(),
         };
+        let rope = match (&cfg, rope) {
+            (ModelConfig::Qwen2(c), None) => Some(Rope::new(
+                c.rope_theta,
+                c.head_dim(),
+                c.max_position_embeddings,
+                device,
+            )?),
+            (_, rope) => rope,
+        };
+        let build = |w: &Weights| match &cfg {
+            ModelConfig::Qwen2(c) => {
+                let rope = rope.clone().expect("a Qwen2 model has its rope tables");
+                Net::Qwen2(Qwen2::new(c, w, rope))
+            }
+            ModelConfig::Gpt(c) => Net::Gpt(Gpt::new(c, w)),
+        };
+        let plain_weights = weights(true);
+        let index: HashMap<&str, usize> = params
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.as_str(), i))
+            .collect();
+        let slots = plain_weights
+            .map
+            .iter()
+            .map(|(n, t)| (t.id(), index[n.as_str()]))
+            .collect();
+        let net = build(&weights(detached));
+        let plain = build(&plain_weights);
         Ok(Model {
             cfg,
             params,
             net,
+            plain,
+            slots,
             dtype,
             device: device.clone(),
         })
@@ -296,6 +326,63 @@ impl Model {
         mask: &AttentionMask<'_>,
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
+        let mask = self.mask(input_ids, positions, mask)?;
+        match &self.net {
+            Net::Qwen2(m) => m.forward_hidden(input_ids, positions, Some(&mask), None),
+            Net::Gpt(m) => m.forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed),
+        }
+    }
+
+    /// [`Model::forward_hidden`] for training with the model's own backward pass
+    /// ([`Model::backward`]): the hidden states (no graph) and the activations backward needs.
+    /// `None` where that pass does not run (half precision, other devices: they train through
+    /// candle's backward of `forward_hidden`).
+    pub fn forward_traced(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttentionMask<'_>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Option<(Tensor, Trace)>> {
+        let cpu_float = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
+        let mask = self.mask(input_ids, positions, mask)?;
+        if !cpu_float || !mask.fits_fused() {
+            return Ok(None);
+        }
+        Ok(Some(match &self.plain {
+            Net::Qwen2(m) => match m.forward_traced(input_ids, positions, &mask)? {
+                Some((h, tr)) => (h, Trace(TraceOf::Qwen2(tr))),
+                None => return Ok(None),
+            },
+            Net::Gpt(m) => {
+                let (h, tr) = m.forward_traced(input_ids, positions, &mask, dropout_seed)?;
+                (h, Trace(TraceOf::Gpt(tr)))
+            }
+        }))
+    }
+
+    /// The gradients of `sum(hidden * grad_hidden)` for the hidden states (batch, seq, hidden)
+    /// of the [`Model::forward_traced`] call that returned `trace`, one entry per
+    /// [`Model::params`] entry. A tied output layer gets its embedding's gradient only (the
+    /// head's own is the loss's to add). Equal to candle's backward through `forward_hidden`.
+    pub fn backward(&self, trace: Trace, grad_hidden: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut grads = Grads::new(&self.slots, self.params.len());
+        match (&self.plain, trace.0) {
+            (Net::Qwen2(m), TraceOf::Qwen2(tr)) => m.backward(tr, grad_hidden, &mut grads)?,
+            (Net::Gpt(m), TraceOf::Gpt(tr)) => m.backward(tr, grad_hidden, &mut grads)?,
+            _ => return input_error("backward: the trace comes from another kind of model"),
+        }
+        Ok(grads.into_vec())
+    }
+
+    /// The attention mask for a batch of `input_ids`, after checking the batch's shapes and
+    /// ranges.
+    fn mask(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttentionMask<'_>,
+    ) -> Result<ops::Mask> {
         let (b, t) = self.check_ids(input_ids)?;
         if positions.dims() != [b, t] || positions.dtype() != DType::U32 {
             return input_error(format!(
@@ -323,11 +410,7 @@ impl Model {
                 ops::segment_mask(seg, self.dtype)?
             }
         };
-        let mask = ops::Mask::new(mask)?;
-        match &self.net {
-            Net::Qwen2(m) => m.forward_hidden(input_ids, positions, Some(&mask), None),
-            Net::Gpt(m) => m.forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed),
-        }
+        ops::Mask::new(mask)
     }
 
     /// Incremental decoding: `input_ids` (batch, t_new) continue the cached sequence at

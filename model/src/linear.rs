@@ -173,6 +173,27 @@ pub(crate) fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option
     Ok(Some(WithParams::apply(Dense, x, w, b)?))
 }
 
+/// The gradients of [`dense`]'s input, weight and (given the bias) bias, from its output's.
+pub(crate) fn dense_backward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let params: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
+    let (dx, dp) = WithParams(Dense).run_backward(x, &params, grad)?;
+    let mut dp = dp.into_iter();
+    let dw = dp
+        .next()
+        .flatten()
+        .expect("dense gives the weight a gradient");
+    Ok((
+        dx.expect("dense gives the input a gradient"),
+        dw,
+        dp.next().flatten(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};

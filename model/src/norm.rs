@@ -204,6 +204,29 @@ pub(crate) fn norm_affine(
     Ok(Some(WithParams::apply(NormAffine { kind, eps }, x, w, b)?))
 }
 
+/// The gradients of [`norm_affine`]'s input, gain and (given the shift) shift.
+pub(crate) fn norm_affine_backward(
+    x: &Tensor,
+    kind: NormKind,
+    eps: f64,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let params: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
+    let (dx, dp) = WithParams(NormAffine { kind, eps }).run_backward(x, &params, grad)?;
+    let mut dp = dp.into_iter();
+    let dw = dp
+        .next()
+        .flatten()
+        .expect("a norm gives its gain a gradient");
+    Ok((
+        dx.expect("a norm gives its input a gradient"),
+        dw,
+        dp.next().flatten(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};

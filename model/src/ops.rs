@@ -10,13 +10,14 @@
 //! dims are transposed when the rhs batch is broadcast. [`linear`] therefore flattens its input
 //! to 2-D (a copy when the input is not contiguous) and [`attention`] makes q/k/v contiguous.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{CustomOp1, CustomOp3, DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use std::sync::Arc;
 
 use crate::attention::{self, KeyRanges};
+use crate::backward::Grads;
 use crate::kernels::NormKind;
 use crate::norm::norm_affine;
 use crate::{kernels, Result};
@@ -89,6 +90,17 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &self.w, self.b.as_ref())
     }
+
+    /// The gradient of the input `x` of a fused [`Linear::forward`]; the weight's and bias's go
+    /// to `grads`.
+    pub(crate) fn backward(&self, x: &Tensor, grad: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let (dx, dw, db) = crate::linear::dense_backward(x, &self.w, self.b.as_ref(), grad)?;
+        grads.put(&self.w, dw)?;
+        if let (Some(b), Some(db)) = (&self.b, db) {
+            grads.put(b, db)?;
+        }
+        Ok(dx)
+    }
 }
 
 /// RMSNorm over the last dim: `w * x / sqrt(mean(x^2) + eps)`, normalised in at least f32.
@@ -111,6 +123,25 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -
     let xc = x.to_dtype(compute_dtype(dtype))?;
     let y = kernels::layer_norm_core(&xc, eps)?.to_dtype(dtype)?;
     scale_shift(&y, Some(w), b)
+}
+
+/// The gradient of the input `x` of a fused [`rms_norm`] (`b` None) or [`layer_norm`]; the
+/// gain's and shift's go to `grads`.
+pub(crate) fn norm_backward(
+    kind: NormKind,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    eps: f64,
+    grad: &Tensor,
+    grads: &mut Grads,
+) -> Result<Tensor> {
+    let (dx, dw, db) = crate::norm::norm_affine_backward(x, kind, eps, w, b, grad)?;
+    grads.put(w, dw)?;
+    if let (Some(b), Some(db)) = (b, db) {
+        grads.put(b, db)?;
+    }
+    Ok(dx)
 }
 
 /// Softmax over the last dim, in at least f32, returned in the input dtype.
@@ -231,7 +262,6 @@ impl Mask {
     }
 
     /// Whether the fused attention can take this mask.
-    #[cfg(test)]
     pub(crate) fn fits_fused(&self) -> bool {
         self.keys.is_some()
     }
@@ -289,6 +319,58 @@ pub(crate) fn attention_qkv(
     }
     let (q, k, v) = split_qkv(qkv, heads)?;
     attention(&q, &k, &v, mask, dropout)
+}
+
+/// The gradient of `qkv` in a fused [`attention_qkv`] that returned `out`.
+pub(crate) fn attention_qkv_backward(
+    qkv: &Tensor,
+    out: &Tensor,
+    grad: &Tensor,
+    heads: usize,
+    mask: Option<&Mask>,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    let Some(keys) = fused_keys(qkv, mask) else {
+        return Err(not_fused("attention"));
+    };
+    let op = attention::Qkv {
+        heads,
+        keys,
+        dropout: dropout.filter(|d| d.p > 0.0).copied(),
+    };
+    Ok(CustomOp1::bwd(&op, qkv, out, grad)?.expect("attention gives qkv a gradient"))
+}
+
+/// The gradients of q, k and v in a fused [`attention`] that returned `out` (b, t, heads d).
+pub(crate) fn attention_backward(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    out: &Tensor,
+    grad: &Tensor,
+    mask: Option<&Mask>,
+    dropout: Option<&Dropout>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let Some(keys) = fused_keys(q, mask) else {
+        return Err(not_fused("attention"));
+    };
+    let (b, heads, t, d) = q.dims4()?;
+    let op = attention::Split {
+        keys,
+        dropout: dropout.filter(|d| d.p > 0.0).copied(),
+    };
+    let shape = (b, t, heads, d);
+    let (dq, dk, dv) = CustomOp3::bwd(&op, q, k, v, &out.reshape(shape)?, &grad.reshape(shape)?)?;
+    let missing = || not_fused("attention");
+    Ok((
+        dq.ok_or_else(missing)?,
+        dk.ok_or_else(missing)?,
+        dv.ok_or_else(missing)?,
+    ))
+}
+
+fn not_fused(what: &str) -> crate::Error {
+    crate::Error::Input {
+        reason: format!("{what}: the model's own backward pass needs the fused CPU kernels"),
+    }
 }
 
 /// q, k and v, each (b, heads, t, d) and contiguous, from GPT-2's fused projection (b, t, 3 e).

@@ -3,7 +3,9 @@
 
 use candle_core::Tensor;
 
+use crate::backward::Grads;
 use crate::config::Qwen2Config;
+use crate::kernels::{self, NormKind};
 use crate::ops::{self, Linear, Rope};
 use crate::{LayerKv, Result, Weights};
 
@@ -82,7 +84,41 @@ impl Qwen2 {
         ids: &Tensor,
         positions: &Tensor,
         mask: Option<&ops::Mask>,
+        kv: Option<&mut [LayerKv]>,
+    ) -> Result<Tensor> {
+        self.run(ids, positions, mask, kv, None)
+    }
+
+    /// [`Qwen2::forward_hidden`] for training with [`Qwen2::backward`]: the hidden states and
+    /// the activations backward reads; `None` where a fused kernel does not apply (an odd head
+    /// dim). The weights must be detached (no graph is built).
+    pub(crate) fn forward_traced(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &ops::Mask,
+    ) -> Result<Option<(Tensor, Qwen2Trace)>> {
+        if !self.cfg.head_dim().is_multiple_of(2) {
+            return Ok(None);
+        }
+        let mut tr = Qwen2Trace {
+            ids: ids.flatten_all()?,
+            mask: mask.clone(),
+            tables: None,
+            layers: Vec::with_capacity(self.layers.len()),
+            last: None,
+        };
+        let hidden = self.run(ids, positions, Some(mask), None, Some(&mut tr))?;
+        Ok(Some((hidden, tr)))
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&ops::Mask>,
         mut kv: Option<&mut [LayerKv]>,
+        mut keep: Option<&mut Qwen2Trace>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let dtype = self.embed.dtype();
@@ -94,11 +130,21 @@ impl Qwen2 {
         let (cos, sin) = self.rope.gather(positions, dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = kv.as_deref_mut().map(|kv| &mut kv[i]);
-            x = self.layer(layer, &x, &cos, &sin, mask, cache)?;
+            let (out, acts) = self.layer(layer, &x, &cos, &sin, mask, cache)?;
+            if let Some(tr) = keep.as_deref_mut() {
+                tr.layers.push(LayerTrace { x, ..acts });
+            }
+            x = out;
         }
-        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        let hidden = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        if let Some(tr) = keep {
+            tr.tables = Some((cos, sin));
+            tr.last = Some(x);
+        }
+        Ok(hidden)
     }
 
+    /// A decoder layer's output, and its activations (with `x` left for the caller to fill).
     fn layer(
         &self,
         l: &Layer,
@@ -107,35 +153,141 @@ impl Qwen2 {
         sin: &Tensor,
         mask: Option<&ops::Mask>,
         cache: Option<&mut LayerKv>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, LayerTrace)> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let eps = c.rms_norm_eps;
 
         let h = ops::rms_norm(x, &l.input_norm, eps)?;
-        let mut q = l.q.forward(&h)?.reshape((b, t, heads, hd))?;
-        let mut k = l.k.forward(&h)?.reshape((b, t, kv_heads, hd))?;
+        let q_in = l.q.forward(&h)?.reshape((b, t, heads, hd))?;
+        let k_in = l.k.forward(&h)?.reshape((b, t, kv_heads, hd))?;
         let v = l.v.forward(&h)?.reshape((b, t, kv_heads, hd))?;
-        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-            q = ops::rms_norm(&q, qn, eps)?;
-            k = ops::rms_norm(&k, kn, eps)?;
-        }
-        let q = ops::rope_heads_first(&q, cos, sin)?;
-        let k = ops::rope_heads_first(&k, cos, sin)?;
+        let (q_pre, k_pre) = match (&l.q_norm, &l.k_norm) {
+            (Some(qn), Some(kn)) => (
+                ops::rms_norm(&q_in, qn, eps)?,
+                ops::rms_norm(&k_in, kn, eps)?,
+            ),
+            _ => (q_in.clone(), k_in.clone()),
+        };
+        let q = ops::rope_heads_first(&q_pre, cos, sin)?;
+        let k = ops::rope_heads_first(&k_pre, cos, sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v)?,
             None => (k, v),
         };
         let y = ops::attention(&q, &k, &v, mask, None)?;
-        let x = (x + l.o.forward(&y)?)?;
+        let mid = (x + l.o.forward(&y)?)?;
 
-        let h = ops::rms_norm(&x, &l.post_norm, eps)?;
-        let m = ops::silu_mul(
-            &ops::linear(&h, &l.gate, None)?,
-            &ops::linear(&h, &l.up, None)?,
-        )?;
-        Ok((x + ops::linear(&m, &l.down, None)?)?)
+        let h2 = ops::rms_norm(&mid, &l.post_norm, eps)?;
+        let gate = ops::linear(&h2, &l.gate, None)?;
+        let up = ops::linear(&h2, &l.up, None)?;
+        let m = ops::silu_mul(&gate, &up)?;
+        let out = (&mid + ops::linear(&m, &l.down, None)?)?;
+        let acts = LayerTrace {
+            x: mid.clone(),
+            h,
+            q_in,
+            k_in,
+            q,
+            k,
+            v,
+            y,
+            mid,
+            h2,
+            gate,
+            up,
+            m,
+        };
+        Ok((out, acts))
     }
+
+    /// The gradients of every parameter (into `grads`) from the gradient of the hidden states
+    /// (b, t, hidden) that [`Qwen2::forward_traced`] returned.
+    pub(crate) fn backward(&self, tr: Qwen2Trace, grad: &Tensor, grads: &mut Grads) -> Result<()> {
+        let c = &self.cfg;
+        let eps = c.rms_norm_eps;
+        let rms = |x: &Tensor, w: &Tensor, g: &Tensor, grads: &mut Grads| {
+            ops::norm_backward(NormKind::Rms, x, w, None, eps, g, grads)
+        };
+        let (cos, sin) = tr
+            .tables
+            .as_ref()
+            .expect("the forward pass keeps its tables");
+        let last = tr
+            .last
+            .as_ref()
+            .expect("the forward pass keeps the final norm's input");
+        let mut dx = rms(last, &self.norm, grad, grads)?;
+        for (l, a) in self.layers.iter().zip(tr.layers).rev() {
+            let (b, t, _) = a.x.dims3()?;
+            let dense = |x: &Tensor, w: &Tensor, g: &Tensor, grads: &mut Grads| {
+                let (dx, dw, _) = crate::linear::dense_backward(x, w, None, g)?;
+                grads.put(w, dw)?;
+                Ok::<_, crate::Error>(dx)
+            };
+            let dm = dense(&a.m, &l.down, &dx, grads)?;
+            let (dgate, dup) = kernels::silu_mul_backward(&a.gate, &a.up, &dm)?;
+            let dh2 = (dense(&a.h2, &l.gate, &dgate, grads)? + dense(&a.h2, &l.up, &dup, grads)?)?;
+            // The residual branch's gradient first, as candle's backward adds them.
+            dx = (dx + rms(&a.mid, &l.post_norm, &dh2, grads)?)?;
+
+            let dy = l.o.backward(&a.y, &dx, grads)?;
+            let (dq, dk, dv) =
+                ops::attention_backward((&a.q, &a.k, &a.v), &a.y, &dy, Some(&tr.mask), None)?;
+            // Undo the heads-first layouts: rope's backward for q and k, a transpose for v.
+            let mut dq = kernels::rope_backward(&dq, cos, sin)?;
+            let mut dk = kernels::rope_backward(&dk, cos, sin)?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                dq = rms(&a.q_in, qn, &dq, grads)?;
+                dk = rms(&a.k_in, kn, &dk, grads)?;
+            }
+            let dv = dv.transpose(1, 2)?.reshape((b, t, ()))?;
+            let dh_v = l.v.backward(&a.h, &dv, grads)?;
+            let dh_k = l.k.backward(&a.h, &dk.reshape((b, t, ()))?, grads)?;
+            let dh_q = l.q.backward(&a.h, &dq.reshape((b, t, ()))?, grads)?;
+            // In the order candle's backward meets the three projections.
+            let dh = ((dh_v + dh_k)? + dh_q)?;
+            dx = (dx + rms(&a.x, &l.input_norm, &dh, grads)?)?;
+        }
+        let dx = dx.flatten_to(1)?;
+        grads.put(
+            &self.embed,
+            self.embed.zeros_like()?.index_add(&tr.ids, &dx, 0)?,
+        )?;
+        Ok(())
+    }
+}
+
+/// What [`Qwen2::backward`] reads of a training forward pass.
+pub(crate) struct Qwen2Trace {
+    /// Flat token ids (the embedding's gradient adds up at them).
+    ids: Tensor,
+    mask: ops::Mask,
+    /// The rope tables at the batch's positions.
+    tables: Option<(Tensor, Tensor)>,
+    layers: Vec<LayerTrace>,
+    /// The input of the final norm.
+    last: Option<Tensor>,
+}
+
+/// A layer's activations: the inputs of its norms, products, rope, attention and SwiGLU, and the
+/// attention's output.
+struct LayerTrace {
+    x: Tensor,
+    h: Tensor,
+    /// q and k before their norms (Qwen3) and rope, (b, t, heads, head_dim).
+    q_in: Tensor,
+    k_in: Tensor,
+    /// q, k and v as attention read them, heads first.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    y: Tensor,
+    mid: Tensor,
+    h2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    m: Tensor,
 }

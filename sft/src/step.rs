@@ -8,7 +8,7 @@
 
 use candle_core::{Device, Tensor};
 use sft_data::{Batch, IGNORE_INDEX};
-use sft_model::{AttentionMask, Model};
+use sft_model::{AttentionMask, Model, Trace};
 
 use crate::kernels::accumulate;
 use crate::loss::{linear_cross_entropy, CeOutput, DEFAULT_CHUNK_ELEMS};
@@ -136,6 +136,16 @@ impl GradAccumulator {
 pub struct ForwardLoss {
     selected: Tensor,
     ce: CeOutput,
+    /// The model's own backward pass where it runs (CPU f32), else candle's through `selected`.
+    own: Option<OwnBackward>,
+}
+
+/// What the model's own backward pass needs: its trace, and where the target rows sit among the
+/// batch's (b * t) rows of hidden states (b, t, width).
+struct OwnBackward {
+    trace: Trace,
+    rows: Tensor,
+    dims: (usize, usize, usize),
 }
 
 impl ForwardLoss {
@@ -157,18 +167,19 @@ pub fn forward_loss(
     dropout_seed: Option<u64>,
 ) -> Result<Option<ForwardLoss>> {
     Ok(target_loss(model, batch, Some(scale), dropout_seed)?
-        .map(|(selected, ce)| ForwardLoss { selected, ce }))
+        .map(|(selected, ce, own)| ForwardLoss { selected, ce, own }))
 }
 
 /// The model body, then the head and cross-entropy at the target rows only: the hidden states
 /// of those rows and the loss (with head and hidden gradients of `scale * loss_sum` when `scale`
-/// is given). `None` when the batch has no target.
+/// is given, and then the model's own backward pass where it runs). `None` when the batch has no
+/// target.
 fn target_loss(
     model: &Model,
     batch: &Batch,
     scale: Option<f64>,
     dropout_seed: Option<u64>,
-) -> Result<Option<(Tensor, CeOutput)>> {
+) -> Result<Option<(Tensor, CeOutput, Option<OwnBackward>)>> {
     let inp = inputs(batch, model.device())?;
     if inp.targets.is_empty() {
         return Ok(None);
@@ -177,7 +188,17 @@ fn target_loss(
         Some(s) => AttentionMask::Segments(s),
         None => AttentionMask::Causal,
     };
-    let hidden = model.forward_hidden(&inp.ids, &inp.positions, &mask, dropout_seed)?;
+    let traced = match scale {
+        Some(_) => model.forward_traced(&inp.ids, &inp.positions, &mask, dropout_seed)?,
+        None => None,
+    };
+    let (hidden, trace) = match traced {
+        Some((hidden, trace)) => (hidden, Some(trace)),
+        None => (
+            model.forward_hidden(&inp.ids, &inp.positions, &mask, dropout_seed)?,
+            None,
+        ),
+    };
     let width = hidden.dim(2)?;
     let selected = hidden
         .reshape((batch.batch_size * batch.seq_len, width))?
@@ -189,23 +210,52 @@ fn target_loss(
         scale,
         DEFAULT_CHUNK_ELEMS,
     )?;
-    Ok(Some((selected, ce)))
+    let own = trace.map(|trace| OwnBackward {
+        trace,
+        rows: inp.rows,
+        dims: (batch.batch_size, batch.seq_len, width),
+    });
+    Ok(Some((selected, ce, own)))
 }
 
 /// The backward half: gradients of every parameter, added into `acc`.
 pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Result<()> {
-    let ForwardLoss { selected, mut ce } = f;
+    let ForwardLoss {
+        selected,
+        mut ce,
+        own,
+    } = f;
     let grad_hidden = ce
         .grad_hidden
+        .take()
         .expect("asked for gradients")
         .to_dtype(selected.dtype())?;
-    // d/dθ sum(selected * g) = g · d selected/dθ: the chain rule through the model body.
-    let surrogate = (&selected * grad_hidden)?.sum_all()?;
-    let grads = surrogate.backward()?;
+    let body = match own {
+        Some(OwnBackward { trace, rows, dims }) => {
+            // The target rows' gradients in place among all rows (zero elsewhere), as candle's
+            // backward of the row selection writes them.
+            let all = Tensor::zeros(
+                (dims.0 * dims.1, dims.2),
+                grad_hidden.dtype(),
+                model.device(),
+            )?
+            .index_add(&rows, &grad_hidden, 0)?
+            .reshape(dims)?;
+            model.backward(trace, &all)?
+        }
+        None => {
+            // d/dθ sum(selected * g) = g · d selected/dθ: the chain rule through the model body.
+            let grads = (&selected * grad_hidden)?.sum_all()?.backward()?;
+            let params = model.params().iter();
+            params
+                .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+                .collect()
+        }
+    };
     let head_id = model.lm_head_weight().id();
-    for (i, (_, var)) in model.params().iter().enumerate() {
+    for (i, ((_, var), graph)) in model.params().iter().zip(&body).enumerate() {
         let t = var.as_tensor();
-        let graph = grads.get(t);
+        let graph = graph.as_ref();
         if t.id() == head_id {
             let head = ce.grad_head.take().expect("asked for gradients");
             if acc.is_vacant(i) {
@@ -252,7 +302,7 @@ pub fn accumulate_micro_batch(
 /// Loss and token accuracy of a batch, without building a gradient graph (`model` should be
 /// `Model::detached`).
 pub fn evaluate_batch(model: &Model, batch: &Batch) -> Result<LossStats> {
-    let Some((_, ce)) = target_loss(model, batch, None, None)? else {
+    let Some((_, ce, _)) = target_loss(model, batch, None, None)? else {
         return Ok(LossStats::default());
     };
     Ok(LossStats {
