@@ -243,16 +243,8 @@ impl Gpt {
             Some(d) => d.apply(&dx)?,
             None => dx,
         };
-        // An embedding lookup's gradient: the rows added up at their ids (as candle's
-        // index_select backward does).
-        grads.put(
-            &self.wte,
-            self.wte.zeros_like()?.index_add(&tr.ids, &dx, 0)?,
-        )?;
-        grads.put(
-            &self.wpe,
-            self.wpe.zeros_like()?.index_add(&tr.positions, &dx, 0)?,
-        )?;
+        grads.put_rows(&self.wte, &tr.ids, &dx)?;
+        grads.put_rows(&self.wpe, &tr.positions, &dx)?;
         Ok(())
     }
 

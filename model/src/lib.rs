@@ -363,10 +363,27 @@ impl Model {
 
     /// The gradients of `sum(hidden * grad_hidden)` for the hidden states (batch, seq, hidden)
     /// of the [`Model::forward_traced`] call that returned `trace`, one entry per
-    /// [`Model::params`] entry. A tied output layer gets its embedding's gradient only (the
-    /// head's own is the loss's to add). Equal to candle's backward through `forward_hidden`.
-    pub fn backward(&self, trace: Trace, grad_hidden: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let mut grads = Grads::new(&self.slots, self.params.len());
+    /// [`Model::params`] entry, each added to its entry of `seeds` where that has one (`seeds`
+    /// is empty or one entry per parameter). A seeded embedding table has its looked-up rows
+    /// added in place, so a seed must be a tensor nothing else reads: the trainer seeds a tied
+    /// output layer with the loss's gradient of it. Unseeded, the gradients equal candle's
+    /// backward through `forward_hidden` bit for bit; seeded, `seed + that`.
+    pub fn backward(
+        &self,
+        trace: Trace,
+        grad_hidden: &Tensor,
+        mut seeds: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Option<Tensor>>> {
+        if seeds.is_empty() {
+            seeds = vec![None; self.params.len()];
+        } else if seeds.len() != self.params.len() {
+            return input_error(format!(
+                "backward: {} seeds for {} parameters",
+                seeds.len(),
+                self.params.len()
+            ));
+        }
+        let mut grads = Grads::new(&self.slots, seeds);
         match (&self.plain, trace.0) {
             (Net::Qwen2(m), TraceOf::Qwen2(tr)) => m.backward(tr, grad_hidden, &mut grads)?,
             (Net::Gpt(m), TraceOf::Gpt(tr)) => m.backward(tr, grad_hidden, &mut grads)?,

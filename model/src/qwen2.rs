@@ -252,10 +252,7 @@ impl Qwen2 {
             dx = (dx + rms(&a.x, &l.input_norm, &dh, grads)?)?;
         }
         let dx = dx.flatten_to(1)?;
-        grads.put(
-            &self.embed,
-            self.embed.zeros_like()?.index_add(&tr.ids, &dx, 0)?,
-        )?;
+        grads.put_rows(&self.embed, &tr.ids, &dx)?;
         Ok(())
     }
 }

@@ -81,7 +81,7 @@ fn own_backward_equals_candles_backward_bit_for_bit() {
                     .unwrap()
                     .unwrap_or_else(|| panic!("{name}: no own backward on the CPU"));
                 assert_eq!(bits(&own_hidden), bits(&hidden), "{name} {dtype:?}: hidden");
-                let own = model.backward(trace, &g).unwrap();
+                let own = model.backward(trace, &g, Vec::new()).unwrap();
                 assert_eq!(own.len(), model.params().len());
                 for ((pname, var), own) in model.params().iter().zip(&own) {
                     let expected = graph.get(var.as_tensor());
@@ -113,4 +113,51 @@ fn half_precision_has_no_own_backward() {
         .forward_traced(&ids(&rows), &positions(1, 3), &AttentionMask::Causal, None)
         .unwrap();
     assert!(traced.is_none());
+}
+
+#[test]
+fn seeded_gradients_are_the_seed_plus_the_gradient() {
+    let rows = vec![vec![3u32, 9, 27, 3, 50, 9, 3], vec![7, 1, 8, 2, 8, 18, 28]];
+    for (name, model) in models(DType::F32) {
+        let (input, pos) = (ids(&rows), positions(2, 7));
+        let mask = AttentionMask::Causal;
+        let run = |seeds: Vec<Option<Tensor>>| {
+            let (hidden, trace) = model
+                .forward_traced(&input, &pos, &mask, Some(5))
+                .unwrap()
+                .unwrap();
+            let g = Tensor::ones_like(&hidden).unwrap();
+            model.backward(trace, &g, seeds).unwrap()
+        };
+        let plain = run(Vec::new());
+        // Every parameter seeded, the embedding table (first) included: its rows are added in
+        // place, the others added as tensors.
+        let seeds: Vec<Option<Tensor>> = model
+            .params()
+            .iter()
+            .map(|(_, v)| Some(v.as_tensor().affine(0.5, 0.25).unwrap().copy().unwrap()))
+            .collect();
+        // Deep copies: a seeded table is updated in place.
+        let copies = seeds.iter().map(|s| s.as_ref().map(|s| s.copy().unwrap()));
+        let seeded = run(copies.collect());
+        for (((pname, _), (s, p)), got) in model
+            .params()
+            .iter()
+            .zip(seeds.iter().zip(&plain))
+            .zip(&seeded)
+        {
+            let (s, got) = (s.as_ref().unwrap(), got.as_ref().unwrap());
+            let want = match p {
+                Some(p) => (s + p).unwrap(),
+                None => s.clone(),
+            };
+            assert!(bits(got) == bits(&want), "{name}: {pname}");
+        }
+        let err = model
+            .forward_traced(&input, &pos, &mask, None)
+            .unwrap()
+            .map(|(h, tr)| model.backward(tr, &h, vec![None]))
+            .unwrap();
+        assert!(err.unwrap_err().to_string().contains("seeds"), "{name}");
+    }
 }

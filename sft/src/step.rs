@@ -230,6 +230,13 @@ pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Res
         .take()
         .expect("asked for gradients")
         .to_dtype(selected.dtype())?;
+    let head_id = model.lm_head_weight().id();
+    let head_i = model
+        .params()
+        .iter()
+        .position(|(_, v)| v.as_tensor().id() == head_id)
+        .expect("the output layer is a parameter");
+    let mut head = Some(ce.grad_head.take().expect("asked for gradients"));
     let body = match own {
         Some(OwnBackward { trace, rows, dims }) => {
             // The target rows' gradients in place among all rows (zero elsewhere), as candle's
@@ -241,7 +248,14 @@ pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Res
             )?
             .index_add(&rows, &grad_hidden, 0)?
             .reshape(dims)?;
-            model.backward(trace, &all)?
+            // The loss's gradient of the output layer is an f32 tensor of this step alone: on a
+            // step's first micro-batch it seeds the layer's slot, and a tied embedding's rows
+            // are added into it in place (no vocab x hidden buffer for the embedding's own).
+            let mut seeds = vec![None; model.params().len()];
+            if acc.is_vacant(head_i) {
+                seeds[head_i] = head.take();
+            }
+            model.backward(trace, &all, seeds)?
         }
         None => {
             // d/dθ sum(selected * g) = g · d selected/dθ: the chain rule through the model body.
@@ -252,29 +266,31 @@ pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Res
                 .collect()
         }
     };
-    let head_id = model.lm_head_weight().id();
-    for (i, ((_, var), graph)) in model.params().iter().zip(&body).enumerate() {
-        let t = var.as_tensor();
-        let graph = graph.as_ref();
-        if t.id() == head_id {
-            let head = ce.grad_head.take().expect("asked for gradients");
-            if acc.is_vacant(i) {
-                // The loss's head gradient is an f32 tensor of this step alone: the slot keeps
-                // it and takes the graph's gradient (a tied embedding's, vocab x hidden) into it,
-                // where the other order copied the graph's first. a + b == b + a, so the sum is
-                // the same bit for bit.
+    for (i, graph) in body.into_iter().enumerate() {
+        if i != head_i {
+            if let Some(g) = graph {
+                acc.add(i, &g)?;
+            }
+            continue;
+        }
+        match head.take() {
+            // The seed came back with the embedding's gradient added: head + embedding.
+            None => acc.start_owned(i, graph.expect("a seeded slot has a gradient")),
+            // The same sum in the same order where the two come separately: head + embedding
+            // on a step's first micro-batch (a + b == b + a, bit for bit), else
+            // (acc + embedding) + head.
+            Some(head) if acc.is_vacant(i) => {
                 acc.start_owned(i, head);
                 if let Some(g) = graph {
-                    acc.add(i, g)?;
+                    acc.add(i, &g)?;
                 }
-            } else {
+            }
+            Some(head) => {
                 if let Some(g) = graph {
-                    acc.add(i, g)?;
+                    acc.add(i, &g)?;
                 }
                 acc.add(i, &head)?;
             }
-        } else if let Some(g) = graph {
-            acc.add(i, g)?;
         }
     }
     Ok(())
