@@ -517,6 +517,42 @@ impl Model {
     }
 }
 
+/// The gradients of `y = x w^T` (an output layer over rows `x`) from `grad` = dL/dy: the input's
+/// `grad w`, and the weight's `grad^T x`, which is added in place into `into` when given (the
+/// weight's gradient from earlier chunks of rows: a tensor nothing else reads) and returned as
+/// that tensor, else written into a buffer of its own. Through the dense layer's backward and
+/// `gemm`; `None` where that does not run (not CPU f32/f64, mixed dtypes or shapes): the caller
+/// takes candle's matmul then.
+pub fn linear_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    into: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let same = |t: &Tensor| t.dtype() == x.dtype();
+    let dims = match (x.dims(), w.dims(), grad.dims()) {
+        (&[n, h], &[v, h2], &[n2, v2]) => {
+            h == h2 && n == n2 && v == v2 && into.is_none_or(|a| a.dims() == [v, h])
+        }
+        _ => false,
+    };
+    if !kernels::fusable(x) || !same(w) || !same(grad) || !into.is_none_or(same) || !dims {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match into {
+        None => {
+            let (dx, dw, _) = linear::dense_backward(&x, &w, None, grad)?;
+            Ok(Some((dx, dw)))
+        }
+        Some(acc) => {
+            let dx = linear::dense_input_grad(&w, grad)?;
+            linear::add_weight_grad(acc, grad, &x)?;
+            Ok(Some((dx, acc.clone())))
+        }
+    }
+}
+
 fn check_dtype(dtype: DType) -> Result<()> {
     match dtype {
         DType::F32 | DType::F64 | DType::BF16 | DType::F16 => Ok(()),

@@ -7,7 +7,7 @@
 //! product's starting value), backward the two products of the gradients and the bias's column
 //! sums, all through `gemm` with the same threading candle's matmul uses.
 
-use candle_core::{CpuStorage, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use gemm::Parallelism;
 
 use crate::kernels::{
@@ -75,6 +75,56 @@ fn forward<T: Element>(
     Ok((T::storage(y), Shape::from(shape)))
 }
 
+/// dx = g w, for g (rows, n_out) and w (n_out, n_in).
+fn input_grad<T: Element>(g: &[T], w: &[T], (rows, n_in, n_out): (usize, usize, usize)) -> Vec<T> {
+    // SAFETY: g and w are contiguous with the dims given, and the product writes every element
+    // of its output (it does not accumulate).
+    unsafe {
+        written_by(rows * n_in, |dx| {
+            matmul(
+                (rows, n_in, n_out),
+                (dx, n_in, 1),
+                false,
+                (g.as_ptr(), n_out, 1),
+                (w.as_ptr(), n_in, 1),
+                T::of(1.0),
+                parallelism(),
+            )
+        })
+    }
+}
+
+/// [`input_grad`] on tensors: the gradient of a bias-free dense layer's input.
+pub(crate) fn dense_input_grad(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn run<T: Element>(w: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (&[n_out, n_in], &[rows, g_out]) = (wl.dims(), gl.dims()) else {
+            candle_core::bail!("dense: 2-D weight and gradient expected");
+        };
+        if g_out != n_out {
+            candle_core::bail!(
+                "dense: gradient {:?} against weight {:?}",
+                gl.dims(),
+                wl.dims()
+            );
+        }
+        let wv = slice_of::<T>(cpu(&ws)?, wl, "dense: the weight")?;
+        let g = slice_of::<T>(cpu(&gs)?, gl, "dense: the gradient")?;
+        let dx = input_grad(g, wv, (rows, n_in, n_out));
+        Tensor::from_vec(dx, (rows, n_in), w.device())
+    }
+    let grad = grad.contiguous()?;
+    Ok(match w.dtype() {
+        DType::F32 => run::<f32>(w, &grad)?,
+        DType::F64 => run::<f64>(w, &grad)?,
+        dtype => {
+            let reason = format!("dense: {dtype:?} has no fused backward");
+            return Err(candle_core::Error::Msg(reason).into());
+        }
+    })
+}
+
 /// Gradients of the input, the weight and (with `bias`) the bias.
 fn backward<T: Element>(
     x: &Tensor,
@@ -90,23 +140,12 @@ fn backward<T: Element>(
     let xv = slice_of::<T>(cpu(&xs)?, xl, "dense: the input")?;
     let wv = slice_of::<T>(cpu(&ws)?, wl, "dense: the weight")?;
     let g = slice_of::<T>(cpu(&gs)?, gl, "dense: the gradient")?;
-    // SAFETY: every matrix is contiguous with the dims given, and both products write every
-    // element of their output (they do not accumulate).
-    let (dx, dw) = unsafe {
-        // dx = g w
-        let dx = written_by(rows * n_in, |dx| {
-            matmul(
-                (rows, n_in, n_out),
-                (dx, n_in, 1),
-                false,
-                (g.as_ptr(), n_out, 1),
-                (wv.as_ptr(), n_in, 1),
-                T::of(1.0),
-                parallelism(),
-            )
-        });
+    let dx = input_grad(g, wv, (rows, n_in, n_out));
+    // SAFETY: every matrix is contiguous with the dims given, and the product writes every
+    // element of its output (it does not accumulate).
+    let dw = unsafe {
         // dw = g^T x
-        let dw = written_by(n_out * n_in, |dw| {
+        written_by(n_out * n_in, |dw| {
             matmul(
                 (n_out, n_in, rows),
                 (dw, n_in, 1),
@@ -116,8 +155,7 @@ fn backward<T: Element>(
                 T::of(1.0),
                 parallelism(),
             )
-        });
-        (dx, dw)
+        })
     };
     let db = bias.then(|| column_sums(g, n_out));
     let dev = x.device();
@@ -171,6 +209,82 @@ pub(crate) fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option
         return Ok(None);
     }
     Ok(Some(WithParams::apply(Dense, x, w, b)?))
+}
+
+/// `acc += grad^T x` in place (`acc` (n_out, n_in), `grad` (rows, n_out), `x` (rows, n_in)):
+/// a weight's gradient over several chunks of rows, with the product accumulated by `gemm`
+/// itself instead of written into a buffer of its own and added.
+pub(crate) fn add_weight_grad(acc: &Tensor, grad: &Tensor, x: &Tensor) -> Result<()> {
+    struct AddProduct;
+    impl candle_core::InplaceOp3 for AddProduct {
+        fn name(&self) -> &'static str {
+            "sft-add-weight-grad"
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<()> {
+            fn run<T: Element>(
+                acc: &mut [T],
+                g: &[T],
+                x: &[T],
+                (rows, n_out, n_in): (usize, usize, usize),
+            ) {
+                // SAFETY: acc is n_out x n_in, g rows x n_out, x rows x n_in, all contiguous.
+                unsafe {
+                    matmul(
+                        (n_out, n_in, rows),
+                        (acc.as_mut_ptr(), n_in, 1),
+                        true,
+                        (g.as_ptr(), 1, n_out),
+                        (x.as_ptr(), n_in, 1),
+                        T::of(1.0),
+                        parallelism(),
+                    )
+                }
+            }
+            let (&[n_out, n_in], &[rows, g_out], &[x_rows, x_in]) =
+                (l1.dims(), l2.dims(), l3.dims())
+            else {
+                candle_core::bail!("weight gradient: 2-D tensors expected");
+            };
+            if g_out != n_out || x_in != n_in || x_rows != rows {
+                candle_core::bail!(
+                    "weight gradient: {:?} += {:?}^T {:?}",
+                    l1.dims(),
+                    l2.dims(),
+                    l3.dims()
+                );
+            }
+            let Some((a0, a1)) = l1.contiguous_offsets() else {
+                candle_core::bail!("weight gradient: the accumulator must be contiguous");
+            };
+            let dims = (rows, n_out, n_in);
+            match s1 {
+                CpuStorage::F32(a) => run(
+                    &mut a[a0..a1],
+                    slice_of::<f32>(s2, l2, "weight gradient: the gradient")?,
+                    slice_of::<f32>(s3, l3, "weight gradient: the input")?,
+                    dims,
+                ),
+                CpuStorage::F64(a) => run(
+                    &mut a[a0..a1],
+                    slice_of::<f64>(s2, l2, "weight gradient: the gradient")?,
+                    slice_of::<f64>(s3, l3, "weight gradient: the input")?,
+                    dims,
+                ),
+                _ => candle_core::bail!("weight gradient: only f32 and f64"),
+            }
+            Ok(())
+        }
+    }
+    let (grad, x) = (grad.contiguous()?, x.contiguous()?);
+    Ok(acc.inplace_op3(&grad, &x, &AddProduct)?)
 }
 
 /// The gradients of [`dense`]'s input, weight and (given the bias) bias, from its output's.

@@ -87,11 +87,23 @@ pub fn linear_cross_entropy(
         out.n_correct += correct;
         if grad_scale.is_some() {
             // `logits` now holds scale * (softmax - onehot).
-            grad_hidden_chunks.push(logits.matmul(&head)?);
-            let g = logits.t()?.matmul(&h_chunk)?;
-            match grad_head.as_mut() {
-                None => grad_head = Some(g),
-                Some(acc) => accumulate(acc, &g)?,
+            // Through the dense layer's backward where it runs, the head's gradient summed
+            // over chunks by `gemm` in place: candle's matmul of the transposed logits made a
+            // second (vocab x hidden) buffer per chunk and copied into it, and each chunk's
+            // product was then added to the sum.
+            match sft_model::linear_grads(&h_chunk, &head, &logits, grad_head.as_ref())? {
+                Some((gh, g)) => {
+                    grad_hidden_chunks.push(gh);
+                    grad_head = Some(g);
+                }
+                None => {
+                    grad_hidden_chunks.push(logits.matmul(&head)?);
+                    let g = logits.t()?.matmul(&h_chunk)?;
+                    match grad_head.as_mut() {
+                        None => grad_head = Some(g),
+                        Some(acc) => accumulate(acc, &g)?,
+                    }
+                }
             }
         }
         start += len;
