@@ -277,6 +277,24 @@ impl<O: ParamOp> WithParams<O> {
     }
 }
 
+impl<O: ParamOp> WithParams<O> {
+    /// The gradients of `x`, of the parameter `p` and (given) of `q`, for a backward pass other
+    /// than candle's (`Model::backward`).
+    pub(crate) fn gradients(
+        &self,
+        x: &Tensor,
+        (p, q): (&Tensor, Option<&Tensor>),
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let params: Vec<&Tensor> = std::iter::once(p).chain(q).collect();
+        let (dx, dp) = self.run_backward(x, &params, grad)?;
+        let mut dp = dp.into_iter();
+        let missing = || candle_core::Error::Msg(format!("{}: a gradient is missing", O::NAME));
+        let dp0 = dp.next().flatten().ok_or_else(missing)?;
+        Ok((dx.ok_or_else(missing)?, dp0, dp.next().flatten()))
+    }
+}
+
 impl<O: ParamOp> CustomOp2 for WithParams<O> {
     fn name(&self) -> &'static str {
         O::NAME

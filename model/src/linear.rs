@@ -75,6 +75,32 @@ fn forward<T: Element>(
     Ok((T::storage(y), Shape::from(shape)))
 }
 
+/// dw = g^T x (or dw += g^T x when `accumulate`), for g (rows, n_out) and x (rows, n_in).
+///
+/// # Safety
+/// `dw` must address n_out x n_in elements, and hold values when accumulating.
+unsafe fn weight_grad<T: Element>(
+    dw: *mut T,
+    accumulate: bool,
+    g: &[T],
+    x: &[T],
+    (rows, n_out, n_in): (usize, usize, usize),
+) {
+    debug_assert!(g.len() == rows * n_out && x.len() == rows * n_in);
+    // SAFETY: g and x are contiguous with the dims given; dw is the caller's.
+    unsafe {
+        matmul(
+            (n_out, n_in, rows),
+            (dw, n_in, 1),
+            accumulate,
+            (g.as_ptr(), 1, n_out),
+            (x.as_ptr(), n_in, 1),
+            T::of(1.0),
+            parallelism(),
+        )
+    }
+}
+
 /// dx = g w, for g (rows, n_out) and w (n_out, n_in).
 fn input_grad<T: Element>(g: &[T], w: &[T], (rows, n_in, n_out): (usize, usize, usize)) -> Vec<T> {
     // SAFETY: g and w are contiguous with the dims given, and the product writes every element
@@ -141,20 +167,10 @@ fn backward<T: Element>(
     let wv = slice_of::<T>(cpu(&ws)?, wl, "dense: the weight")?;
     let g = slice_of::<T>(cpu(&gs)?, gl, "dense: the gradient")?;
     let dx = input_grad(g, wv, (rows, n_in, n_out));
-    // SAFETY: every matrix is contiguous with the dims given, and the product writes every
-    // element of its output (it does not accumulate).
+    // SAFETY: a product that does not accumulate writes every element.
     let dw = unsafe {
-        // dw = g^T x
         written_by(n_out * n_in, |dw| {
-            matmul(
-                (n_out, n_in, rows),
-                (dw, n_in, 1),
-                false,
-                (g.as_ptr(), 1, n_out),
-                (xv.as_ptr(), n_in, 1),
-                T::of(1.0),
-                parallelism(),
-            )
+            weight_grad(dw, false, g, xv, (rows, n_out, n_in))
         })
     };
     let db = bias.then(|| column_sums(g, n_out));
@@ -229,24 +245,9 @@ pub(crate) fn add_weight_grad(acc: &Tensor, grad: &Tensor, x: &Tensor) -> Result
             s3: &CpuStorage,
             l3: &Layout,
         ) -> candle_core::Result<()> {
-            fn run<T: Element>(
-                acc: &mut [T],
-                g: &[T],
-                x: &[T],
-                (rows, n_out, n_in): (usize, usize, usize),
-            ) {
-                // SAFETY: acc is n_out x n_in, g rows x n_out, x rows x n_in, all contiguous.
-                unsafe {
-                    matmul(
-                        (n_out, n_in, rows),
-                        (acc.as_mut_ptr(), n_in, 1),
-                        true,
-                        (g.as_ptr(), 1, n_out),
-                        (x.as_ptr(), n_in, 1),
-                        T::of(1.0),
-                        parallelism(),
-                    )
-                }
+            fn run<T: Element>(acc: &mut [T], g: &[T], x: &[T], dims: (usize, usize, usize)) {
+                // SAFETY: the caller checked the dims of the three contiguous matrices.
+                unsafe { weight_grad(acc.as_mut_ptr(), true, g, x, dims) }
             }
             let (&[n_out, n_in], &[rows, g_out], &[x_rows, x_in]) =
                 (l1.dims(), l2.dims(), l3.dims())
@@ -294,18 +295,7 @@ pub(crate) fn dense_backward(
     b: Option<&Tensor>,
     grad: &Tensor,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    let params: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
-    let (dx, dp) = WithParams(Dense).run_backward(x, &params, grad)?;
-    let mut dp = dp.into_iter();
-    let dw = dp
-        .next()
-        .flatten()
-        .expect("dense gives the weight a gradient");
-    Ok((
-        dx.expect("dense gives the input a gradient"),
-        dw,
-        dp.next().flatten(),
-    ))
+    WithParams(Dense).gradients(x, (w, b), grad)
 }
 
 #[cfg(test)]

@@ -213,18 +213,7 @@ pub(crate) fn norm_affine_backward(
     b: Option<&Tensor>,
     grad: &Tensor,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    let params: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
-    let (dx, dp) = WithParams(NormAffine { kind, eps }).run_backward(x, &params, grad)?;
-    let mut dp = dp.into_iter();
-    let dw = dp
-        .next()
-        .flatten()
-        .expect("a norm gives its gain a gradient");
-    Ok((
-        dx.expect("a norm gives its input a gradient"),
-        dw,
-        dp.next().flatten(),
-    ))
+    WithParams(NormAffine { kind, eps }).gradients(x, (w, b), grad)
 }
 
 #[cfg(test)]
