@@ -87,19 +87,29 @@ unsafe fn weight_grad<T: Element>(
     (rows, n_out, n_in): (usize, usize, usize),
 ) {
     debug_assert!(g.len() == rows * n_out && x.len() == rows * n_in);
-    // SAFETY: g and x are contiguous with the dims given; dw is the caller's.
-    unsafe {
-        matmul(
-            (n_out, n_in, rows),
-            (dw, n_in, 1),
-            accumulate,
-            (g.as_ptr(), 1, n_out),
-            (x.as_ptr(), n_in, 1),
-            T::of(1.0),
-            parallelism(),
-        )
+    // In blocks of output rows: `gemm` packs g^T whole into a buffer of its own (rows x n_out:
+    // 127 MiB for a chunk of a 151,936-token output layer), and those buffers fragmented the
+    // heap; a block's is a few MiB. Each output element's sum over the rows is the same.
+    for start in (0..n_out).step_by(WEIGHT_GRAD_ROWS) {
+        let len = WEIGHT_GRAD_ROWS.min(n_out - start);
+        // SAFETY: g and x are contiguous with the dims given, and the block's rows of dw and
+        // columns of g lie inside them; dw is the caller's.
+        unsafe {
+            matmul(
+                (len, n_in, rows),
+                (dw.add(start * n_in), n_in, 1),
+                accumulate,
+                (g.as_ptr().add(start), 1, n_out),
+                (x.as_ptr(), n_in, 1),
+                T::of(1.0),
+                parallelism(),
+            )
+        }
     }
 }
+
+/// Output rows per product in [`weight_grad`].
+const WEIGHT_GRAD_ROWS: usize = 8192;
 
 /// dx = g w, for g (rows, n_out) and w (n_out, n_in).
 fn input_grad<T: Element>(g: &[T], w: &[T], (rows, n_in, n_out): (usize, usize, usize)) -> Vec<T> {
