@@ -166,7 +166,9 @@ fn seeded_gradients_are_the_seed_plus_the_gradient() {
 fn output_layer_gradients_match_candles_products() {
     let dev = Device::Cpu;
     let t = |n: usize, d: usize, s: f64| {
-        let v: Vec<f32> = (0..n * d).map(|i| ((i as f64 + 1.0) * s).sin() as f32).collect();
+        let v: Vec<f32> = (0..n * d)
+            .map(|i| ((i as f64 + 1.0) * s).sin() as f32)
+            .collect();
         Tensor::from_vec(v, (n, d), &dev).unwrap()
     };
     let (x, w, g) = (t(37, 16, 0.37), t(50, 16, 0.91), t(37, 50, 1.3));
@@ -178,10 +180,17 @@ fn output_layer_gradients_match_candles_products() {
     // Accumulating: the earlier sum plus this chunk's product, in place.
     let acc = t(50, 16, 2.1);
     let before = acc.copy().unwrap();
-    let (_, summed) = sft_model::linear_grads(&x, &w, &g, Some(&acc)).unwrap().unwrap();
+    let (_, summed) = sft_model::linear_grads(&x, &w, &g, Some(&acc))
+        .unwrap()
+        .unwrap();
     assert!(max_abs_diff(&summed, &(&before + &want_dw).unwrap()) < 1e-5);
-    assert!(max_abs_diff(&acc, &summed) == 0.0, "the sum is the accumulator itself");
+    assert!(
+        max_abs_diff(&acc, &summed) == 0.0,
+        "the sum is the accumulator itself"
+    );
     // Half precision is the caller's (candle's matmul).
     let half = x.to_dtype(DType::BF16).unwrap();
-    assert!(sft_model::linear_grads(&half, &w, &g, None).unwrap().is_none());
+    assert!(sft_model::linear_grads(&half, &w, &g, None)
+        .unwrap()
+        .is_none());
 }
