@@ -7,6 +7,10 @@
 //! returns every position, and knows nothing of losses or tokenizers; batching is described by
 //! explicit positions and an [`AttentionMask`] (padding and packing are segment ids).
 //!
+//! Training on the CPU in f32/f64 can skip candle's graph: [`Model::forward_traced`] keeps the
+//! activations and [`Model::backward`] returns every parameter's gradient from the hidden
+//! states' (the same values as candle's backward, bit for bit).
+//!
 //! Inference uses [`Model::detached`] (no graph is recorded) and a [`KvCache`]; see [`generate`].
 
 mod attention;
@@ -344,9 +348,11 @@ impl Model {
         mask: &AttentionMask<'_>,
         dropout_seed: Option<u64>,
     ) -> Result<Option<(Tensor, Trace)>> {
-        let cpu_float = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
+        if !self.device.is_cpu() || !matches!(self.dtype, DType::F32 | DType::F64) {
+            return Ok(None);
+        }
         let mask = self.mask(input_ids, positions, mask)?;
-        if !cpu_float || !mask.fits_fused() {
+        if !mask.fits_fused() {
             return Ok(None);
         }
         Ok(Some(match &self.plain {
