@@ -132,7 +132,7 @@ impl Qwen2 {
             let cache = kv.as_deref_mut().map(|kv| &mut kv[i]);
             let (out, acts) = self.layer(layer, &x, &cos, &sin, mask, cache)?;
             if let Some(tr) = keep.as_deref_mut() {
-                tr.layers.push(LayerTrace { x, ..acts });
+                tr.layers.push(acts);
             }
             x = out;
         }
@@ -144,7 +144,7 @@ impl Qwen2 {
         Ok(hidden)
     }
 
-    /// A decoder layer's output, and its activations (with `x` left for the caller to fill).
+    /// A decoder layer's output, and its activations for [`Qwen2::backward`].
     fn layer(
         &self,
         l: &Layer,
@@ -186,7 +186,7 @@ impl Qwen2 {
         let m = ops::silu_mul(&gate, &up)?;
         let out = (&mid + ops::linear(&m, &l.down, None)?)?;
         let acts = LayerTrace {
-            x: mid.clone(),
+            x: x.clone(),
             h,
             q_in,
             k_in,

@@ -194,3 +194,19 @@ fn output_layer_gradients_match_candles_products() {
         .unwrap()
         .is_none());
 }
+
+#[test]
+fn a_trace_from_another_kind_of_model_is_refused() {
+    let (qwen, gpt) = (
+        load("qwen2-tied", DType::F32),
+        gpt(true, true, 0.0, DType::F32),
+    );
+    let rows = vec![vec![3u32, 9, 27]];
+    let (input, pos) = (ids(&rows), positions(1, 3));
+    let (hidden, trace) = gpt
+        .forward_traced(&input, &pos, &AttentionMask::Causal, None)
+        .unwrap()
+        .unwrap();
+    let err = qwen.backward(trace, &hidden, Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("another kind of model"), "{err}");
+}
