@@ -320,9 +320,7 @@ impl<T: Real + 'static> Inputs<'_, T> {
         let mut rng = dropout.stream();
         for (i, row) in m.chunks_mut(w).enumerate() {
             rng.set_word_pos((((bi * heads + h) * t + r0 + i) * t_k + lo) as u128);
-            for x in row.iter_mut() {
-                *x = T::of(dropout.draw(&mut rng) as f64);
-            }
+            dropout.fill(&mut rng, row);
         }
         true
     }

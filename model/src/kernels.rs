@@ -23,7 +23,7 @@ use candle_core::{
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::ops::Dropout;
+use crate::ops::{Dropout, DRAW_BLOCK};
 use crate::Result;
 
 /// The float types the kernels run on (f32 for training, f64 for gradient checks).
@@ -1077,8 +1077,15 @@ fn stream_at(d: &Dropout, at: usize) -> rand_chacha::ChaCha8Rng {
 fn residual_dropout_fwd<T: Real>(d: &Dropout, x: &[T], h: &[T]) -> Vec<T> {
     fill_chunks(x.len(), |at, out| {
         let mut rng = stream_at(d, at);
-        for ((o, &x), &h) in out.iter_mut().zip(&x[at..]).zip(&h[at..]) {
-            o.write(x + h.mul(T::of(d.draw(&mut rng) as f64)));
+        let mut m = [T::ZERO; DRAW_BLOCK];
+        for (i, out) in out.chunks_mut(DRAW_BLOCK).enumerate() {
+            let (m, at) = (&mut m[..out.len()], at + i * DRAW_BLOCK);
+            d.fill(&mut rng, m);
+            crate::with_avx512!(for (((o, &x), &h), &m) in
+                out.iter_mut().zip(&x[at..]).zip(&h[at..]).zip(m.iter())
+            {
+                o.write(x + h.mul(m));
+            });
         }
     })
 }
@@ -1087,8 +1094,15 @@ fn residual_dropout_fwd<T: Real>(d: &Dropout, x: &[T], h: &[T]) -> Vec<T> {
 fn dropout_mask_mul<T: Real>(d: &Dropout, g: &[T]) -> Vec<T> {
     fill_chunks(g.len(), |at, out| {
         let mut rng = stream_at(d, at);
-        for (o, &g) in out.iter_mut().zip(&g[at..]) {
-            o.write(g.mul(T::of(d.draw(&mut rng) as f64)));
+        let mut m = [T::ZERO; DRAW_BLOCK];
+        for (i, out) in out.chunks_mut(DRAW_BLOCK).enumerate() {
+            let (m, at) = (&mut m[..out.len()], at + i * DRAW_BLOCK);
+            d.fill(&mut rng, m);
+            crate::with_avx512!(
+                for ((o, &g), &m) in out.iter_mut().zip(&g[at..]).zip(m.iter()) {
+                    o.write(g.mul(m));
+                }
+            );
         }
     })
 }

@@ -443,6 +443,28 @@ impl Dropout {
         }
     }
 
+    /// The next `out.len()` multipliers from the stream, the values `draw` gives one at a time:
+    /// the words come out of ChaCha's buffer in bulk and the comparison vectorises, where a
+    /// `draw` per element was the cost of dropout after the block function itself.
+    pub(crate) fn fill<T: kernels::Real>(&self, rng: &mut ChaCha8Rng, out: &mut [T]) {
+        // rand's f32 from a word (`draw`'s `random::<f32>()`): its top 24 bits times 2^-24.
+        const SCALE: f32 = 1.0 / (1u32 << 24) as f32;
+        let p = self.p as f32;
+        let keep = T::of((1.0 / (1.0 - self.p)) as f32 as f64);
+        let mut words = [0u32; DRAW_BLOCK];
+        for out in out.chunks_mut(DRAW_BLOCK) {
+            let words = &mut words[..out.len()];
+            rng.fill(words);
+            crate::with_avx512!(for (o, &w) in out.iter_mut().zip(words.iter()) {
+                *o = if SCALE * ((w >> 8) as f32) < p {
+                    T::ZERO
+                } else {
+                    keep
+                };
+            });
+        }
+    }
+
     pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
         if self.p <= 0.0 {
             return Ok(x.clone());
@@ -453,6 +475,10 @@ impl Dropout {
         Ok((x * mask)?)
     }
 }
+
+/// Words [`Dropout::fill`] takes from the stream at a time (a few of ChaCha's 64-word refills;
+/// small enough to stay in L1 beside the caller's operands).
+pub(crate) const DRAW_BLOCK: usize = 256;
 
 /// Additive causal mask for `t` queries at absolute positions `offset..offset + t` over keys
 /// `0..offset + t`, shaped (1, 1, t, offset + t).
@@ -513,6 +539,50 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    #[test]
+    fn fill_gives_the_multipliers_draw_gives_one_at_a_time() {
+        for p in [0.1, 0.37] {
+            let d = Dropout {
+                p,
+                seed: 7,
+                site: 3,
+            };
+            for start in [0u128, 5, 1234] {
+                for n in [0, 1, 255, DRAW_BLOCK, DRAW_BLOCK + 1, 1000] {
+                    let (mut a, mut b) = (d.stream(), d.stream());
+                    a.set_word_pos(start);
+                    b.set_word_pos(start);
+                    let one_by_one: Vec<f32> = (0..n).map(|_| d.draw(&mut a)).collect();
+                    let mut filled = vec![f32::NAN; n];
+                    d.fill(&mut b, &mut filled);
+                    assert_eq!(filled, one_by_one, "p {p}, word {start}, {n} draws");
+                    let mut wide = vec![f64::NAN; n];
+                    let mut c = d.stream();
+                    c.set_word_pos(start);
+                    d.fill(&mut c, &mut wide);
+                    let narrowed: Vec<f32> = wide.iter().map(|&x| x as f32).collect();
+                    assert_eq!(narrowed, one_by_one);
+                    // Both streams stand at the same word afterwards.
+                    assert_eq!(d.draw(&mut a), d.draw(&mut b));
+                }
+            }
+        }
+        // Both values occur, in about the proportion asked for.
+        let d = Dropout {
+            p: 0.25,
+            seed: 1,
+            site: 0,
+        };
+        let mut m = vec![0f32; 10_000];
+        d.fill(&mut d.stream(), &mut m);
+        let dropped = m.iter().filter(|&&x| x == 0.0).count();
+        assert!(
+            (2_200..2_800).contains(&dropped),
+            "{dropped} of 10,000 dropped"
+        );
+        assert!(m.iter().all(|&x| x == 0.0 || x == (1.0 / 0.75) as f32));
     }
 
     #[test]
