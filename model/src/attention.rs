@@ -1,11 +1,14 @@
 //! Fused attention on the CPU: `softmax(q k^T / sqrt(d) + mask) v` in one op per layer whose
-//! backward recomputes the probabilities instead of keeping them.
+//! backward recomputes the probabilities where keeping them would cost too much memory.
 //!
 //! The composition (a batched matmul, the masked softmax, a second matmul) keeps the scores and
 //! the probabilities of every layer for backward: (batch, heads, t, t) floats twice per layer,
-//! the largest tensors of a small model's step. This op keeps only its inputs and output;
-//! backward recomputes one block of probabilities at a time (one more `q k^T` product, a fifth
-//! of attention's matmul work), as FlashAttention does.
+//! the largest tensors of a small model's step. This op keeps its inputs and output, and the
+//! probabilities of the blocks it computed (only the keys some row may see) where the caller asks
+//! for them ([`Kept`]: the models' training forward) and they take at most twice the memory of
+//! q, k, v and the output; otherwise backward recomputes one block of probabilities at a time
+//! (one more `q k^T` product, a fifth of attention's matmul work, and the softmax again), as
+//! FlashAttention does. Kept or recomputed, backward reads the same values.
 //!
 //! The mask is taken as what our masks are, a contiguous range of keys per query row (causal,
 //! packed segments, a KV-cache offset), so blocks of query rows multiply only the keys some row
@@ -22,7 +25,8 @@
 //! Work is split by (batch, KV head), so the gradients of a KV head shared by a group of query
 //! heads are summed by one task in a fixed order: results do not depend on the thread count.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use gemm::Parallelism;
@@ -40,6 +44,24 @@ const BLOCK: usize = 64;
 /// Additive mask entries at or below this are "never attends" (ours are -1e9): `exp` of such a
 /// score difference is exactly zero in f32 and f64.
 const FORBIDDEN: f32 = -1.0e8;
+
+/// The probabilities a training forward kept for its backward: per (batch, KV head) task, its
+/// blocks' probabilities in the order both passes walk them (heads of the group, then blocks).
+/// The forward fills it where they fit (see [`Inputs::worth_keeping`]); the backward takes them
+/// (freeing them as it goes) and recomputes where it finds none.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Kept(Arc<Mutex<Option<Box<dyn Any + Send + Sync>>>>);
+
+impl Kept {
+    fn put<T: Send + Sync + 'static>(&self, probs: Vec<Vec<T>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(probs));
+    }
+
+    fn take<T: 'static>(&self) -> Option<Vec<Vec<T>>> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        kept.downcast().ok().map(|p| *p)
+    }
+}
 
 /// The keys each query row may attend, read from an additive mask (mask batch, 1, t, t_k).
 #[derive(Debug, Clone)]
@@ -325,8 +347,40 @@ impl<T: Real + 'static> Inputs<'_, T> {
         true
     }
 
-    /// The output, (b, t, heads, d) contiguous.
-    fn forward(&self) -> Vec<T> {
+    /// The probabilities one (batch row, KV head) task computes: its heads' blocks.
+    fn task_len(&self, bi: usize) -> usize {
+        let Dims {
+            heads,
+            kv_heads,
+            t,
+            t_k,
+            ..
+        } = self.dims;
+        let per_head: usize = blocks(self.keys, bi, t, t_k)
+            .map(|((r0, r1), (lo, hi))| (r1 - r0) * (hi - lo))
+            .sum();
+        heads / kv_heads * per_head
+    }
+
+    /// Whether keeping this call's probabilities for backward takes at most twice the memory of
+    /// q, k, v and the output: so for training's short rows (a step of (c) keeps 21 MB a layer),
+    /// not for long ones, whose probabilities grow with the square of their length.
+    fn worth_keeping(&self) -> bool {
+        let Dims {
+            b,
+            heads,
+            kv_heads,
+            t,
+            t_k,
+            d,
+        } = self.dims;
+        let probs: usize = (0..b).map(|bi| self.task_len(bi)).sum::<usize>() * kv_heads;
+        probs <= 2 * (2 * b * t * heads * d + 2 * b * t_k * kv_heads * d)
+    }
+
+    /// The output, (b, t, heads, d) contiguous, and with `keep` the probabilities for
+    /// [`Kept`].
+    fn forward(&self, keep: bool) -> (Vec<T>, Option<Vec<Vec<T>>>) {
         let Dims {
             b,
             heads,
@@ -340,41 +394,68 @@ impl<T: Real + 'static> Inputs<'_, T> {
         let mut out = vec![T::ZERO; b * t * heads * d];
         let dst = Shared(out.as_mut_ptr());
         let (v, vv) = self.v;
-        (0..b * kv_heads).into_par_iter().for_each(|task| {
-            let (bi, g) = (task / kv_heads, task % kv_heads);
-            let (mut p, mut m) = (Vec::new(), Vec::new());
-            for h in g * group..(g + 1) * group {
-                for ((r0, r1), (lo, hi)) in blocks(self.keys, bi, t, t_k) {
-                    p.resize((r1 - r0) * (hi - lo), T::ZERO);
-                    self.probs(&mut p, bi, h, g, (r0, r1), (lo, hi));
-                    if self.dropout_mask(&mut m, bi, h, (r0, r1), (lo, hi)) {
-                        p.iter_mut().zip(&m).for_each(|(p, &m)| *p = p.mul(m));
-                    }
-                    // SAFETY: this task alone writes the rows of heads g*group..(g+1)*group of
-                    // batch bi; v rows lo..hi lie inside v's buffer.
-                    unsafe {
-                        matmul(
-                            (r1 - r0, d, hi - lo),
-                            (dst.ptr().add(ov.at(bi, h, r0)), ov.row, 1),
-                            false,
-                            (p.as_ptr(), hi - lo, 1),
-                            (v.as_ptr().add(vv.at(bi, g, lo)), vv.row, 1),
-                            T::of(1.0),
-                            Parallelism::None,
-                        );
+        let kept: Vec<Vec<T>> = (0..b * kv_heads)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, g) = (task / kv_heads, task % kv_heads);
+                let mut kept = Vec::with_capacity(if keep { self.task_len(bi) } else { 0 });
+                let (mut scratch, mut m, mut pm) = (Vec::new(), Vec::new(), Vec::new());
+                for h in g * group..(g + 1) * group {
+                    for ((r0, r1), (lo, hi)) in blocks(self.keys, bi, t, t_k) {
+                        let n = (r1 - r0) * (hi - lo);
+                        let p: &mut [T] = if keep {
+                            let at = kept.len();
+                            kept.resize(at + n, T::ZERO);
+                            &mut kept[at..]
+                        } else {
+                            scratch.resize(n, T::ZERO);
+                            &mut scratch
+                        };
+                        self.probs(p, bi, h, g, (r0, r1), (lo, hi));
+                        // Kept probabilities stay undropped (backward needs them); the product
+                        // then takes the dropped ones from a copy.
+                        let pv: &[T] = if self.dropout_mask(&mut m, bi, h, (r0, r1), (lo, hi)) {
+                            if keep {
+                                pm.clear();
+                                pm.extend(p.iter().zip(&m).map(|(&p, &m)| p.mul(m)));
+                                &pm
+                            } else {
+                                p.iter_mut().zip(&m).for_each(|(p, &m)| *p = p.mul(m));
+                                p
+                            }
+                        } else {
+                            p
+                        };
+                        // SAFETY: this task alone writes the rows of heads g*group..(g+1)*group
+                        // of batch bi; v rows lo..hi lie inside v's buffer.
+                        unsafe {
+                            matmul(
+                                (r1 - r0, d, hi - lo),
+                                (dst.ptr().add(ov.at(bi, h, r0)), ov.row, 1),
+                                false,
+                                (pv.as_ptr(), hi - lo, 1),
+                                (v.as_ptr().add(vv.at(bi, g, lo)), vv.row, 1),
+                                T::of(1.0),
+                                Parallelism::None,
+                            );
+                        }
                     }
                 }
-            }
-        });
-        out
+                kept
+            })
+            .collect();
+        (out, keep.then_some(kept))
     }
 
     /// Gradients of q, k and v written through `dq`, `dk`, `dv` at their views, from the output
     /// `o` and its gradient `go`, both (b, t, heads, d) contiguous.
+    /// `kept`: the probabilities [`Inputs::forward`] kept, if it did (checked against what
+    /// this walk needs; recomputed otherwise).
     fn backward(
         &self,
         o: &[T],
         go: &[T],
+        kept: Option<Vec<Vec<T>>>,
         dq: (Shared<T>, View),
         dk: (Shared<T>, View),
         dv: (Shared<T>, View),
@@ -393,13 +474,25 @@ impl<T: Real + 'static> Inputs<'_, T> {
         let (q, qv) = self.q;
         let (k, kv) = self.k;
         let (v, vv) = self.v;
+        let kept = kept.filter(|k| {
+            k.len() == b * kv_heads
+                && k.iter()
+                    .enumerate()
+                    .all(|(task, p)| p.len() == self.task_len(task / kv_heads))
+        });
         (0..b * kv_heads).into_par_iter().for_each(|task| {
             let (bi, g) = (task / kv_heads, task % kv_heads);
             let mut dk_acc = vec![T::ZERO; t_k * d];
             let mut dv_acc = vec![T::ZERO; t_k * d];
-            let (mut p, mut ds, mut m, mut pm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut scratch, mut ds, mut m, mut pm) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let kept = kept.as_ref().map(|k| &k[task][..]);
+            let mut at = 0;
             for h in g * group..(g + 1) * group {
                 for ((r0, r1), (lo, hi)) in blocks(self.keys, bi, t, t_k) {
+                    let (rows, w) = (r1 - r0, hi - lo);
+                    let from = at;
+                    at += rows * w;
                     // Padding rows (no key to see) whose output no loss reads have a zero
                     // gradient, which makes every product below zero: d q stays as allocated.
                     // In training that is every padding row, which would otherwise cost a full
@@ -413,10 +506,15 @@ impl<T: Real + 'static> Inputs<'_, T> {
                     {
                         continue;
                     }
-                    let (rows, w) = (r1 - r0, hi - lo);
-                    p.resize(rows * w, T::ZERO);
+                    let p: &[T] = match kept {
+                        Some(kept) => &kept[from..at],
+                        None => {
+                            scratch.resize(rows * w, T::ZERO);
+                            self.probs(&mut scratch, bi, h, g, (r0, r1), (lo, hi));
+                            &scratch
+                        }
+                    };
                     ds.resize(rows * w, T::ZERO);
-                    self.probs(&mut p, bi, h, g, (r0, r1), (lo, hi));
                     // With dropout the output is (p m) v: v's gradient takes p m, and the
                     // probabilities' gradient is m times that of p m.
                     let dropped = self.dropout_mask(&mut m, bi, h, (r0, r1), (lo, hi));
@@ -503,6 +601,16 @@ impl<T: Real + 'static> Inputs<'_, T> {
     }
 }
 
+/// The forward's output, keeping its probabilities in `kept` where asked and worth it.
+fn keep_probs<T: Element>(inp: &Inputs<'_, T>, kept: Option<&Kept>) -> Vec<T> {
+    let kept = kept.filter(|_| inp.worth_keeping());
+    let (out, probs) = inp.forward(kept.is_some());
+    if let (Some(kept), Some(probs)) = (kept, probs) {
+        kept.put(probs);
+    }
+    out
+}
+
 /// `s` as a `T` slice with a view of its (batch, heads, rows, d) layout, checked to fit.
 fn view_of<'a, T: Element>(
     s: &'a CpuStorage,
@@ -527,6 +635,8 @@ fn view_of<'a, T: Element>(
 pub(crate) struct Split {
     pub(crate) keys: Option<Arc<KeyRanges>>,
     pub(crate) dropout: Option<Dropout>,
+    /// Where a training forward keeps its probabilities for the backward.
+    pub(crate) kept: Option<Kept>,
 }
 
 impl Split {
@@ -578,7 +688,8 @@ impl Split {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let inp = self.inputs::<T>(q, k, v)?;
         let Dims { b, heads, t, d, .. } = inp.dims;
-        Ok((T::storage(inp.forward()), Shape::from((b, t, heads, d))))
+        let out = keep_probs(&inp, self.kept.as_ref());
+        Ok((T::storage(out), Shape::from((b, t, heads, d))))
     }
 
     #[allow(clippy::type_complexity)]
@@ -611,6 +722,7 @@ impl Split {
         inp.backward(
             o,
             go,
+            self.kept.as_ref().and_then(Kept::take),
             (Shared(dq.as_mut_ptr()), View::heads_first(heads, t, d)),
             (Shared(dk.as_mut_ptr()), View::heads_first(kv_heads, t_k, d)),
             (Shared(dv.as_mut_ptr()), View::heads_first(kv_heads, t_k, d)),
@@ -671,6 +783,8 @@ pub(crate) struct Qkv {
     pub(crate) heads: usize,
     pub(crate) keys: Option<Arc<KeyRanges>>,
     pub(crate) dropout: Option<Dropout>,
+    /// Where a training forward keeps its probabilities for the backward.
+    pub(crate) kept: Option<Kept>,
 }
 
 impl Qkv {
@@ -726,7 +840,8 @@ impl Qkv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let inp = self.inputs::<T>(s, l)?;
         let Dims { b, heads, t, d, .. } = inp.dims;
-        Ok((T::storage(inp.forward()), Shape::from((b, t, heads * d))))
+        let out = keep_probs(&inp, self.kept.as_ref());
+        Ok((T::storage(out), Shape::from((b, t, heads * d))))
     }
 
     /// The gradient of qkv, from the op's input, output and output gradient.
@@ -752,7 +867,8 @@ impl Qkv {
             head: d,
             row: 3 * e,
         };
-        inp.backward(o, go, (ptr, view(0)), (ptr, view(1)), (ptr, view(2)));
+        let kept = self.kept.as_ref().and_then(Kept::take);
+        inp.backward(o, go, kept, (ptr, view(0)), (ptr, view(1)), (ptr, view(2)));
         Tensor::from_vec(dqkv, qkv.shape(), qkv.device())
     }
 }
@@ -952,7 +1068,7 @@ mod tests {
         let mask = Mask::new(ops::causal_mask(t, 0, DType::F64, &Device::Cpu).unwrap()).unwrap();
         let w = randn(&[b, t, e], 8);
         let w = w.as_tensor();
-        let fused = ops::attention_qkv(&qkv, heads, Some(&mask), None).unwrap();
+        let fused = ops::attention_qkv(&qkv, heads, Some(&mask), None, None).unwrap();
         let split = qkv.reshape((b, t, 3, heads, d)).unwrap();
         let part = |j: usize| {
             split
@@ -973,6 +1089,85 @@ mod tests {
         assert!(max_diff(&gf, &gf.zeros_like().unwrap()) > 1e-3);
     }
 
+    /// Packed segments, then padding, in row 1 of 2.
+    fn packed_mask(t: usize, dtype: DType) -> Mask {
+        let seg: Vec<u32> = (0..t)
+            .map(|i| 1 + (i >= t / 3) as u32 + (i >= t / 2) as u32)
+            .chain((0..t).map(|i| (i < 2 * t / 3) as u32))
+            .collect();
+        let seg = Tensor::from_vec(seg, (2, t), &Device::Cpu).unwrap();
+        Mask::new(ops::segment_mask(&seg, dtype).unwrap()).unwrap()
+    }
+
+    fn filled(kept: &super::Kept) -> bool {
+        kept.0.lock().unwrap().is_some()
+    }
+
+    #[test]
+    fn kept_probabilities_give_the_recomputed_output_and_gradients() {
+        let f32 = |v: Var| v.as_tensor().to_dtype(DType::F32).unwrap();
+        let dropout = Dropout {
+            p: 0.2,
+            seed: 5,
+            site: 1,
+        };
+        for dropout in [None, Some(&dropout)] {
+            // Fused q/k/v (GPT-2), 2 x 100 rows over two blocks.
+            let (b, t, heads, d) = (2, 100, 4, 16);
+            let mask = packed_mask(t, DType::F32);
+            let qkv = f32(randn(&[b, t, 3 * heads * d], 11));
+            let g = f32(randn(&[b, t, heads * d], 12));
+            let kept = super::Kept::default();
+            let y = ops::attention_qkv(&qkv, heads, Some(&mask), dropout, Some(&kept)).unwrap();
+            assert!(filled(&kept));
+            let y0 = ops::attention_qkv(&qkv, heads, Some(&mask), dropout, None).unwrap();
+            assert_eq!(max_diff(&y, &y0), 0.0);
+            let back = |kept: Option<&super::Kept>| {
+                ops::attention_qkv_backward(&qkv, &y, &g, heads, Some(&mask), dropout, kept)
+                    .unwrap()
+            };
+            let dqkv = back(Some(&kept));
+            assert!(!filled(&kept), "backward takes what the forward kept");
+            assert_eq!(max_diff(&dqkv, &back(None)), 0.0);
+            assert!(max_diff(&dqkv, &dqkv.zeros_like().unwrap()) > 1e-3);
+
+            // Separate q, k, v with grouped heads (Qwen2).
+            let (heads, kv_heads) = (4, 2);
+            let q = f32(randn(&[b, heads, t, d], 13));
+            let k = f32(randn(&[b, kv_heads, t, d], 14));
+            let v = f32(randn(&[b, kv_heads, t, d], 15));
+            let kept = super::Kept::default();
+            let y = ops::attention_keeping(&q, &k, &v, Some(&mask), dropout, Some(&kept)).unwrap();
+            assert!(filled(&kept));
+            let y0 = ops::attention(&q, &k, &v, Some(&mask), dropout).unwrap();
+            assert_eq!(max_diff(&y, &y0), 0.0);
+            let back = |kept: Option<&super::Kept>| {
+                ops::attention_backward((&q, &k, &v), &y, &g, Some(&mask), dropout, kept).unwrap()
+            };
+            let (with, without) = (back(Some(&kept)), back(None));
+            assert_eq!(max_diff(&with.0, &without.0), 0.0);
+            assert_eq!(max_diff(&with.1, &without.1), 0.0);
+            assert_eq!(max_diff(&with.2, &without.2), 0.0);
+        }
+    }
+
+    #[test]
+    fn long_rows_keep_no_probabilities() {
+        // 4 heads of 300 x 300 causal scores against q, k, v and the output 2 wide.
+        let (b, t, heads, d) = (1, 300, 4, 2);
+        let qkv = randn(&[b, t, 3 * heads * d], 16);
+        let mask = Mask::new(ops::causal_mask(t, 0, DType::F64, &Device::Cpu).unwrap()).unwrap();
+        let kept = super::Kept::default();
+        let y = ops::attention_qkv(&qkv, heads, Some(&mask), None, Some(&kept)).unwrap();
+        assert!(!filled(&kept));
+        // Backward recomputes, as without a place to keep them.
+        let g = randn(&[b, t, heads * d], 17);
+        let back = |kept: Option<&super::Kept>| {
+            ops::attention_qkv_backward(&qkv, &y, &g, heads, Some(&mask), None, kept).unwrap()
+        };
+        assert_eq!(max_diff(&back(Some(&kept)), &back(None)), 0.0);
+    }
+
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         let (b, t, heads, d) = (3, 100, 4, 8);
@@ -984,7 +1179,7 @@ mod tests {
         let mask = Mask::new(ops::causal_mask(t, 0, DType::F32, &Device::Cpu).unwrap()).unwrap();
         let run = |threads: usize| {
             on_threads(threads, || {
-                let y = ops::attention_qkv(&qkv, heads, Some(&mask), None).unwrap();
+                let y = ops::attention_qkv(&qkv, heads, Some(&mask), None, None).unwrap();
                 let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
                 let g: Vec<f32> = g
                     .get(qkv.as_tensor())

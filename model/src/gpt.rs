@@ -168,8 +168,15 @@ impl Gpt {
             let site = 1 + 3 * i as u64;
             let h1 = self.norm(&blk.ln_1, &x)?;
             let qkv = blk.c_attn.forward(&h1)?;
+            let probs = ops::Kept::default();
             let y = match kv.as_deref_mut() {
-                None => ops::attention_qkv(&qkv, heads, mask, dropout(site).as_ref())?,
+                None => ops::attention_qkv(
+                    &qkv,
+                    heads,
+                    mask,
+                    dropout(site).as_ref(),
+                    keep.is_some().then_some(&probs),
+                )?,
                 Some(kv) => {
                     let (q, k, v) = ops::split_qkv(&qkv, heads)?;
                     let (k, v) = kv[i].append(k, v)?;
@@ -186,6 +193,7 @@ impl Gpt {
                     x,
                     h1,
                     qkv,
+                    probs,
                     y,
                     mid,
                     h2,
@@ -234,6 +242,7 @@ impl Gpt {
                 heads,
                 Some(&tr.mask),
                 dropout(site).as_ref(),
+                Some(&a.probs),
             )?;
             let dh1 = blk.c_attn.backward(&a.h1, &dqkv, grads)?;
             dx = (dx + self.norm_backward(&blk.ln_1, &a.x, &dh1, grads)?)?;
@@ -273,11 +282,13 @@ pub(crate) struct GptTrace {
 }
 
 /// A block's activations: the inputs of its norms, products, attention and GELU, and the
-/// attention's output.
+/// attention's probabilities and output.
 struct BlockTrace {
     x: Tensor,
     h1: Tensor,
     qkv: Tensor,
+    /// The attention's probabilities, where it kept them.
+    probs: ops::Kept,
     y: Tensor,
     mid: Tensor,
     h2: Tensor,

@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 
 use std::sync::Arc;
 
+pub(crate) use crate::attention::Kept;
 use crate::attention::{self, KeyRanges};
 use crate::backward::Grads;
 use crate::kernels::NormKind;
@@ -289,11 +290,33 @@ pub(crate) fn attention(
     mask: Option<&Mask>,
     dropout: Option<&Dropout>,
 ) -> Result<Tensor> {
+    attention_keeping(q, k, v, mask, dropout, None)
+}
+
+/// [`attention`] for the models' own backward pass: where the fused op runs, it keeps its
+/// probabilities in `kept` (where they fit) for [`attention_backward`].
+pub(crate) fn attention_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Mask>,
+    dropout: Option<&Dropout>,
+    kept: Option<&Kept>,
+) -> Result<Tensor> {
     let (b, heads, t, d) = q.dims4()?;
     if let Some(keys) = fused_keys(q, mask) {
         if k.dtype() == q.dtype() && v.dtype() == q.dtype() {
             let dropout = dropout.filter(|d| d.p > 0.0).copied();
-            let y = q.apply_op3(k, v, attention::Split { keys, dropout })?;
+            let kept = kept.cloned();
+            let y = q.apply_op3(
+                k,
+                v,
+                attention::Split {
+                    keys,
+                    dropout,
+                    kept,
+                },
+            )?;
             return Ok(y.reshape((b, t, heads * d))?);
         }
     }
@@ -301,12 +324,14 @@ pub(crate) fn attention(
     Ok(y.transpose(1, 2)?.reshape((b, t, heads * d))?)
 }
 
-/// [`attention`] over GPT-2's fused projection `qkv` (b, t, 3 heads d), laid out `[q | k | v]`.
+/// [`attention`] over GPT-2's fused projection `qkv` (b, t, 3 heads d), laid out `[q | k | v]`;
+/// with `kept`, as [`attention_keeping`].
 pub(crate) fn attention_qkv(
     qkv: &Tensor,
     heads: usize,
     mask: Option<&Mask>,
     dropout: Option<&Dropout>,
+    kept: Option<&Kept>,
 ) -> Result<Tensor> {
     if let Some(keys) = fused_keys(qkv, mask) {
         let dropout = dropout.filter(|d| d.p > 0.0).copied();
@@ -314,6 +339,7 @@ pub(crate) fn attention_qkv(
             heads,
             keys,
             dropout,
+            kept: kept.cloned(),
         };
         return Ok(qkv.contiguous()?.apply_op1(op)?);
     }
@@ -321,7 +347,8 @@ pub(crate) fn attention_qkv(
     attention(&q, &k, &v, mask, dropout)
 }
 
-/// The gradient of `qkv` in a fused [`attention_qkv`] that returned `out`.
+/// The gradient of `qkv` in a fused [`attention_qkv`] that returned `out`, reading the
+/// probabilities it kept in `kept` (recomputing them where it kept none).
 pub(crate) fn attention_qkv_backward(
     qkv: &Tensor,
     out: &Tensor,
@@ -329,6 +356,7 @@ pub(crate) fn attention_qkv_backward(
     heads: usize,
     mask: Option<&Mask>,
     dropout: Option<&Dropout>,
+    kept: Option<&Kept>,
 ) -> Result<Tensor> {
     let Some(keys) = fused_keys(qkv, mask) else {
         return Err(not_fused("attention"));
@@ -337,17 +365,20 @@ pub(crate) fn attention_qkv_backward(
         heads,
         keys,
         dropout: dropout.filter(|d| d.p > 0.0).copied(),
+        kept: kept.cloned(),
     };
     Ok(CustomOp1::bwd(&op, qkv, out, grad)?.expect("attention gives qkv a gradient"))
 }
 
-/// The gradients of q, k and v in a fused [`attention`] that returned `out` (b, t, heads d).
+/// The gradients of q, k and v in a fused [`attention_keeping`] that returned `out`
+/// (b, t, heads d), reading the probabilities it kept in `kept`.
 pub(crate) fn attention_backward(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     out: &Tensor,
     grad: &Tensor,
     mask: Option<&Mask>,
     dropout: Option<&Dropout>,
+    kept: Option<&Kept>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let Some(keys) = fused_keys(q, mask) else {
         return Err(not_fused("attention"));
@@ -356,6 +387,7 @@ pub(crate) fn attention_backward(
     let op = attention::Split {
         keys,
         dropout: dropout.filter(|d| d.p > 0.0).copied(),
+        kept: kept.cloned(),
     };
     let shape = (b, t, heads, d);
     let (dq, dk, dv) = CustomOp3::bwd(&op, q, k, v, &out.reshape(shape)?, &grad.reshape(shape)?)?;

@@ -130,7 +130,8 @@ impl Qwen2 {
         let (cos, sin) = self.rope.gather(positions, dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = kv.as_deref_mut().map(|kv| &mut kv[i]);
-            let (out, acts) = self.layer(layer, &x, &cos, &sin, mask, cache)?;
+            let traced = keep.is_some();
+            let (out, acts) = self.layer(layer, &x, (&cos, &sin), mask, cache, traced)?;
             if let Some(tr) = keep.as_deref_mut() {
                 tr.layers.push(acts);
             }
@@ -144,15 +145,16 @@ impl Qwen2 {
         Ok(hidden)
     }
 
-    /// A decoder layer's output, and its activations for [`Qwen2::backward`].
+    /// A decoder layer's output, and its activations for [`Qwen2::backward`] (`traced`: with
+    /// the attention's probabilities kept).
     fn layer(
         &self,
         l: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mask: Option<&ops::Mask>,
         cache: Option<&mut LayerKv>,
+        traced: bool,
     ) -> Result<(Tensor, LayerTrace)> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
@@ -177,7 +179,8 @@ impl Qwen2 {
             Some(cache) => cache.append(k, v)?,
             None => (k, v),
         };
-        let y = ops::attention(&q, &k, &v, mask, None)?;
+        let probs = ops::Kept::default();
+        let y = ops::attention_keeping(&q, &k, &v, mask, None, traced.then_some(&probs))?;
         let mid = (x + l.o.forward(&y)?)?;
 
         let h2 = ops::rms_norm(&mid, &l.post_norm, eps)?;
@@ -193,6 +196,7 @@ impl Qwen2 {
             q,
             k,
             v,
+            probs,
             y,
             mid,
             h2,
@@ -234,8 +238,14 @@ impl Qwen2 {
             dx = (dx + rms(&a.mid, &l.post_norm, &dh2, grads)?)?;
 
             let dy = l.o.backward(&a.y, &dx, grads)?;
-            let (dq, dk, dv) =
-                ops::attention_backward((&a.q, &a.k, &a.v), &a.y, &dy, Some(&tr.mask), None)?;
+            let (dq, dk, dv) = ops::attention_backward(
+                (&a.q, &a.k, &a.v),
+                &a.y,
+                &dy,
+                Some(&tr.mask),
+                None,
+                Some(&a.probs),
+            )?;
             // Undo the heads-first layouts: rope's backward for q and k, a transpose for v.
             let mut dq = kernels::rope_backward(&dq, cos, sin)?;
             let mut dk = kernels::rope_backward(&dk, cos, sin)?;
@@ -270,7 +280,7 @@ pub(crate) struct Qwen2Trace {
 }
 
 /// A layer's activations: the inputs of its norms, products, rope, attention and SwiGLU, and the
-/// attention's output.
+/// attention's probabilities and output.
 struct LayerTrace {
     x: Tensor,
     h: Tensor,
@@ -281,6 +291,8 @@ struct LayerTrace {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// The attention's probabilities, where it kept them.
+    probs: ops::Kept,
     y: Tensor,
     mid: Tensor,
     h2: Tensor,
