@@ -339,10 +339,10 @@ impl<T: Real + 'static> Inputs<'_, T> {
         let Dims { heads, t, t_k, .. } = self.dims;
         let w = hi - lo;
         m.resize((r1 - r0) * w, T::ZERO);
-        let mut rng = dropout.stream();
+        let mut words = dropout.words();
         for (i, row) in m.chunks_mut(w).enumerate() {
-            rng.set_word_pos((((bi * heads + h) * t + r0 + i) * t_k + lo) as u128);
-            dropout.fill(&mut rng, row);
+            let at = ((bi * heads + h) * t + r0 + i) * t_k + lo;
+            dropout.fill(&mut words, at as u64, row);
         }
         true
     }

@@ -1066,21 +1066,15 @@ pub(crate) fn fusable(x: &Tensor) -> bool {
 // and an addition each way, and one more gradient edge for candle's backward.
 struct ResidualDropout(Dropout);
 
-/// The site's stream positioned at word `at`, where element `at` of the masked tensor draws
-/// (as in [`Dropout::apply`], which draws element i from word i): chunks draw independently.
-fn stream_at(d: &Dropout, at: usize) -> rand_chacha::ChaCha8Rng {
-    let mut rng = d.stream();
-    rng.set_word_pos(at as u128);
-    rng
-}
-
 fn residual_dropout_fwd<T: Real>(d: &Dropout, x: &[T], h: &[T]) -> Vec<T> {
+    // Element i draws word i of the site's stream (as in [`Dropout::apply`]): chunks draw
+    // independently.
     fill_chunks(x.len(), |at, out| {
-        let mut rng = stream_at(d, at);
+        let mut words = d.words();
         let mut m = [T::ZERO; DRAW_BLOCK];
         for (i, out) in out.chunks_mut(DRAW_BLOCK).enumerate() {
             let (m, at) = (&mut m[..out.len()], at + i * DRAW_BLOCK);
-            d.fill(&mut rng, m);
+            d.fill(&mut words, at as u64, m);
             crate::with_avx512!(for (((o, &x), &h), &m) in
                 out.iter_mut().zip(&x[at..]).zip(&h[at..]).zip(m.iter())
             {
@@ -1093,11 +1087,11 @@ fn residual_dropout_fwd<T: Real>(d: &Dropout, x: &[T], h: &[T]) -> Vec<T> {
 /// `g` times the mask: the gradient of `h`.
 fn dropout_mask_mul<T: Real>(d: &Dropout, g: &[T]) -> Vec<T> {
     fill_chunks(g.len(), |at, out| {
-        let mut rng = stream_at(d, at);
+        let mut words = d.words();
         let mut m = [T::ZERO; DRAW_BLOCK];
         for (i, out) in out.chunks_mut(DRAW_BLOCK).enumerate() {
             let (m, at) = (&mut m[..out.len()], at + i * DRAW_BLOCK);
-            d.fill(&mut rng, m);
+            d.fill(&mut words, at as u64, m);
             crate::with_avx512!(
                 for ((o, &g), &m) in out.iter_mut().zip(&g[at..]).zip(m.iter()) {
                     o.write(g.mul(m));

@@ -15,6 +15,7 @@
 
 mod attention;
 mod backward;
+mod chacha;
 mod checkpoint;
 mod config;
 pub mod generate;
