@@ -956,7 +956,7 @@ mod tests {
             w[at..at + heads * d].iter_mut().for_each(|x| *x = 0.0);
         }
         let w = Tensor::from_vec(w, (b, t, heads * d), &Device::Cpu).unwrap();
-        let fused = ops::attention(&q, &k, &v, mask.as_ref(), dropout).unwrap();
+        let fused = ops::attention(&q, &k, &v, mask.as_ref(), dropout, None).unwrap();
         let want = composed(&q, &k, &v, mask.as_ref(), dropout);
         let keep = w.ne(0.0).unwrap().to_dtype(DType::F64).unwrap();
         let diff = max_diff(&(&fused * &keep).unwrap(), &(&want * &keep).unwrap());
@@ -1051,7 +1051,7 @@ mod tests {
             f32(randn(&[1, 2, 5, 4], 5)),
             f32(randn(&[1, 2, 5, 4], 6)),
         );
-        let fused = ops::attention(&q, &k, &v, Some(&mask), None).unwrap();
+        let fused = ops::attention(&q, &k, &v, Some(&mask), None, None).unwrap();
         let want = composed(&q, &k, &v, Some(&mask), None);
         assert!(
             max_diff(&fused, &want) < 1e-6,
@@ -1137,9 +1137,9 @@ mod tests {
             let k = f32(randn(&[b, kv_heads, t, d], 14));
             let v = f32(randn(&[b, kv_heads, t, d], 15));
             let kept = super::Kept::default();
-            let y = ops::attention_keeping(&q, &k, &v, Some(&mask), dropout, Some(&kept)).unwrap();
+            let y = ops::attention(&q, &k, &v, Some(&mask), dropout, Some(&kept)).unwrap();
             assert!(filled(&kept));
-            let y0 = ops::attention(&q, &k, &v, Some(&mask), dropout).unwrap();
+            let y0 = ops::attention(&q, &k, &v, Some(&mask), dropout, None).unwrap();
             assert_eq!(max_diff(&y, &y0), 0.0);
             let back = |kept: Option<&super::Kept>| {
                 ops::attention_backward((&q, &k, &v), &y, &g, Some(&mask), dropout, kept).unwrap()

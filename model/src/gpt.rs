@@ -168,19 +168,15 @@ impl Gpt {
             let site = 1 + 3 * i as u64;
             let h1 = self.norm(&blk.ln_1, &x)?;
             let qkv = blk.c_attn.forward(&h1)?;
-            let probs = ops::Kept::default();
+            let probs = keep.is_some().then(ops::Kept::default);
             let y = match kv.as_deref_mut() {
-                None => ops::attention_qkv(
-                    &qkv,
-                    heads,
-                    mask,
-                    dropout(site).as_ref(),
-                    keep.is_some().then_some(&probs),
-                )?,
+                None => {
+                    ops::attention_qkv(&qkv, heads, mask, dropout(site).as_ref(), probs.as_ref())?
+                }
                 Some(kv) => {
                     let (q, k, v) = ops::split_qkv(&qkv, heads)?;
                     let (k, v) = kv[i].append(k, v)?;
-                    ops::attention(&q, &k, &v, mask, dropout(site).as_ref())?
+                    ops::attention(&q, &k, &v, mask, dropout(site).as_ref(), None)?
                 }
             };
             let mid = residual(&x, blk.attn_proj.forward(&y)?, site + 1)?;
@@ -242,7 +238,7 @@ impl Gpt {
                 heads,
                 Some(&tr.mask),
                 dropout(site).as_ref(),
-                Some(&a.probs),
+                a.probs.as_ref(),
             )?;
             let dh1 = blk.c_attn.backward(&a.h1, &dqkv, grads)?;
             dx = (dx + self.norm_backward(&blk.ln_1, &a.x, &dh1, grads)?)?;
@@ -287,8 +283,8 @@ struct BlockTrace {
     x: Tensor,
     h1: Tensor,
     qkv: Tensor,
-    /// The attention's probabilities, where it kept them.
-    probs: ops::Kept,
+    /// Where the attention kept its probabilities (training traces always pass one).
+    probs: Option<ops::Kept>,
     y: Tensor,
     mid: Tensor,
     h2: Tensor,

@@ -284,19 +284,9 @@ fn fused_keys(q: &Tensor, mask: Option<&Mask>) -> Option<Option<Arc<KeyRanges>>>
 ///
 /// `q` (b, heads, t, d); `k`, `v` (b, kv_heads, t_k, d); `mask` broadcastable to
 /// (b, heads, t, t_k). Returns (b, t, heads * d), the layout the output projection reads.
+/// `kept`: for the models' own backward pass, where the fused op runs it keeps its
+/// probabilities there (where they fit) for [`attention_backward`].
 pub(crate) fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Mask>,
-    dropout: Option<&Dropout>,
-) -> Result<Tensor> {
-    attention_keeping(q, k, v, mask, dropout, None)
-}
-
-/// [`attention`] for the models' own backward pass: where the fused op runs, it keeps its
-/// probabilities in `kept` (where they fit) for [`attention_backward`].
-pub(crate) fn attention_keeping(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -326,7 +316,7 @@ pub(crate) fn attention_keeping(
 }
 
 /// [`attention`] over GPT-2's fused projection `qkv` (b, t, 3 heads d), laid out `[q | k | v]`;
-/// with `kept`, as [`attention_keeping`].
+/// with `kept`, as [`attention`].
 pub(crate) fn attention_qkv(
     qkv: &Tensor,
     heads: usize,
@@ -345,7 +335,7 @@ pub(crate) fn attention_qkv(
         return Ok(qkv.contiguous()?.apply_op1(op)?);
     }
     let (q, k, v) = split_qkv(qkv, heads)?;
-    attention(&q, &k, &v, mask, dropout)
+    attention(&q, &k, &v, mask, dropout, None)
 }
 
 /// The gradient of `qkv` in a fused [`attention_qkv`] that returned `out`, reading the
@@ -371,7 +361,7 @@ pub(crate) fn attention_qkv_backward(
     Ok(CustomOp1::bwd(&op, qkv, out, grad)?.expect("attention gives qkv a gradient"))
 }
 
-/// The gradients of q, k and v in a fused [`attention_keeping`] that returned `out`
+/// The gradients of q, k and v in a fused [`attention`] that returned `out`
 /// (b, t, heads d), reading the probabilities it kept in `kept`.
 pub(crate) fn attention_backward(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -645,10 +635,10 @@ mod tests {
         let k = randn(&[2, 6, 2, 8], 4).transpose(1, 2).unwrap(); // (2, 2, 6, 8), strided
         let v = randn(&[2, 6, 2, 8], 5).transpose(1, 2).unwrap();
         let mask = Mask::new(causal_mask(6, 0, DType::F32, &Device::Cpu).unwrap()).unwrap();
-        let both = attention(&q, &k, &v, Some(&mask), None).unwrap();
+        let both = attention(&q, &k, &v, Some(&mask), None, None).unwrap();
         for row in 0..2 {
             let one = |t: &Tensor| t.narrow(0, row, 1).unwrap();
-            let alone = attention(&one(&q), &one(&k), &one(&v), Some(&mask), None).unwrap();
+            let alone = attention(&one(&q), &one(&k), &one(&v), Some(&mask), None, None).unwrap();
             assert!(max_diff(&one(&both), &alone) < 1e-6);
         }
     }
@@ -658,7 +648,7 @@ mod tests {
         let q = randn(&[1, 4, 5, 8], 6);
         let k = randn(&[1, 2, 5, 8], 7);
         let v = randn(&[1, 2, 5, 8], 8);
-        let got = attention(&q, &k, &v, None, None).unwrap();
+        let got = attention(&q, &k, &v, None, None, None).unwrap();
         // Head h uses K/V head h / 2, as transformers' repeat_kv.
         let rep = |t: &Tensor| {
             let heads: Vec<Tensor> = (0..4).map(|h| t.narrow(1, h / 2, 1).unwrap()).collect();

@@ -179,8 +179,8 @@ impl Qwen2 {
             Some(cache) => cache.append(k, v)?,
             None => (k, v),
         };
-        let probs = ops::Kept::default();
-        let y = ops::attention_keeping(&q, &k, &v, mask, None, traced.then_some(&probs))?;
+        let probs = traced.then(ops::Kept::default);
+        let y = ops::attention(&q, &k, &v, mask, None, probs.as_ref())?;
         let mid = (x + l.o.forward(&y)?)?;
 
         let h2 = ops::rms_norm(&mid, &l.post_norm, eps)?;
@@ -244,7 +244,7 @@ impl Qwen2 {
                 &dy,
                 Some(&tr.mask),
                 None,
-                Some(&a.probs),
+                a.probs.as_ref(),
             )?;
             // Undo the heads-first layouts: rope's backward for q and k, a transpose for v.
             let mut dq = kernels::rope_backward(&dq, cos, sin)?;
@@ -291,8 +291,8 @@ struct LayerTrace {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// The attention's probabilities, where it kept them.
-    probs: ops::Kept,
+    /// Where the attention kept its probabilities (None outside a training trace).
+    probs: Option<ops::Kept>,
     y: Tensor,
     mid: Tensor,
     h2: Tensor,
