@@ -181,7 +181,12 @@ impl CharTokenizer {
 
     pub fn from_file(path: &Path) -> Result<CharTokenizer> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json_str(&text).map_err(|e| match e {
+        Self::from_json_at(path, &text)
+    }
+
+    /// Parses the text of the file at `path`; errors name `path`.
+    pub(crate) fn from_json_at(path: &Path, text: &str) -> Result<CharTokenizer> {
+        Self::from_json_str(text).map_err(|e| match e {
             Error::InvalidVocab { reason } | Error::Malformed { reason, .. } => Error::Malformed {
                 path: path.to_path_buf(),
                 reason,

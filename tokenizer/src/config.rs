@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::{Error, Result};
+use crate::{Error, Result, SourceFile};
 
 /// What a checkpoint's `tokenizer_config.json` says about special tokens and chat formatting.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -31,19 +31,35 @@ impl TokenizerConfig {
     /// Reads `tokenizer_config.json`; a `chat_template.jinja` in the same directory overrides the
     /// template, as in `transformers` >= 4.43.
     pub fn from_file(path: &Path) -> Result<TokenizerConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut cfg = Self::from_json_str(&text).map_err(|reason| Error::Malformed {
+        Ok(Self::read(path)?.0)
+    }
+
+    /// [`TokenizerConfig::from_file`], also returning the bytes of the files it read (the config
+    /// and any `chat_template.jinja`), so a checkpoint can be written without reading them again.
+    pub(crate) fn read(path: &Path) -> Result<(TokenizerConfig, Vec<SourceFile>)> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let malformed = |reason: String| Error::Malformed {
             path: path.to_path_buf(),
             reason,
-        })?;
+        };
+        let text = std::str::from_utf8(&bytes).map_err(|e| malformed(format!("not UTF-8: {e}")))?;
+        let mut cfg = Self::from_json_str(text).map_err(malformed)?;
+        let mut sources = vec![SourceFile::new(path, bytes)];
         if let Some(dir) = path.parent() {
             let jinja = dir.join("chat_template.jinja");
             if jinja.is_file() {
+                let bytes = std::fs::read(&jinja).map_err(|e| Error::io(&jinja, e))?;
                 cfg.chat_template =
-                    Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+                    Some(
+                        String::from_utf8(bytes.clone()).map_err(|e| Error::Malformed {
+                            path: jinja.clone(),
+                            reason: format!("not UTF-8: {e}"),
+                        })?,
+                    );
+                sources.push(SourceFile::new(&jinja, bytes));
             }
         }
-        Ok(cfg)
+        Ok((cfg, sources))
     }
 
     /// Parses the JSON text of a `tokenizer_config.json`. The error names the offending field.

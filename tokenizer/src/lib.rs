@@ -80,8 +80,27 @@ pub struct Encoding {
 pub struct Tokenizer {
     backend: Backend,
     config: TokenizerConfig,
-    /// Files this tokenizer was loaded from, so checkpoints can copy them verbatim.
-    source_files: Vec<PathBuf>,
+    /// Files this tokenizer was loaded from, held in memory so checkpoints write them verbatim
+    /// even after the directory they came from is gone (a rotated-away checkpoint, a moved base
+    /// model).
+    source_files: Vec<SourceFile>,
+}
+
+/// One file a tokenizer was read from: its path and its bytes as read.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceFile {
+    path: PathBuf,
+    /// Shared, since a tokenizer is cloned per worker and `tokenizer.json` runs to megabytes.
+    bytes: std::sync::Arc<[u8]>,
+}
+
+impl SourceFile {
+    pub(crate) fn new(path: &Path, bytes: Vec<u8>) -> SourceFile {
+        SourceFile {
+            path: path.to_path_buf(),
+            bytes: bytes.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -130,16 +149,16 @@ impl Tokenizer {
     /// Loads one tokenizer file, telling the formats apart by their content; reads the
     /// `tokenizer_config.json` beside it when there is one.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let malformed = |reason: String| Error::Malformed {
             path: path.to_path_buf(),
             reason,
         };
+        let text = std::str::from_utf8(&bytes).map_err(|e| malformed(format!("not UTF-8: {e}")))?;
         let head: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
-        let mut source_files = vec![path.to_path_buf()];
+            serde_json::from_str(text).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
         let backend = if head.get("type").and_then(|t| t.as_str()) == Some("char") {
-            Backend::Char(Box::new(CharTokenizer::from_file(path)?))
+            Backend::Char(Box::new(CharTokenizer::from_json_at(path, text)?))
         } else if head.get("model").is_some() {
             let tok = tokenizers::Tokenizer::from_bytes(text.as_bytes())
                 .map_err(|e| malformed(format!("not a Hugging Face tokenizer: {e}")))?;
@@ -149,14 +168,12 @@ impl Tokenizer {
                 "neither a Hugging Face tokenizer.json (no `model`) nor a char tokenizer (no `\"type\": \"char\"`)".into(),
             ));
         };
+        let mut source_files = vec![SourceFile::new(path, bytes)];
         let config_path = path.with_file_name(HF_CONFIG_FILE);
         let config = if config_path.is_file() {
-            source_files.push(config_path.clone());
-            let jinja = path.with_file_name("chat_template.jinja");
-            if jinja.is_file() {
-                source_files.push(jinja);
-            }
-            TokenizerConfig::from_file(&config_path)?
+            let (config, sources) = TokenizerConfig::read(&config_path)?;
+            source_files.extend(sources);
+            config
         } else {
             match &backend {
                 Backend::Char(c) => char_config(c.roles()),
@@ -205,10 +222,10 @@ impl Tokenizer {
         &self.config
     }
 
-    /// The files this tokenizer was read from (tokenizer, config, template), empty when built in
+    /// The files this tokenizer was read from (tokenizer, config, template), none when built in
     /// memory.
-    pub fn source_files(&self) -> &[PathBuf] {
-        &self.source_files
+    pub fn source_files(&self) -> impl Iterator<Item = &Path> {
+        self.source_files.iter().map(|f| f.path.as_path())
     }
 
     /// Encodes text as `transformers` does with `add_special_tokens=False`: no BOS/EOS added,
@@ -403,18 +420,17 @@ impl Tokenizer {
         }
     }
 
-    /// Writes the tokenizer into `dir` in the layout [`Tokenizer::from_path`] reads: files it was
-    /// loaded from are copied byte for byte; one built in memory is serialised
+    /// Writes the tokenizer into `dir` in the layout [`Tokenizer::from_path`] reads: the files it
+    /// was loaded from are written byte for byte as they were read (from memory: the directory
+    /// they came from may be gone by now); one built in memory is serialised
     /// (`tokenizer.json` + `tokenizer_config.json`, or `char_tokenizer.json`).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         if !self.source_files.is_empty() {
             for src in &self.source_files {
-                let name = src.file_name().expect("source files are files");
+                let name = src.path.file_name().expect("source files are files");
                 let dst = dir.join(name);
-                if dst != *src {
-                    std::fs::copy(src, &dst).map_err(|e| Error::io(&dst, e))?;
-                }
+                std::fs::write(&dst, &src.bytes).map_err(|e| Error::io(&dst, e))?;
             }
             return Ok(());
         }

@@ -182,3 +182,40 @@ fn char_tokenizer_round_trips_the_poems() {
     assert_eq!(enc.ids.len(), 5);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn saving_needs_nothing_from_where_the_tokenizer_was_loaded() {
+    // A resumed run saves after `keep_last` has deleted the checkpoint it loaded from: the
+    // tokenizer's files must come from memory, byte for byte as they were read.
+    let root = std::env::temp_dir().join(format!("sft-tok-gone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let src = root.join("loaded-from");
+    std::fs::create_dir_all(&src).unwrap();
+    let files = ["tokenizer.json", "tokenizer_config.json"];
+    for f in files {
+        std::fs::copy(data_dir().join("qwen3-tokenizer").join(f), src.join(f)).unwrap();
+    }
+    std::fs::write(src.join("chat_template.jinja"), "{{ messages }}").unwrap();
+    let tok = Tokenizer::from_path(&src).unwrap();
+    assert_eq!(tok.source_files().count(), 3);
+    std::fs::remove_dir_all(&src).unwrap();
+    let dst = root.join("saved");
+    tok.save(&dst).unwrap();
+    for f in files {
+        assert_eq!(
+            std::fs::read(dst.join(f)).unwrap(),
+            std::fs::read(data_dir().join("qwen3-tokenizer").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(dst.join("chat_template.jinja")).unwrap(),
+        "{{ messages }}"
+    );
+    let reloaded = Tokenizer::from_path(&dst).unwrap();
+    assert_eq!(
+        reloaded.encode("Hello, world!").unwrap(),
+        vec![9707, 11, 1879, 0]
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
