@@ -42,9 +42,12 @@ fn checkpoint_error(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 impl Model {
-    /// Loads `dir/config.json` and its weights, cast to `dtype`.
+    /// Loads `dir/config.json` and its weights, cast to `dtype`. A directory with an
+    /// `sft_manifest.json` must hold every file it lists ([`crate::manifest`]): a checkpoint cut
+    /// short is an error naming what is missing, never a model built from part of it.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
         check_dtype(dtype)?;
+        crate::manifest::check_complete(dir)?;
         let cfg = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
         let files = weight_files(dir)?;
         let mut mmaps = Vec::with_capacity(files.len());

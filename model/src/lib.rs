@@ -22,6 +22,7 @@ pub mod generate;
 mod gpt;
 mod kernels;
 mod linear;
+pub mod manifest;
 pub mod math;
 mod norm;
 mod ops;
@@ -64,6 +65,10 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// A checkpoint whose manifest lists files that are not there (a save or a deletion that
+    /// was cut short).
+    #[error("{}: incomplete checkpoint: {what}", dir.display())]
+    Incomplete { dir: PathBuf, what: String },
     #[error("unsupported dtype {dtype:?} (use f32, f64, bf16 or f16)")]
     UnsupportedDtype { dtype: DType },
     /// Arguments of a forward pass or of generation that the model cannot take.

@@ -1,9 +1,15 @@
-//! Checkpoint directories: written atomically, rotated, and resumable.
+//! Checkpoint directories: written atomically, complete or absent, rotated, resumable.
 //!
 //! A checkpoint is a Hugging Face model directory (`config.json`, `model.safetensors`, tokenizer
-//! files) plus `optimizer.safetensors`, `trainer_state.json` and the resolved
-//! `train_config.toml`. It is written into a temporary sibling and renamed into place, so a crash
-//! mid-save leaves the previous checkpoint untouched.
+//! files) plus `optimizer.safetensors`, `trainer_state.json`, the resolved `train_config.toml`
+//! and, written last, `sft_manifest.json` (every file with its size). It is written into a
+//! hidden temporary sibling and renamed into place, so a crash mid-save leaves the previous
+//! checkpoint untouched; an old checkpoint is renamed to a hidden name before it is deleted, so a
+//! crash mid-deletion never leaves a partial directory under a `checkpoint-*` name. Hidden
+//! leftovers of a crashed run are cleaned when the next run starts ([`clean_leftovers`]).
+//!
+//! A checkpoint stands alone: nothing in it refers to the directory the run started or resumed
+//! from (the tokenizer's files are written from memory).
 
 use std::path::{Path, PathBuf};
 
@@ -64,9 +70,9 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("{PREFIX}{step:06}")
 }
 
-/// Writes a directory atomically: `fill` writes into a fresh temporary directory next to
-/// `target`, which then replaces `target` by rename. On error the temporary is removed and
-/// `target` is unchanged.
+/// Writes a directory atomically: `fill` writes into a fresh hidden directory next to `target`,
+/// a manifest of what it wrote is added last, and the directory then replaces `target` by
+/// rename. On error the temporary is removed and `target` is unchanged.
 pub fn write_atomically(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = target.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -74,19 +80,24 @@ pub fn write_atomically(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("checkpoint");
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = parent.join(hidden_name(name, Leftover::Tmp));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    if let Err(e) = fill(&tmp) {
+    let filled = fill(&tmp).and_then(|()| {
+        sync_dir_files(&tmp)?;
+        write_manifest(&tmp, concat!("sft ", env!("CARGO_PKG_VERSION")))?;
+        Ok(())
+    });
+    if let Err(e) = filled {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    sync_dir_files(&tmp)?;
     // A directory cannot be renamed over a non-empty one: move the old one aside first, and only
-    // delete it once the new one is in place.
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    // delete it once the new one is in place (a crash in between leaves the old one hidden,
+    // where `clean_leftovers` puts it back).
+    let old = parent.join(hidden_name(name, Leftover::Old));
     let had_old = target.exists();
     if had_old {
         std::fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
@@ -95,12 +106,103 @@ pub fn write_atomically(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -
         if had_old {
             let _ = std::fs::rename(&old, target);
         }
+        let _ = std::fs::remove_dir_all(&tmp);
         return Err(Error::io(target, e));
     }
+    sync_dir(parent)?;
     if had_old {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }
     Ok(())
+}
+
+fn write_manifest(dir: &Path, written_by: &str) -> Result<()> {
+    Ok(sft_model::manifest::write_manifest(dir, written_by)?)
+}
+
+/// The hidden names a run gives directories in passing; the process id keeps two runs' apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leftover {
+    /// Being written.
+    Tmp,
+    /// Replaced, about to be deleted.
+    Old,
+    /// Rotated away, being deleted.
+    Deleting,
+}
+
+impl Leftover {
+    const ALL: [Leftover; 3] = [Leftover::Tmp, Leftover::Old, Leftover::Deleting];
+
+    fn tag(self) -> &'static str {
+        match self {
+            Leftover::Tmp => "tmp",
+            Leftover::Old => "old",
+            Leftover::Deleting => "deleting",
+        }
+    }
+}
+
+fn hidden_name(name: &str, kind: Leftover) -> String {
+    format!(".{name}.{}-{}", kind.tag(), std::process::id())
+}
+
+/// `.NAME.KIND-PID` -> `(NAME, KIND)`.
+fn parse_hidden(file_name: &str) -> Option<(&str, Leftover)> {
+    let rest = file_name.strip_prefix('.')?;
+    let (head, pid) = rest.rsplit_once('-')?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (name, tag) = head.rsplit_once('.')?;
+    let kind = Leftover::ALL.into_iter().find(|k| k.tag() == tag)?;
+    (!name.is_empty()).then_some((name, kind))
+}
+
+/// What [`clean_leftovers`] did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Cleaned {
+    /// Half-written or half-deleted directories removed.
+    pub removed: Vec<PathBuf>,
+    /// Directories a crash had moved aside just before their replacement landed, put back.
+    pub restored: Vec<PathBuf>,
+}
+
+/// Removes the hidden directories a killed run leaves in `out_dir` (a save or a deletion cut
+/// short), and puts back a replaced directory (`best/`, `final/`) whose replacement never landed.
+/// Call it at the start of a run, before anything reads the checkpoints.
+pub fn clean_leftovers(out_dir: &Path) -> Result<Cleaned> {
+    let mut cleaned = Cleaned::default();
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return Ok(cleaned);
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(out_dir, e))?.path();
+        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some((name, kind)) = parse_hidden(file_name) {
+            if path.is_dir() {
+                found.push((name.to_string(), kind, path.clone()));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.2.cmp(&b.2));
+    for (name, kind, path) in found {
+        let target = out_dir.join(&name);
+        if kind == Leftover::Old
+            && !target.exists()
+            && sft_model::manifest::check_complete(&path).is_ok()
+        {
+            std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
+            cleaned.restored.push(target);
+        } else {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            cleaned.removed.push(path);
+        }
+    }
+    Ok(cleaned)
 }
 
 /// Flushes every file so the rename never publishes a directory whose contents are still in the
@@ -115,6 +217,13 @@ fn sync_dir_files(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Makes a rename inside `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
 }
 
 /// `checkpoint-*` directories under `out_dir`, oldest first.
@@ -141,16 +250,111 @@ pub fn list_checkpoints(out_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// Deletes all but the newest `keep` checkpoints.
+/// Deletes all but the newest `keep` checkpoints. Each is first renamed to a hidden name, so a
+/// crash mid-deletion leaves no partial directory under a `checkpoint-*` name.
 pub fn rotate(out_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     let all = list_checkpoints(out_dir)?;
     let n_remove = all.len().saturating_sub(keep);
     let mut removed = Vec::new();
     for (_, path) in all.into_iter().take(n_remove) {
-        std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("listed checkpoints have UTF-8 names");
+        let doomed = out_dir.join(hidden_name(name, Leftover::Deleting));
+        std::fs::rename(&path, &doomed).map_err(|e| Error::io(&path, e))?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
         removed.push(path);
     }
     Ok(removed)
+}
+
+/// Files a checkpoint must hold to resume from, as alternatives (any one of a group will do).
+const RESUME_FILES: &[&[&str]] = &[
+    &["config.json"],
+    &["model.safetensors", "model.safetensors.index.json"],
+    &["tokenizer.json", "char_tokenizer.json"],
+    &[OPTIMIZER_FILE],
+    &[TRAINER_STATE_FILE],
+    &[CONFIG_FILE],
+];
+
+/// Checks that `dir` is a complete checkpoint to resume from: its manifest's files are all
+/// there, and so is every file resuming reads. The error names what is missing, on one line.
+pub fn check_resumable(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint(format!(
+            "{}: no such directory",
+            dir.display()
+        )));
+    }
+    sft_model::manifest::check_complete(dir)?;
+    let missing: Vec<String> = RESUME_FILES
+        .iter()
+        .filter(|group| !group.iter().any(|f| dir.join(f).is_file()))
+        .map(|group| group.join(" or "))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Checkpoint(format!(
+            "{}: incomplete checkpoint: {} missing",
+            dir.display(),
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// What `--resume PATH` resolved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResumeFrom {
+    /// The checkpoint to continue from.
+    pub checkpoint: PathBuf,
+    /// `PATH` was a run directory; its newest complete checkpoint was chosen.
+    pub from_run_dir: bool,
+    /// Newer checkpoints of that run directory passed over, with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// `--resume PATH`: a checkpoint directory, or a run directory (`run.out_dir`), whose newest
+/// complete checkpoint is taken, as `resume_from_checkpoint=True` does in `transformers`.
+pub fn resolve_resume(path: &Path) -> Result<ResumeFrom> {
+    let is_checkpoint = path.join(TRAINER_STATE_FILE).is_file()
+        || sft_model::manifest::has_manifest(path)
+        || path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(PREFIX));
+    if is_checkpoint {
+        check_resumable(path)?;
+        return Ok(ResumeFrom {
+            checkpoint: path.to_path_buf(),
+            from_run_dir: false,
+            skipped: vec![],
+        });
+    }
+    let all = list_checkpoints(path)?;
+    let mut skipped = Vec::new();
+    for (_, dir) in all.into_iter().rev() {
+        match check_resumable(&dir) {
+            Ok(()) => {
+                return Ok(ResumeFrom {
+                    checkpoint: dir,
+                    from_run_dir: true,
+                    skipped,
+                })
+            }
+            Err(e) => skipped.push((dir, e.to_string())),
+        }
+    }
+    Err(Error::Checkpoint(format!(
+        "{}: no complete checkpoint to resume from{}",
+        path.display(),
+        if skipped.is_empty() {
+            " (neither a checkpoint nor a run directory with checkpoint-* directories)".to_string()
+        } else {
+            format!(" ({} incomplete ones passed over)", skipped.len())
+        }
+    )))
 }
 
 /// A stable 64-bit FNV-1a hash, printed as hex: fingerprints of data and configs.
