@@ -205,6 +205,10 @@ pub struct RunSection {
     /// Checkpoints kept besides `best/`.
     #[serde(default = "default_keep_last")]
     pub keep_last: usize,
+    /// A fresh run into an `out_dir` that holds another run's log or checkpoints removes them
+    /// first; without it such a run is refused (`--overwrite` on the command line).
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 fn default_seed() -> u64 {
@@ -375,6 +379,103 @@ impl TrainConfig {
     }
 }
 
+/// Keys a resumed run may change: how long it runs, and what it logs, saves and checks. Every
+/// other key shapes the trajectory (data, model, batch, accumulation, seed, optimizer,
+/// schedule), so changing it would break bit-identical resumption and is refused.
+pub const RESUME_MUTABLE: &[&str] = &[
+    "train.max_steps",
+    "train.epochs",
+    "train.threads",
+    "model.save_dtype",
+    "run.out_dir",
+    "run.log_every",
+    "run.eval_every",
+    "run.save_every",
+    "run.keep_last",
+    "run.overwrite",
+    "eval",
+    "check",
+];
+
+/// One key that differs between a checkpoint's config and the config it resumes under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigChange {
+    /// Dotted key, `train.max_steps`.
+    pub key: String,
+    /// The checkpoint's value and the new one, as TOML (`none` where unset).
+    pub before: String,
+    pub after: String,
+}
+
+impl std::fmt::Display for ConfigChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} -> {}", self.key, self.before, self.after)
+    }
+}
+
+impl TrainConfig {
+    /// The keys in which `self` differs from `saved` (the config of the checkpoint being
+    /// resumed): `Ok` with the changes when all are in [`RESUME_MUTABLE`], else `Err` with the
+    /// ones that are not.
+    pub fn resume_changes(
+        &self,
+        saved: &TrainConfig,
+    ) -> std::result::Result<Vec<ConfigChange>, Vec<ConfigChange>> {
+        let flat = |cfg: &TrainConfig| {
+            let value = toml::Value::try_from(cfg).expect("the config always serialises");
+            let mut out = std::collections::BTreeMap::new();
+            flatten("", &value, &mut out);
+            out
+        };
+        let (a, b) = (flat(saved), flat(self));
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let show = |v: Option<&toml::Value>| v.map_or("none".to_string(), |v| v.to_string());
+        let changes: Vec<ConfigChange> = keys
+            .into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| ConfigChange {
+                key: k.clone(),
+                before: show(a.get(k)),
+                after: show(b.get(k)),
+            })
+            .collect();
+        let mutable = |key: &str| {
+            RESUME_MUTABLE
+                .iter()
+                .any(|m| key == *m || key.strip_prefix(m).is_some_and(|r| r.starts_with('.')))
+        };
+        let (ok, refused): (Vec<_>, Vec<_>) = changes.into_iter().partition(|c| mutable(&c.key));
+        if refused.is_empty() {
+            Ok(ok)
+        } else {
+            Err(refused)
+        }
+    }
+}
+
+/// Leaves of a TOML tree by dotted key; arrays are leaves.
+fn flatten(
+    prefix: &str,
+    value: &toml::Value,
+    out: &mut std::collections::BTreeMap<String, toml::Value>,
+) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        leaf => {
+            out.insert(prefix.to_string(), leaf.clone());
+        }
+    }
+}
+
 /// `f32`/`float32`, `bf16`/`bfloat16`, `f16`/`float16`.
 pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
     match s {
@@ -481,6 +582,57 @@ mod tests {
         );
         let err = TrainConfig::from_toml_str(BASE, &["optim.lr".into()]).unwrap_err();
         assert!(err.contains("section.key=value"), "{err}");
+    }
+
+    #[test]
+    fn resuming_may_change_the_length_and_the_logging_only() {
+        let saved = TrainConfig::from_toml_str(BASE, &["train.max_steps=10".into()]).unwrap();
+        let same = saved.clone();
+        assert_eq!(same.resume_changes(&saved), Ok(vec![]));
+        let longer = TrainConfig::from_toml_str(
+            BASE,
+            &[
+                "train.max_steps=20".into(),
+                "run.log_every=1".into(),
+                "eval.temperature=0.5".into(),
+            ],
+        )
+        .unwrap();
+        let changes = longer.resume_changes(&saved).unwrap();
+        let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "eval.temperature 0.0 -> 0.5",
+                "run.log_every 10 -> 1",
+                "train.max_steps 10 -> 20"
+            ]
+        );
+        let other = TrainConfig::from_toml_str(
+            BASE,
+            &[
+                "train.max_steps=20".into(),
+                "optim.lr=1e-3".into(),
+                "train.batch_size=2".into(),
+                "run.seed=7".into(),
+                "data.train=[\"other.jsonl\"]".into(),
+            ],
+        )
+        .unwrap();
+        let refused: Vec<String> = other
+            .resume_changes(&saved)
+            .unwrap_err()
+            .into_iter()
+            .map(|c| c.key)
+            .collect();
+        assert_eq!(
+            refused,
+            ["data.train", "optim.lr", "run.seed", "train.batch_size"]
+        );
+        // A key that was unset on one side counts too.
+        let accum = TrainConfig::from_toml_str(BASE, &["train.grad_accum=4".into()]).unwrap();
+        let refused = accum.resume_changes(&saved).unwrap_err();
+        assert_eq!(refused[0].key, "train.grad_accum");
     }
 
     #[test]

@@ -72,6 +72,36 @@ impl MetricsLog {
     }
 }
 
+/// Rewrites a run's JSON-lines log (`metrics.jsonl`, `samples.jsonl`) for a run resumed at
+/// `step`: lines of later steps, which the interrupted run logged after its last checkpoint and
+/// the resumed run logs again, are dropped, and so is a line cut short by a kill. Returns how
+/// many lines were dropped; a missing file is left missing.
+pub fn drop_after(path: &Path, step: u64) -> Result<usize> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = 0;
+    for line in text.split_inclusive('\n') {
+        let keep = line.ends_with('\n')
+            && serde_json::from_str::<serde_json::Value>(line)
+                .is_ok_and(|v| v["step"].as_u64().is_some_and(|s| s <= step));
+        if keep {
+            kept.push_str(line);
+        } else if !line.trim().is_empty() {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, kept).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(dropped)
+}
+
 /// `(step, loss)` points.
 pub type Series = Vec<(u64, f64)>;
 
@@ -137,6 +167,17 @@ mod tests {
             .unwrap()
             .to_owned();
         assert!(first.contains("\"kind\":\"train\"") && first.contains("\"tokens_per_s\""));
+        // Resumed at step 2: step 3's lines go, and so does a line a kill cut short.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"{\"step\": 1, \"kind\": \"tr"))
+            .unwrap();
+        assert_eq!(drop_after(&path, 2).unwrap(), 3);
+        let (train, val) = read_loss_series(&path).unwrap();
+        assert_eq!(train, vec![(1, 3.0), (2, 2.0)]);
+        assert!(val.is_empty());
+        assert_eq!(drop_after(&path, 2).unwrap(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
