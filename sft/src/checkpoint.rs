@@ -48,6 +48,11 @@ pub struct TrainerState {
     pub last_metrics: Option<serde_json::Value>,
     pub elapsed_s: f64,
     pub sft_version: String,
+    /// The dtype exports are written in, resolved when the run started (from the base
+    /// checkpoint's `config.json` unless `model.save_dtype` says), so a resumed run needs
+    /// nothing from the base directory.
+    #[serde(default)]
+    pub save_dtype: Option<String>,
 }
 
 impl TrainerState {
@@ -454,6 +459,7 @@ mod tests {
             last_metrics: None,
             elapsed_s: 1.0,
             sft_version: "0".into(),
+            save_dtype: Some("bf16".into()),
         };
         state.write(&dir).unwrap();
         assert_eq!(TrainerState::read(&dir).unwrap(), state);

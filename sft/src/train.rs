@@ -9,6 +9,8 @@
 //! resuming bit-identical without replaying data.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -19,8 +21,8 @@ use sft_data::{
 use sft_model::Model;
 use sft_tokenizer::Tokenizer;
 
-use crate::checkpoint::{self, TrainerState};
-use crate::config::{parse_dtype, TrainConfig};
+use crate::checkpoint::{self, Cleaned, ResumeFrom, TrainerState};
+use crate::config::{parse_dtype, ConfigChange, TrainConfig, RESUME_MUTABLE};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
 use crate::setup;
@@ -29,6 +31,22 @@ use crate::{plot, Error, Result};
 
 /// What the caller is told while the run goes (the CLI draws progress from these).
 pub enum Event<'a> {
+    /// Hidden directories of a crashed run were cleaned up (before anything else).
+    Cleaned(&'a Cleaned),
+    /// A fresh run with `run.overwrite` removed a previous run's files from its `out_dir`.
+    Overwrote {
+        removed: &'a [PathBuf],
+    },
+    /// `--resume` resolved to a checkpoint; what the new config changes.
+    Resumed {
+        from: &'a ResumeFrom,
+        changes: &'a [ConfigChange],
+        /// The schedule's total steps in the checkpoint and now (they differ when
+        /// `train.max_steps` or `train.epochs` changed).
+        total_steps: (u64, u64),
+        /// Lines of `metrics.jsonl`/`samples.jsonl` after the checkpoint's step, dropped.
+        dropped_log_lines: usize,
+    },
     /// The data as it will be trained on, before any step.
     Preflight {
         split: &'static str,
@@ -71,11 +89,19 @@ pub struct Summary {
     pub metrics: PathBuf,
     pub plot: PathBuf,
     pub elapsed_s: f64,
+    /// The run was stopped through [`RunOptions::stop`] before its last step: `last_checkpoint`
+    /// holds where it stood, and `final_model` was not written.
+    pub interrupted: bool,
 }
 
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// A checkpoint directory of this run to continue from.
+    /// A checkpoint directory to continue from, or a run directory (`run.out_dir`), whose newest
+    /// complete checkpoint is taken.
     pub resume: Option<PathBuf>,
+    /// Set (by a signal handler, say) to end the run after the current optimizer step, with a
+    /// checkpoint of that step.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 const RNG_NOTE: &str =
@@ -89,12 +115,32 @@ pub fn train(
     let t0 = Instant::now();
     let out_dir = cfg.run.out_dir.clone();
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let cleaned = checkpoint::clean_leftovers(&out_dir)?;
+    if cleaned != Cleaned::default() {
+        on_event(Event::Cleaned(&cleaned));
+    }
+    let resume = opts
+        .resume
+        .as_deref()
+        .map(checkpoint::resolve_resume)
+        .transpose()?;
+    let resume_dir = resume.as_ref().map(|r| r.checkpoint.as_path());
+    let changes = match resume_dir {
+        Some(dir) => resume_changes(cfg, dir)?,
+        None => {
+            let removed = claim_out_dir(&out_dir, cfg.run.overwrite)?;
+            if !removed.is_empty() {
+                on_event(Event::Overwrote { removed: &removed });
+            }
+            vec![]
+        }
+    };
     let device = setup::device()?;
     let dtype = parse_dtype(&cfg.model.dtype).map_err(Error::Config)?;
 
     // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.
     let train_read = read_all(&cfg.data.train, cfg)?;
-    let tok = match &opts.resume {
+    let tok = match resume_dir {
         Some(dir) => Tokenizer::from_path(dir)?,
         None => setup::tokenizer(cfg, &train_read.records)?,
     };
@@ -102,7 +148,7 @@ pub fn train(
     let (train_records, val_records) = split_records(cfg, train_read)?;
 
     // 3. Model.
-    let model = match &opts.resume {
+    let model = match resume_dir {
         Some(dir) => Model::load(dir, dtype, &device)?,
         None => setup::model(cfg, &tok, dtype, &device)?,
     };
@@ -162,11 +208,33 @@ pub fn train(
     let accum = cfg.train.grad_accum;
     let steps_in_epoch = |plan_len: usize| plan_len.div_ceil(accum) as u64;
 
-    // The schedule's length: fixed at the start and kept in the state, so a resumed run follows
-    // the same curve.
-    let mut state = match &opts.resume {
-        Some(dir) => {
-            let s = TrainerState::read(dir)?;
+    // The schedule's length: planned at the start and kept in the state, so a resumed run follows
+    // the same curve; a resumed run with a new `max_steps` or `epochs` plans it anew, as the HF
+    // Trainer does.
+    let planned_total = |epoch_cache: &mut EpochCache| -> Result<u64> {
+        if let Some(n) = cfg.train.max_steps {
+            return Ok(n);
+        }
+        let mut total = 0;
+        for e in 0..cfg.train.epochs {
+            let lengths = epoch_cache
+                .get(
+                    e,
+                    &train_records,
+                    &template,
+                    &tok,
+                    &render_opts,
+                    stochastic && cfg.data.packing,
+                )?
+                .lengths();
+            total += steps_in_epoch(plan_epoch(&lengths, &plan_opts, e)?.len());
+        }
+        Ok(total)
+    };
+    let mut state = match &resume {
+        Some(from) => {
+            let dir = &from.checkpoint;
+            let mut s = TrainerState::read(dir)?;
             if s.data_fingerprint != data_fingerprint {
                 return Err(Error::Checkpoint(format!(
                     "{}: the training data differs from the data this run started with (fingerprint {} vs {}); start a new run instead of resuming",
@@ -175,29 +243,30 @@ pub fn train(
                     data_fingerprint
                 )));
             }
+            let before = s.total_steps;
+            let total = planned_total(&mut epoch_cache)?;
+            if total < s.step {
+                return Err(Error::Config(format!(
+                    "{}: the checkpoint is at step {}, past the new schedule's total of {total} steps (train.max_steps / train.epochs)",
+                    dir.display(),
+                    s.step
+                )));
+            }
+            s.total_steps = total;
+            let mut dropped_log_lines = 0;
+            for log in ["metrics.jsonl", "samples.jsonl"] {
+                dropped_log_lines += crate::metrics::drop_after(&out_dir.join(log), s.step)?;
+            }
+            on_event(Event::Resumed {
+                from,
+                changes: &changes,
+                total_steps: (before, total),
+                dropped_log_lines,
+            });
             s
         }
         None => {
-            let total_steps = match cfg.train.max_steps {
-                Some(n) => n,
-                None => {
-                    let mut total = 0;
-                    for e in 0..cfg.train.epochs {
-                        let lengths = epoch_cache
-                            .get(
-                                e,
-                                &train_records,
-                                &template,
-                                &tok,
-                                &render_opts,
-                                stochastic && cfg.data.packing,
-                            )?
-                            .lengths();
-                        total += steps_in_epoch(plan_epoch(&lengths, &plan_opts, e)?.len());
-                    }
-                    total
-                }
-            };
+            let total_steps = planned_total(&mut epoch_cache)?;
             TrainerState {
                 step: 0,
                 total_steps,
@@ -214,12 +283,19 @@ pub fn train(
                 last_metrics: None,
                 elapsed_s: 0.0,
                 sft_version: env!("CARGO_PKG_VERSION").into(),
+                save_dtype: None,
             }
         }
     };
+    // Resolved once: the base directory may be gone by the time the run exports.
+    let save_dtype = match (&cfg.model.save_dtype, &state.save_dtype) {
+        (None, Some(saved)) => parse_dtype(saved).map_err(Error::Config)?,
+        _ => setup::save_dtype(cfg, &model)?,
+    };
+    state.save_dtype = Some(crate::config::dtype_name(save_dtype));
 
     let mut opt = AdamW::new(model.params(), &cfg.optim)?;
-    if let Some(dir) = &opts.resume {
+    if let Some(dir) = resume_dir {
         opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
         if opt.steps_taken() != state.step {
             return Err(Error::Checkpoint(format!(
@@ -251,7 +327,8 @@ pub fn train(
     let mut last_log = (Instant::now(), 0usize);
     let mut last_train_loss = None;
     let mut last_eval: Option<EvalMetrics> = None;
-    let mut last_saved = None;
+    let mut last_saved: Option<(u64, PathBuf)> = None;
+    let mut interrupted = false;
     let mut grads = GradAccumulator::new(model.params().len());
     while state.step < state.total_steps {
         let epoch_data = epoch_cache.get(
@@ -366,7 +443,9 @@ pub fn train(
                     state.best_val_loss = Some(e.val_loss);
                     state.best_step = Some(state.step);
                     let best = out_dir.join("best");
-                    checkpoint::write_atomically(&best, |d| export(&model, &tok, cfg, &state, d))?;
+                    checkpoint::write_atomically(&best, |d| {
+                        export(&model, save_dtype, &tok, cfg, &state, d)
+                    })?;
                     on_event(Event::Checkpoint {
                         step: state.step,
                         path: &best,
@@ -391,30 +470,32 @@ pub fn train(
             .run
             .save_every
             .is_some_and(|n| state.step % n == 0 && step_targets > 0);
-        if save_due || at_end {
+        let stop = !at_end && opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let saved_now = last_saved.as_ref().is_some_and(|(s, _)| *s == state.step);
+        if save_due || at_end || (stop && !saved_now) {
             state.elapsed_s = elapsed_before + t0.elapsed().as_secs_f64();
-            let path = out_dir.join(checkpoint::checkpoint_name(state.step));
-            checkpoint::write_atomically(&path, |d| {
-                model.save(d, model.dtype())?;
-                tok.save(d)?;
-                opt.save(&d.join(checkpoint::OPTIMIZER_FILE))?;
-                state.write(d)?;
-                std::fs::write(d.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
-                    .map_err(|e| Error::io(d, e))
-            })?;
-            checkpoint::rotate(&out_dir, cfg.run.keep_last.max(1))?;
+            let path = save_checkpoint(&out_dir, &model, &tok, &opt, &state, cfg)?;
             on_event(Event::Checkpoint {
                 step: state.step,
                 path: &path,
             });
-            last_saved = Some(path);
+            last_saved = Some((state.step, path));
+        }
+        if stop {
+            interrupted = true;
+            break;
         }
     }
 
-    // The deliverable: the final weights in the export dtype, a loss plot.
+    // The deliverable: the final weights in the export dtype (not for an interrupted run), a
+    // loss plot.
     let final_model = out_dir.join("final");
     state.elapsed_s = elapsed_before + t0.elapsed().as_secs_f64();
-    checkpoint::write_atomically(&final_model, |d| export(&model, &tok, cfg, &state, d))?;
+    if !interrupted {
+        checkpoint::write_atomically(&final_model, |d| {
+            export(&model, save_dtype, &tok, cfg, &state, d)
+        })?;
+    }
     let metrics_path = out_dir.join("metrics.jsonl");
     let (train_series, val_series) = crate::metrics::read_loss_series(&metrics_path)?;
     let plot_path = out_dir.join("loss.svg");
@@ -424,12 +505,10 @@ pub fn train(
         plot::loss_svg(&title, &train_series, &val_series),
     )
     .map_err(|e| Error::io(&plot_path, e))?;
-    let last_checkpoint = match last_saved {
-        Some(p) => p,
-        None => match &opts.resume {
-            Some(dir) => dir.clone(),
-            None => final_model.clone(),
-        },
+    let last_checkpoint = match (last_saved, &resume) {
+        (Some((_, p)), _) => p,
+        (None, Some(from)) => from.checkpoint.clone(),
+        (None, None) => final_model.clone(),
     };
     Ok(Summary {
         out_dir,
@@ -444,18 +523,116 @@ pub fn train(
         metrics: metrics_path,
         plot: plot_path,
         elapsed_s: state.elapsed_s,
+        interrupted,
     })
+}
+
+/// The resumable checkpoint of the current step (training dtype, optimizer state), written
+/// atomically; then the oldest beyond `run.keep_last` are rotated away.
+fn save_checkpoint(
+    out_dir: &Path,
+    model: &Model,
+    tok: &Tokenizer,
+    opt: &AdamW,
+    state: &TrainerState,
+    cfg: &TrainConfig,
+) -> Result<PathBuf> {
+    let path = out_dir.join(checkpoint::checkpoint_name(state.step));
+    checkpoint::write_atomically(&path, |d| {
+        model.save(d, model.dtype())?;
+        tok.save(d)?;
+        opt.save(&d.join(checkpoint::OPTIMIZER_FILE))?;
+        state.write(d)?;
+        std::fs::write(d.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
+            .map_err(|e| Error::io(d, e))
+    })?;
+    checkpoint::rotate(out_dir, cfg.run.keep_last.max(1))?;
+    Ok(path)
+}
+
+/// What a resumed run changes in the checkpoint's config; an error lists the keys that may not
+/// change (they would break bit-identical resumption).
+fn resume_changes(cfg: &TrainConfig, dir: &Path) -> Result<Vec<ConfigChange>> {
+    let saved = TrainConfig::load(&dir.join(checkpoint::CONFIG_FILE), &[])?;
+    cfg.resume_changes(&saved).map_err(|refused| {
+        Error::Config(format!(
+            "{}: resuming with a different {}; only {} may change on resume (start a new run to change the rest)",
+            dir.display(),
+            refused
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            RESUME_MUTABLE.join(", ")
+        ))
+    })
+}
+
+/// Files a run writes into its `out_dir` (besides `checkpoint-*`).
+const RUN_FILES: &[&str] = &[
+    "metrics.jsonl",
+    "samples.jsonl",
+    "preflight.json",
+    "loss.svg",
+    checkpoint::CONFIG_FILE,
+    "best",
+    "final",
+];
+
+/// A fresh run's `out_dir` must not hold another run: its log would mix into this one's and its
+/// checkpoints sit beside this one's. With `overwrite`, that run's files are removed (only
+/// those: anything else in the directory stays). Returns what was removed.
+fn claim_out_dir(out_dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = RUN_FILES
+        .iter()
+        .map(|f| out_dir.join(f))
+        .filter(|p| p.exists())
+        .collect();
+    let checkpoints = checkpoint::list_checkpoints(out_dir)?;
+    found.extend(checkpoints.iter().map(|(_, p)| p.clone()));
+    let used = !checkpoints.is_empty()
+        || ["metrics.jsonl", "best", "final"]
+            .iter()
+            .any(|f| out_dir.join(f).exists());
+    if !used {
+        return Ok(vec![]);
+    }
+    if !overwrite {
+        let what = if checkpoints.is_empty() {
+            "another run's files".to_string()
+        } else {
+            format!(
+                "another run's files and {} checkpoint(s)",
+                checkpoints.len()
+            )
+        };
+        return Err(Error::Config(format!(
+            "{}: holds {what}; continue it with `--resume {}`, replace it with `--overwrite` (run.overwrite = true), or choose another run.out_dir",
+            out_dir.display(),
+            out_dir.display()
+        )));
+    }
+    for path in &found {
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        };
+        removed.map_err(|e| Error::io(path, e))?;
+    }
+    Ok(found)
 }
 
 /// Weights in the export dtype, tokenizer, config and state: a directory `transformers` loads.
 fn export(
     model: &Model,
+    save_dtype: candle_core::DType,
     tok: &Tokenizer,
     cfg: &TrainConfig,
     state: &TrainerState,
     dir: &Path,
 ) -> Result<()> {
-    model.save(dir, setup::save_dtype(cfg, model)?)?;
+    model.save(dir, save_dtype)?;
     tok.save(dir)?;
     state.write(dir)?;
     std::fs::write(dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())

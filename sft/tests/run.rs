@@ -86,13 +86,17 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     let dir = scratch("resume");
     let data = poems(&dir, 60);
     let full = config(&data, &dir.join("full"));
-    let summary = train(&full, &RunOptions { resume: None }, &mut |_| {}).unwrap();
+    let summary = train(&full, &RunOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(summary.steps, 14);
     // 54 training poems / 4 rows = 14 micro-batches = 7 steps per epoch: step 14 ends epoch 1.
     let resumed_cfg = config(&data, &dir.join("resumed"));
     let ckpt = dir.join("full/checkpoint-000006");
     let mut starts = vec![];
-    let resumed = train(&resumed_cfg, &RunOptions { resume: Some(ckpt) }, &mut |e| {
+    let resume = RunOptions {
+        resume: Some(ckpt),
+        ..Default::default()
+    };
+    let resumed = train(&resumed_cfg, &resume, &mut |e| {
         if let Event::Started { start_step, .. } = e {
             starts.push(start_step)
         }
@@ -114,6 +118,23 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         &config(&other, &dir.join("other")),
         &RunOptions {
             resume: Some(dir.join("full/checkpoint-000012")),
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("resuming with a different data.train"),
+        "{err}"
+    );
+    // So is the same file with other contents.
+    std::fs::copy(&other, &data).unwrap();
+    let err = train(
+        &config(&data, &dir.join("other")),
+        &RunOptions {
+            resume: Some(dir.join("full/checkpoint-000012")),
+            ..Default::default()
         },
         &mut |_| {},
     )
@@ -128,7 +149,7 @@ fn a_run_writes_its_outputs() {
     let data = poems(&dir, 60);
     let cfg = config(&data, &dir.join("out"));
     let mut device = None;
-    let s = train(&cfg, &RunOptions { resume: None }, &mut |e| {
+    let s = train(&cfg, &RunOptions::default(), &mut |e| {
         if let Event::Started { device: d, .. } = e {
             device = Some(d);
         }
@@ -211,7 +232,7 @@ fn divergence_stops_the_run_and_keeps_the_last_checkpoint() {
     cfg.optim.lr = 1e30;
     cfg.optim.max_grad_norm = 0.0;
     cfg.run.save_every = Some(1);
-    let err = train(&cfg, &RunOptions { resume: None }, &mut |_| {}).unwrap_err();
+    let err = train(&cfg, &RunOptions::default(), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("non-finite"), "{err}");
     let last = sft::checkpoint::list_checkpoints(&dir.join("out")).unwrap();
     let (_, path) = last.last().expect("the good steps were saved");

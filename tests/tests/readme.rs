@@ -38,7 +38,7 @@ fn readme_examples_work() -> Result<(), Box<dyn std::error::Error>> {
             format!("run.out_dir={}", out.display()),
         ],
     )?;
-    let summary = sft::train(&cfg, &sft::RunOptions { resume: None }, &mut |_event| {})?;
+    let summary = sft::train(&cfg, &sft::RunOptions::default(), &mut |_event| {})?;
 
     use candle_core::{DType, Device, Tensor};
     let model = sft_model::Model::load(&summary.final_model, DType::F32, &Device::Cpu)?;
