@@ -60,11 +60,13 @@ pub(crate) fn run(out: &Path, sets: &[String], json: bool) -> anyhow::Result<()>
         &[
             format!("data.train=[{:?}]", poems.display().to_string()),
             format!("run.out_dir={}", pretrain_dir.display()),
+            // Re-running the demo starts it over.
+            "run.overwrite=true".into(),
         ],
         sets,
     )?;
     eprintln!("\n== stage 1/2: pretraining on poem text ==");
-    crate::train::run_config(&cfg, None, json)?;
+    crate::train::run_config(&cfg, None, json, None)?;
 
     let sft_dir = out.join("sft");
     let cfg = stage(
@@ -75,6 +77,7 @@ pub(crate) fn run(out: &Path, sets: &[String], json: bool) -> anyhow::Result<()>
             format!("data.train=[{:?}]", poems.display().to_string()),
             format!("model.path={}", pretrain_dir.join("final").display()),
             format!("run.out_dir={}", sft_dir.display()),
+            "run.overwrite=true".into(),
         ],
         sets,
     )?;
@@ -82,7 +85,7 @@ pub(crate) fn run(out: &Path, sets: &[String], json: bool) -> anyhow::Result<()>
         "\n== stage 2/2: SFT on poem records (metadata kept with p = {}) ==",
         cfg.data.metadata_keep_prob
     );
-    crate::train::run_config(&cfg, None, json)?;
+    crate::train::run_config(&cfg, None, json, None)?;
 
     let model = sft_dir.join("final");
     let ck = common::open(

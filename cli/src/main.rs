@@ -57,9 +57,36 @@ enum Command {
     Bench(bench::Command),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let backtrace = std::env::var_os("SFT_BACKTRACE").is_some_and(|v| !v.is_empty() && v != "0");
+    // anyhow captures a backtrace for every error when RUST_BACKTRACE is set, and this binary
+    // would print it; `RUST_LIB_BACKTRACE` takes precedence for library backtraces (not for
+    // panics). Set before any other thread exists.
+    std::env::set_var("RUST_LIB_BACKTRACE", if backtrace { "1" } else { "0" });
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e, backtrace);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error as one clean chain: `Error: ...`, then one `Caused by: ...` per cause; the backtrace
+/// only behind `SFT_BACKTRACE=1` (see the README).
+fn report(e: &anyhow::Error, backtrace: bool) {
+    let mut text = format!("Error: {e}\n");
+    for cause in e.chain().skip(1) {
+        text.push_str(&format!("Caused by: {cause}\n"));
+    }
+    if backtrace {
+        text.push_str(&format!("\nBacktrace:\n{}\n", e.backtrace()));
+    }
+    eprint!("{text}");
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Render(args) => render::run(args),

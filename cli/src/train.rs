@@ -1,13 +1,22 @@
-//! `sft train --config FILE [--set section.key=value ...] [--resume DIR] [--json]`.
+//! `sft train --config FILE [--set section.key=value ...] [--resume DIR] [--overwrite] [--json]`.
 //!
-//! Without `--config` it runs the bundled demo (see `demo`), into `--out` (default `runs/demo`).
+//! Without `--config` it runs the bundled demo (see `demo`), into `--out` (default `runs/demo`);
+//! `--resume DIR` without `--config` continues with the config saved in the checkpoint.
+//! `--resume` takes a checkpoint directory or a run directory (`run.out_dir`, whose newest
+//! complete checkpoint is taken). A fresh run into a directory that holds another run is refused
+//! unless `--overwrite` is given.
 //!
 //! Progress goes to stderr: a bar with loss and ETA on a terminal, one line per logged step
 //! otherwise. The summary (where the checkpoints, metrics and plot are) goes to stdout; with
-//! `--json` it is one JSON object.
+//! `--json` it is one JSON object (`interrupted: true` when a signal stopped the run).
+//!
+//! SIGINT (Ctrl-C) or SIGTERM finishes the current optimizer step, saves a checkpoint, prints how
+//! to resume, and exits with status 130 or 143; a second signal exits at once with that status.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,40 +33,90 @@ pub(crate) struct Args {
     /// Override a config key, e.g. `--set optim.lr=1e-4`; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// Continue from a checkpoint directory of this run.
+    /// Continue from a checkpoint directory, or from the newest complete checkpoint of a run
+    /// directory (`run.out_dir`); without --config, with the config saved in the checkpoint.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Replace another run's files in `run.out_dir` (a fresh run into a used directory is refused
+    /// without it); the same as `--set run.overwrite=true`.
+    #[arg(long)]
+    overwrite: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let Some(config) = &args.config else {
-        if args.resume.is_some() {
-            anyhow::bail!("--resume needs the run's --config");
+    if args.overwrite && args.resume.is_some() {
+        anyhow::bail!("--overwrite starts the run over; it cannot be combined with --resume");
+    }
+    let mut sets = args.sets.clone();
+    if args.overwrite {
+        sets.push("run.overwrite=true".into());
+    }
+    let cfg = match (&args.config, &args.resume) {
+        (Some(config), _) => TrainConfig::load(config, &sets)?,
+        (None, Some(resume)) => {
+            // The config the checkpoint was trained with, so `--resume RUN_DIR` is enough.
+            let from = sft::checkpoint::resolve_resume(resume)?;
+            TrainConfig::load(&from.checkpoint.join(sft::checkpoint::CONFIG_FILE), &sets)?
         }
-        let out = args.out.clone().unwrap_or_else(crate::demo::default_out);
-        return crate::demo::run(&out, &args.sets, args.json);
+        (None, None) => {
+            let out = args.out.clone().unwrap_or_else(crate::demo::default_out);
+            return crate::demo::run(&out, &sets, args.json);
+        }
     };
     if args.out.is_some() {
         anyhow::bail!("--out is for the demo; with --config use --set run.out_dir=DIR");
     }
-    let cfg = TrainConfig::load(config, &args.sets)?;
-    run_config(&cfg, args.resume, args.json)
+    run_config(&cfg, args.resume, args.json, args.config.as_deref())
 }
 
+/// Runs one training config. An interrupted run (SIGINT/SIGTERM) has saved its checkpoint when
+/// this returns: the process then exits with 128 + the signal's number.
 pub(crate) fn run_config(
     cfg: &TrainConfig,
     resume: Option<PathBuf>,
     json: bool,
+    config_file: Option<&Path>,
 ) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicUsize::new(0));
+    listen_for_signals(&stop, &signal)?;
     let mut progress = Progress::new(std::io::stderr().is_terminal(), cfg.run.log_every);
+    let opts = RunOptions {
+        resume,
+        stop: Some(stop),
+    };
     let summary = crate::on_pool(cfg.train.threads, || {
-        sft::train(cfg, &RunOptions { resume }, &mut |e| progress.event(e))
+        sft::train(cfg, &opts, &mut |e| progress.event(e))
     })
     .with_context(|| format!("training run {}", cfg.run.out_dir.display()))?;
     progress.finish();
+    if summary.interrupted {
+        let sig = signal.load(Ordering::SeqCst);
+        let name = if sig == signal_hook::consts::SIGTERM as usize {
+            "SIGTERM"
+        } else {
+            "SIGINT"
+        };
+        if json {
+            println!("{}", serde_json::to_string(&summary)?);
+        }
+        eprintln!(
+            "interrupted by {name} after step {}: saved {}",
+            summary.steps,
+            summary.last_checkpoint.display()
+        );
+        eprintln!(
+            "resume with: sft train{} --resume {}",
+            config_file
+                .map(|c| format!(" --config {}", c.display()))
+                .unwrap_or_default(),
+            summary.out_dir.display()
+        );
+        std::process::exit(128 + if sig == 0 { 2 } else { sig as i32 });
+    }
     if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -84,6 +143,20 @@ pub(crate) fn run_config(
         println!("  checkpoint  {}", summary.last_checkpoint.display());
         println!("  metrics     {}", summary.metrics.display());
         println!("  loss plot   {}", summary.plot.display());
+    }
+    Ok(())
+}
+
+/// SIGINT and SIGTERM set `stop` (the run saves after the current step) and record which signal
+/// came in `signal`; a second one, with `stop` already set, exits at once with 128 + its number.
+fn listen_for_signals(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    for sig in [SIGINT, SIGTERM] {
+        // The order matters: the exit checks the flag the first signal sets.
+        flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(stop))?;
+        flag::register_usize(sig, Arc::clone(signal), sig as usize)?;
+        flag::register(sig, Arc::clone(stop))?;
     }
     Ok(())
 }
@@ -119,6 +192,58 @@ impl Progress {
 
     fn event(&mut self, e: Event<'_>) {
         match e {
+            Event::Cleaned(c) => {
+                for p in &c.removed {
+                    self.line(&format!(
+                        "removed {} (left by an interrupted run)",
+                        p.display()
+                    ));
+                }
+                for p in &c.restored {
+                    self.line(&format!(
+                        "restored {} (an interrupted run had moved it aside)",
+                        p.display()
+                    ));
+                }
+            }
+            Event::Overwrote { removed } => self.line(&format!(
+                "overwrite: removed the previous run's {}",
+                removed
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Event::Resumed {
+                from,
+                changes,
+                total_steps: (before, after),
+                dropped_log_lines,
+            } => {
+                for (dir, why) in &from.skipped {
+                    self.line(&format!("passed over {}: {why}", dir.display()));
+                }
+                self.line(&format!(
+                    "resuming from {}{}",
+                    from.checkpoint.display(),
+                    if from.from_run_dir {
+                        " (the run directory's newest complete checkpoint)"
+                    } else {
+                        ""
+                    }
+                ));
+                for c in changes.iter() {
+                    self.line(&format!("  changed on resume: {c}"));
+                }
+                if before != after {
+                    self.line(&format!("  schedule total {before} -> {after} steps"));
+                }
+                if dropped_log_lines > 0 {
+                    self.line(&format!(
+                        "  dropped {dropped_log_lines} log line(s) written after the checkpoint"
+                    ));
+                }
+            }
             Event::Preflight { split, report } => {
                 self.line(&format!("== {split} data ==\n{report}"))
             }

@@ -101,7 +101,12 @@ fn run_stage(
 ) -> anyhow::Result<Stage> {
     eprintln!("== sft train --config {} ==", config.display());
     let mut cmd = Command::new(sft);
-    cmd.arg("train").arg("--config").arg(config).arg("--json");
+    // A CI run starts over each time: a previous run in its out_dir is replaced.
+    cmd.arg("train")
+        .arg("--config")
+        .arg(config)
+        .arg("--json")
+        .arg("--overwrite");
     for s in sets {
         cmd.arg("--set").arg(s);
     }
