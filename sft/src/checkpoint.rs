@@ -262,16 +262,22 @@ pub fn rotate(out_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     let n_remove = all.len().saturating_sub(keep);
     let mut removed = Vec::new();
     for (_, path) in all.into_iter().take(n_remove) {
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("listed checkpoints have UTF-8 names");
-        let doomed = out_dir.join(hidden_name(name, Leftover::Deleting));
-        std::fs::rename(&path, &doomed).map_err(|e| Error::io(&path, e))?;
-        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
+        remove_dir(&path)?;
         removed.push(path);
     }
     Ok(removed)
+}
+
+/// Deletes a checkpoint (or `best/`, `final/`) directory by first renaming it to a hidden name,
+/// so that a crash mid-deletion leaves nothing partial under its own name.
+pub fn remove_dir(path: &Path) -> Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Checkpoint(format!("{}: not a named directory", path.display())))?;
+    let doomed = path.with_file_name(hidden_name(name, Leftover::Deleting));
+    std::fs::rename(path, &doomed).map_err(|e| Error::io(path, e))?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
 }
 
 /// Files a checkpoint must hold to resume from, as alternatives (any one of a group will do).

@@ -613,12 +613,11 @@ fn claim_out_dir(out_dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
         )));
     }
     for path in &found {
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(path)
+        if path.is_dir() {
+            checkpoint::remove_dir(path)?;
         } else {
-            std::fs::remove_file(path)
-        };
-        removed.map_err(|e| Error::io(path, e))?;
+            std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+        }
     }
     Ok(found)
 }

@@ -27,6 +27,21 @@ pub(crate) fn run() -> anyhow::Result<()> {
         if !status.success() {
             bail!("`cargo {}` failed ({status})", step.join(" "));
         }
+        if step[0] == "test" {
+            print_fault_suite()?;
+        }
+    }
+    Ok(())
+}
+
+/// What the fault-injection suite survived, as the tests wrote it (`.ci/run` prints it too).
+fn print_fault_suite() -> anyhow::Result<()> {
+    let dir = crate::project_root().join("target/fault-suite");
+    eprintln!("== fault-injection suite ==");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+    files.sort_by_key(|e| e.path());
+    for entry in files {
+        eprint!("{}", std::fs::read_to_string(entry.path())?);
     }
     Ok(())
 }
