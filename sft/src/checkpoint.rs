@@ -446,6 +446,55 @@ mod tests {
     }
 
     #[test]
+    fn leftovers_of_a_crash_are_removed_or_put_back() {
+        assert_eq!(
+            parse_hidden(".checkpoint-000004.tmp-123"),
+            Some(("checkpoint-000004", Leftover::Tmp))
+        );
+        assert_eq!(parse_hidden(".best.old-9"), Some(("best", Leftover::Old)));
+        for not_ours in [
+            ".git",
+            ".checkpoint-1.tmp-",
+            ".x.tmp-12a",
+            "checkpoint-1.tmp-1",
+            "..old-1",
+        ] {
+            assert_eq!(parse_hidden(not_ours), None, "{not_ours}");
+        }
+        let out = tmp("leftovers");
+        // A save cut short, a rotation cut short, and a `best/` moved aside whose replacement
+        // never landed; plus a hidden directory that is not ours.
+        for d in [
+            ".checkpoint-000006.tmp-77",
+            ".checkpoint-000002.deleting-77",
+            ".mine",
+        ] {
+            std::fs::create_dir_all(out.join(d)).unwrap();
+        }
+        let old_best = out.join(".best.old-77");
+        std::fs::create_dir_all(&old_best).unwrap();
+        std::fs::write(old_best.join("config.json"), "{}").unwrap();
+        sft_model::manifest::write_manifest(&old_best, "test").unwrap();
+        // A moved-aside `final/` that is incomplete is not put back.
+        let old_final = out.join(".final.old-77");
+        std::fs::create_dir_all(&old_final).unwrap();
+        std::fs::write(old_final.join("config.json"), "{}").unwrap();
+        sft_model::manifest::write_manifest(&old_final, "test").unwrap();
+        std::fs::remove_file(old_final.join("config.json")).unwrap();
+        let cleaned = clean_leftovers(&out).unwrap();
+        assert_eq!(cleaned.restored, vec![out.join("best")]);
+        assert_eq!(cleaned.removed.len(), 3);
+        let mut left: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".mine", "best"]);
+        assert_eq!(clean_leftovers(&out).unwrap(), Cleaned::default());
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
     fn state_round_trip_and_fingerprints() {
         let dir = tmp("state");
         std::fs::create_dir_all(&dir).unwrap();
