@@ -28,6 +28,8 @@ pub(crate) struct TemplateArgs {
 }
 
 pub(crate) fn open(dir: &Path, t: &TemplateArgs) -> anyhow::Result<Checkpoint> {
+    // A checkpoint cut short says what it lacks, before anything tries to read the missing part.
+    sft_model::manifest::check_complete(dir)?;
     let tok = Tokenizer::from_path(dir)?;
     let model = Model::load(dir, DType::F32, &sft::setup::device()?)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
