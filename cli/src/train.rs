@@ -286,6 +286,36 @@ impl Progress {
                     None => {}
                 }
             }
+            Event::Replanned {
+                total_steps: (before, after),
+                why,
+            } => {
+                // The budget's estimate moves by a step now and then; say so when it matters.
+                let small = before.abs_diff(after) <= (before / 100).max(1);
+                if matches!(why, sft::Replan::Budget { .. }) && small && after > before {
+                    return;
+                }
+                let why = match why {
+                    sft::Replan::Budget {
+                        budget_s,
+                        used_s,
+                        per_step_s,
+                    } => format!(
+                        "time budget: {used_s:.0} of {budget_s:.0} s used at {per_step_s:.3} s/step"
+                    ),
+                    sft::Replan::EarlyStopping {
+                        evaluations,
+                        best_val_loss,
+                        best_step,
+                    } => format!(
+                        "early stopping: {evaluations} evaluations without improvement (best validation loss {best_val_loss:.4} at step {best_step})"
+                    ),
+                };
+                self.line(&format!("{why}: schedule total {before} -> {after} steps"));
+                if let Some(bar) = &self.bar {
+                    bar.set_length(after);
+                }
+            }
             Event::Eval(m) => self.line(&format!(
                 "step {:>6}  validation loss {:.4}  token accuracy {:.1}%",
                 m.step,

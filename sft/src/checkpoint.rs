@@ -53,6 +53,12 @@ pub struct TrainerState {
     /// nothing from the base directory.
     #[serde(default)]
     pub save_dtype: Option<String>,
+    /// Seconds spent in the training loop, over all resumptions (`train.max_time`'s clock).
+    #[serde(default)]
+    pub train_s: f64,
+    /// Evaluations in a row without improvement (`train.early_stopping`).
+    #[serde(default)]
+    pub evals_without_improvement: u64,
 }
 
 impl TrainerState {
@@ -515,6 +521,8 @@ mod tests {
             elapsed_s: 1.0,
             sft_version: "0".into(),
             save_dtype: Some("bf16".into()),
+            train_s: 0.5,
+            evals_without_improvement: 1,
         };
         state.write(&dir).unwrap();
         assert_eq!(TrainerState::read(&dir).unwrap(), state);

@@ -159,8 +159,70 @@ pub struct TrainSection {
     pub epochs: u64,
     /// Stop after this many optimizer steps (overrides `epochs` for the schedule's length).
     pub max_steps: Option<u64>,
+    /// A wall-clock budget for the training loop (evaluations and saves included): `"90s"`,
+    /// `"30m"`, `"2h"`, `"1h30m"`. Training ends at the first optimizer step past it, and the
+    /// schedule is planned for it: its total is estimated from the first steps' time per step
+    /// and re-estimated at each evaluation (and every tenth of the run), so the decay ends with
+    /// the budget. `epochs` then no longer sets the length; `max_steps` still caps it. A resumed
+    /// run continues the budget.
+    pub max_time: Option<String>,
+    /// Stop once the validation loss has not improved by `min_delta` for `patience`
+    /// evaluations in a row (`best/` holds the best model). Needs validation data and
+    /// `run.eval_every`.
+    pub early_stopping: Option<EarlyStopping>,
     /// Compute threads; default: the physical cores.
     pub threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// Evaluations without improvement before the run stops.
+    pub patience: u64,
+    /// How much lower than the best so far a validation loss must be to count as improving.
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+impl TrainSection {
+    /// `max_time` in seconds.
+    pub fn max_time_s(&self) -> Option<f64> {
+        self.max_time
+            .as_deref()
+            .map(|t| parse_duration(t).expect("validated when the config was read"))
+    }
+}
+
+/// `"90s"`, `"30m"`, `"2h"`, `"1h30m"`, `"1.5h"`: a duration in seconds. A bare number is
+/// seconds.
+pub fn parse_duration(text: &str) -> std::result::Result<f64, String> {
+    let bad = || format!("{text:?} is not a duration (like \"90s\", \"30m\", \"2h\" or \"1h30m\")");
+    let t = text.trim();
+    if let Ok(seconds) = t.parse::<f64>() {
+        return (seconds.is_finite() && seconds > 0.0)
+            .then_some(seconds)
+            .ok_or_else(bad);
+    }
+    let (mut total, mut number) = (0.0, String::new());
+    for c in t.chars() {
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600.0,
+            'm' => 60.0,
+            's' => 1.0,
+            _ => return Err(bad()),
+        };
+        let n: f64 = number.parse().map_err(|_| bad())?;
+        total += n * unit;
+        number.clear();
+    }
+    if !(number.is_empty() && total.is_finite() && total > 0.0) {
+        return Err(bad());
+    }
+    Ok(total)
 }
 
 fn default_batch_size() -> usize {
@@ -182,6 +244,8 @@ impl Default for TrainSection {
             grad_accum: 1,
             epochs: 1,
             max_steps: None,
+            max_time: None,
+            early_stopping: None,
             threads: None,
         }
     }
@@ -364,6 +428,28 @@ impl TrainConfig {
         if self.train.max_steps == Some(0) {
             return Err("train.max_steps: must be positive".into());
         }
+        if let Some(t) = &self.train.max_time {
+            parse_duration(t).map_err(|e| format!("train.max_time: {e}"))?;
+        }
+        if let Some(es) = &self.train.early_stopping {
+            if es.patience == 0 {
+                return Err("train.early_stopping.patience: must be positive".into());
+            }
+            if es.min_delta.is_nan() || es.min_delta < 0.0 {
+                return Err(format!(
+                    "train.early_stopping.min_delta: {} must be >= 0",
+                    es.min_delta
+                ));
+            }
+            if self.run.eval_every.is_none() {
+                return Err(
+                    "train.early_stopping: needs run.eval_every (evaluations to compare)".into(),
+                );
+            }
+            if self.data.validation.is_empty() && self.data.val_ratio == 0.0 {
+                return Err("train.early_stopping: needs validation data (data.validation or data.val_ratio)".into());
+            }
+        }
         if self.train.threads == Some(0) {
             return Err("train.threads: must be positive".into());
         }
@@ -385,6 +471,8 @@ impl TrainConfig {
 pub const RESUME_MUTABLE: &[&str] = &[
     "train.max_steps",
     "train.epochs",
+    "train.max_time",
+    "train.early_stopping",
     "train.threads",
     "model.save_dtype",
     "run.out_dir",
@@ -633,6 +721,40 @@ mod tests {
         let accum = TrainConfig::from_toml_str(BASE, &["train.grad_accum=4".into()]).unwrap();
         let refused = accum.resume_changes(&saved).unwrap_err();
         assert_eq!(refused[0].key, "train.grad_accum");
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        for (text, seconds) in [
+            ("90s", 90.0),
+            ("30m", 1800.0),
+            ("2h", 7200.0),
+            ("1h30m", 5400.0),
+            ("1.5h", 5400.0),
+            ("45", 45.0),
+        ] {
+            assert_eq!(parse_duration(text), Ok(seconds), "{text}");
+        }
+        for bad in ["", "m", "10x", "1h30", "-5m", "0s", "h1"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let err = TrainConfig::from_toml_str(BASE, &["train.max_time=soon".into()]).unwrap_err();
+        assert!(err.contains("train.max_time"), "{err}");
+        let err = TrainConfig::from_toml_str(BASE, &["train.early_stopping={patience = 2}".into()])
+            .unwrap_err();
+        assert!(err.contains("run.eval_every"), "{err}");
+        let cfg = TrainConfig::from_toml_str(
+            BASE,
+            &[
+                "train.early_stopping={patience = 2, min_delta = 0.01}".into(),
+                "run.eval_every=10".into(),
+                "data.val_ratio=0.1".into(),
+                "train.max_time=\"2m\"".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.train.max_time_s(), Some(120.0));
+        assert_eq!(cfg.train.early_stopping.unwrap().patience, 2);
     }
 
     #[test]

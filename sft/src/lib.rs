@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub use crate::config::TrainConfig;
 pub use crate::optim::{AdamW, OptimConfig, StepStats};
 pub use crate::schedule::{ScheduleConfig, ScheduleKind};
-pub use crate::train::{train, Event, RunOptions, Summary};
+pub use crate::train::{train, Event, Replan, RunOptions, Summary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -61,6 +61,11 @@ pub enum Event<'a> {
         device: String,
     },
     Step(&'a StepMetrics),
+    /// The schedule's total changed mid-run: the time budget's estimate, or early stopping.
+    Replanned {
+        total_steps: (u64, u64),
+        why: &'a Replan,
+    },
     Eval(&'a EvalMetrics),
     Sample {
         step: u64,
@@ -244,7 +249,11 @@ pub fn train(
                 )));
             }
             let before = s.total_steps;
-            let total = planned_total(&mut epoch_cache)?;
+            let total = match cfg.train.max_time_s() {
+                // The budget's estimate stands (the loop re-estimates it); `max_steps` caps it.
+                Some(_) => s.total_steps.min(cfg.train.max_steps.unwrap_or(u64::MAX)),
+                None => planned_total(&mut epoch_cache)?,
+            };
             if total < s.step {
                 return Err(Error::Config(format!(
                     "{}: the checkpoint is at step {}, past the new schedule's total of {total} steps (train.max_steps / train.epochs)",
@@ -284,6 +293,8 @@ pub fn train(
                 elapsed_s: 0.0,
                 sft_version: env!("CARGO_PKG_VERSION").into(),
                 save_dtype: None,
+                train_s: 0.0,
+                evals_without_improvement: 0,
             }
         }
     };
@@ -330,6 +341,12 @@ pub fn train(
     let mut last_saved: Option<(u64, PathBuf)> = None;
     let mut interrupted = false;
     let mut grads = GradAccumulator::new(model.params().len());
+    // The loop's clock (`train.max_time` counts it, over resumptions too).
+    let (loop_start, loop_before_s, loop_start_step) = (Instant::now(), state.train_s, state.step);
+    let budget = cfg.train.max_time_s().map(|budget_s| Budget {
+        budget_s,
+        cap: cfg.train.max_steps.unwrap_or(u64::MAX),
+    });
     while state.step < state.total_steps {
         let epoch_data = epoch_cache.get(
             state.epoch,
@@ -393,6 +410,20 @@ pub fn train(
             state.tokens_seen += step_tokens as u64;
             state.target_tokens_seen += step_targets as u64;
             last_log.1 += step_tokens;
+            let segment_s = loop_start.elapsed().as_secs_f64();
+            state.train_s = loop_before_s + segment_s;
+            if let Some(b) = &budget {
+                let eval_due = cfg.run.eval_every.is_some_and(|n| state.step % n == 0);
+                let per_step_s = segment_s / (state.step - loop_start_step) as f64;
+                let at = (state.step - loop_start_step, state.step, state.total_steps);
+                if let Some((total, replan)) = b.replan(at, state.train_s, per_step_s, eval_due) {
+                    on_event(Event::Replanned {
+                        total_steps: (state.total_steps, total),
+                        why: &replan,
+                    });
+                    state.total_steps = total;
+                }
+            }
             let m = StepMetrics {
                 step: state.step,
                 epoch: state.epoch as f64 + end as f64 / plan.len() as f64,
@@ -439,6 +470,29 @@ pub fn train(
                 )?;
                 metrics.write("eval", &e)?;
                 on_event(Event::Eval(&e));
+                if let Some(es) = &cfg.train.early_stopping {
+                    let improved = state
+                        .best_val_loss
+                        .is_none_or(|b| e.val_loss < b - es.min_delta);
+                    state.evals_without_improvement = if improved {
+                        0
+                    } else {
+                        state.evals_without_improvement + 1
+                    };
+                    if state.evals_without_improvement >= es.patience
+                        && state.step < state.total_steps
+                    {
+                        on_event(Event::Replanned {
+                            total_steps: (state.total_steps, state.step),
+                            why: &Replan::EarlyStopping {
+                                evaluations: state.evals_without_improvement,
+                                best_val_loss: state.best_val_loss.unwrap_or(f64::NAN),
+                                best_step: state.best_step.unwrap_or(0),
+                            },
+                        });
+                        state.total_steps = state.step;
+                    }
+                }
                 if state.best_val_loss.is_none_or(|b| e.val_loss < b) {
                     state.best_val_loss = Some(e.val_loss);
                     state.best_step = Some(state.step);
@@ -466,6 +520,8 @@ pub fn train(
                 append_sample(&out_dir, state.step, &prompt, &text)?;
             }
         }
+        // Early stopping may have ended the run at this step.
+        let at_end = state.step >= state.total_steps;
         let save_due = cfg
             .run
             .save_every
@@ -620,6 +676,66 @@ fn claim_out_dir(out_dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(found)
+}
+
+/// Why the schedule's total changed mid-run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Replan {
+    /// `train.max_time`: the steps that fit the time left at the time per step measured so far.
+    Budget {
+        budget_s: f64,
+        used_s: f64,
+        per_step_s: f64,
+    },
+    /// `train.early_stopping`: `evaluations` in a row without improvement.
+    EarlyStopping {
+        evaluations: u64,
+        best_val_loss: f64,
+        best_step: u64,
+    },
+}
+
+/// `train.max_time` in the loop: the schedule's total that fits the budget.
+struct Budget {
+    budget_s: f64,
+    /// `train.max_steps`, if any.
+    cap: u64,
+}
+
+impl Budget {
+    /// Steps this run times before its first estimate (the first step also warms the allocator).
+    const FIRST_ESTIMATE: u64 = 4;
+
+    /// After `done` steps of this run, at step `step` of `total`, with `used_s` of the budget
+    /// used at `per_step_s` a step: the new total, if it changes. Past the budget the run ends
+    /// now; when one more step would cross it, that step is the last; otherwise the total is
+    /// re-estimated after the first steps, at each evaluation and every tenth of the run.
+    fn replan(
+        &self,
+        (done, step, total): (u64, u64, u64),
+        used_s: f64,
+        per_step_s: f64,
+        eval_due: bool,
+    ) -> Option<(u64, Replan)> {
+        let why = Replan::Budget {
+            budget_s: self.budget_s,
+            used_s,
+            per_step_s,
+        };
+        let new_total = if used_s >= self.budget_s {
+            step
+        } else if used_s + per_step_s >= self.budget_s {
+            step + 1
+        } else if done == Self::FIRST_ESTIMATE
+            || (done > Self::FIRST_ESTIMATE && (eval_due || step % (total / 10).max(1) == 0))
+        {
+            step + ((self.budget_s - used_s) / per_step_s).floor() as u64
+        } else {
+            return None;
+        };
+        let new_total = new_total.min(self.cap).max(step);
+        (new_total != total).then_some((new_total, why))
+    }
 }
 
 /// Weights in the export dtype, tokenizer, config and state: a directory `transformers` loads.

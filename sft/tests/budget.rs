@@ -1,0 +1,128 @@
+//! `train.max_time` and `train.early_stopping`: runs that end by the clock or by the validation
+//! loss, with the schedule planned for where they end.
+
+use std::path::{Path, PathBuf};
+
+use sft::checkpoint::TrainerState;
+use sft::{train, Event, Replan, RunOptions, TrainConfig};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sft-budget-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config(dir: &Path, sets: &[&str]) -> TrainConfig {
+    let poems = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/poems/poems-small.jsonl");
+    let text = std::fs::read_to_string(poems).unwrap();
+    let data = dir.join("poems.jsonl");
+    std::fs::write(&data, text.lines().take(60).collect::<Vec<_>>().join("\n")).unwrap();
+    let toml = format!(
+        r#"
+        [model]
+        preset = "tiny-gpt"
+        init = {{ n_embd = 32 }}
+        [tokenizer]
+        build = "char"
+        [data]
+        train = ["{}"]
+        val_ratio = 0.1
+        max_len = 96
+        [optim]
+        lr = 3e-3
+        [schedule]
+        kind = "cosine"
+        [train]
+        batch_size = 4
+        threads = 1
+        [run]
+        out_dir = "{}"
+        log_every = 1
+        "#,
+        data.display(),
+        dir.join("out").display()
+    );
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    TrainConfig::from_toml_str(&toml, &sets).unwrap()
+}
+
+#[test]
+fn a_time_budget_ends_the_run_within_a_step_with_the_schedule_at_its_end() {
+    let dir = scratch("time");
+    let cfg = config(&dir, &["train.max_time=\"2s\"", "run.eval_every=50"]);
+    let mut replans = vec![];
+    let s = train(&cfg, &RunOptions::default(), &mut |e| {
+        if let Event::Replanned { total_steps, why } = e {
+            replans.push((total_steps, why.clone()));
+        }
+    })
+    .unwrap();
+    let state = TrainerState::read(&s.last_checkpoint).unwrap();
+    // Ended at the first step past the budget: the step before it was inside.
+    let per_step = state.train_s / state.step as f64;
+    assert!(state.train_s >= 2.0, "{}", state.train_s);
+    assert!(
+        state.train_s - 2.0 < 3.0 * per_step + 0.5,
+        "{} s for a 2 s budget at {per_step} s/step",
+        state.train_s
+    );
+    // The schedule was planned for where the run ended: its total is the last step, and the
+    // first estimate (one epoch is 14 steps, far fewer than fit) came after the first steps.
+    assert_eq!(state.total_steps, state.step);
+    assert!(state.step > 14, "{}", state.step);
+    let ((first_before, _), first_why) = &replans[0];
+    assert_eq!(
+        *first_before, 14,
+        "the plan before the first estimate is one epoch"
+    );
+    assert!(matches!(first_why, Replan::Budget { .. }));
+    let lrs: Vec<f64> = std::fs::read_to_string(&s.metrics)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"train\""))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let last = *lrs.last().unwrap();
+    assert!(
+        last < 0.05 * cfg.optim.lr,
+        "the last step's lr {last} is not near the floor"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn early_stopping_ends_the_run_after_patience_evaluations_without_improvement() {
+    let dir = scratch("early");
+    // No improvement of 100 nats is possible: the first evaluation sets the best, the next two
+    // do not improve on it by that much.
+    let cfg = config(
+        &dir,
+        &[
+            "train.max_steps=40",
+            "run.eval_every=2",
+            "train.early_stopping={patience = 2, min_delta = 100.0}",
+        ],
+    );
+    let mut stopped = None;
+    let s = train(&cfg, &RunOptions::default(), &mut |e| {
+        if let Event::Replanned { total_steps, why } = e {
+            stopped = Some((total_steps, why.clone()));
+        }
+    })
+    .unwrap();
+    assert_eq!(s.steps, 6);
+    let ((before, after), why) = stopped.unwrap();
+    assert_eq!((before, after), (40, 6));
+    assert!(matches!(why, Replan::EarlyStopping { evaluations: 2, .. }));
+    let out = dir.join("out");
+    assert!(out.join("best/model.safetensors").is_file());
+    assert!(out.join("final/model.safetensors").is_file());
+    let state = TrainerState::read(&out.join("checkpoint-000006")).unwrap();
+    assert_eq!((state.step, state.evals_without_improvement), (6, 2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
