@@ -101,7 +101,11 @@ pub(crate) fn run(cmd: Command) -> anyhow::Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let model = Model::load(&args.model, DType::F32, &sft::setup::device()?)?;
+    let model = Model::load(
+        &sft::hub::resolve_model(&args.model)?,
+        DType::F32,
+        &sft::setup::device()?,
+    )?;
     let max = model.config().max_positions();
     if args.prompt_len + args.new_tokens > max {
         anyhow::bail!(
@@ -145,7 +149,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 {
         anyhow::bail!("--steps and --batch-size must be positive and --seq-len at least 2");
     }
-    let model = Model::load(&args.model, args.dtype, &sft::setup::device()?)?;
+    let model = Model::load(
+        &sft::hub::resolve_model(&args.model)?,
+        args.dtype,
+        &sft::setup::device()?,
+    )?;
     if args.seq_len > model.config().max_positions() {
         anyhow::bail!(
             "--seq-len {} exceeds the model's context {}",

@@ -28,6 +28,8 @@ pub(crate) struct TemplateArgs {
 }
 
 pub(crate) fn open(dir: &Path, t: &TemplateArgs) -> anyhow::Result<Checkpoint> {
+    // A hub id (`Qwen/Qwen2.5-0.5B-Instruct`) names its snapshot in the local HF cache.
+    let dir = &sft::hub::resolve_model(dir)?;
     // A checkpoint cut short says what it lacks, before anything tries to read the missing part.
     sft_model::manifest::check_complete(dir)?;
     let tok = Tokenizer::from_path(dir)?;

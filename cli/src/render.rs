@@ -83,6 +83,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         .as_ref()
         .or(args.tokenizer.as_ref())
         .expect("clap requires one of --model and --tokenizer");
+    // `--model` may be a hub id in the local cache.
+    let tok_path = &match &args.model {
+        Some(_) => sft::hub::resolve_model(tok_path)?,
+        None => tok_path.clone(),
+    };
     let tok = Tokenizer::from_path(tok_path)
         .with_context(|| format!("loading the tokenizer from {}", tok_path.display()))?;
     let mut topts = TemplateOptions::default();

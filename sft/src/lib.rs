@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod hub;
 mod kernels;
 pub mod loss;
 pub mod metrics;

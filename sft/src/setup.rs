@@ -37,7 +37,9 @@ pub fn device_name(dev: &Device) -> String {
 pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
     let t = &cfg.tokenizer;
     if let Some(path) = &t.path {
-        return Ok(Tokenizer::from_path(path)?);
+        return Ok(Tokenizer::from_path(
+            &crate::hub::resolve_model_or_tokenizer(path),
+        )?);
     }
     let Some(build) = t.build else {
         let path = cfg
@@ -45,7 +47,7 @@ pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
             .path
             .as_ref()
             .expect("validated: a fresh model names its tokenizer");
-        return Ok(Tokenizer::from_path(path)?);
+        return Ok(Tokenizer::from_path(&crate::hub::resolve_model(path)?)?);
     };
     let texts: Vec<&str> = records.iter().flat_map(record_texts).collect();
     let preset = t
@@ -153,7 +155,11 @@ fn record_texts(r: &Record) -> Vec<&str> {
 /// The model to train: a checkpoint, or a fresh one from a preset and/or an `init` table.
 pub fn model(cfg: &TrainConfig, tok: &Tokenizer, dtype: DType, device: &Device) -> Result<Model> {
     if let Some(path) = &cfg.model.path {
-        return Ok(Model::load(path, dtype, device)?);
+        return Ok(Model::load(
+            &crate::hub::resolve_model(path)?,
+            dtype,
+            device,
+        )?);
     }
     let mut json = match &cfg.model.preset {
         Some(name) => sft_model::presets::preset(name).ok_or_else(|| {
@@ -203,6 +209,7 @@ pub fn save_dtype(cfg: &TrainConfig, model: &Model) -> Result<DType> {
         return parse_dtype(d).map_err(Error::Config);
     }
     if let Some(path) = &cfg.model.path {
+        let path = crate::hub::resolve_model(path)?;
         let text = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         if let Some(d) = v

@@ -1,9 +1,12 @@
-//! `cargo xtask download REPO_ID [--revision R] [--include GLOB ...] [--out DIR] [--refresh]`.
+//! `cargo xtask download REPO_ID [--revision R] [--repo-type model|dataset] [--include GLOB ...]
+//! [--out DIR] [--refresh]`.
 //!
 //! Offline first: the local cache (the Python-compatible layout `models--Owner--Name/{refs,
-//! snapshots/<sha>/..}` under `HF_HUB_CACHE`, `HF_HOME/hub`, ...) is checked before the network,
-//! and a snapshot counts as present only when every file a model needs is there (config,
-//! tokenizer files, every shard the index names). Network access is the `hub` feature (hf-hub);
+//! snapshots/<sha>/..}` under `HF_HUB_CACHE`, `HF_HOME/hub`, ..., `datasets--` for datasets;
+//! `sft::hub` resolves the same layout when `sft` is given a hub id) is checked before the
+//! network, and a snapshot counts as present only when every file a model needs is there
+//! (config, tokenizer files, every shard the index names), or, for a dataset, at least one data
+//! file and every literal `--include`. Network access is the `hub` feature (hf-hub);
 //! a build without it re-runs itself with the feature when the cache is not enough, so neither
 //! CI nor the `sft` binary compile an HTTP stack.
 //!
@@ -31,14 +34,37 @@ pub(crate) const DEFAULT_INCLUDE: &[&str] = &[
     "README.md",
 ];
 
+/// The files of a dataset repository that `sft` reads (what `--include` defaults to for
+/// `--repo-type dataset`): the hub's parquet shards, JSON and JSON lines.
+pub(crate) const DATASET_INCLUDE: &[&str] = &[
+    "*.parquet",
+    "**/*.parquet",
+    "*.jsonl",
+    "**/*.jsonl",
+    "*.json",
+    "**/*.json",
+    "README.md",
+    "LICENSE*",
+];
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RepoKind {
+    Model,
+    Dataset,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct Args {
-    /// `Owner/Name`, e.g. `Qwen/Qwen2.5-0.5B-Instruct`.
+    /// `Owner/Name`, e.g. `Qwen/Qwen2.5-0.5B-Instruct` or `HuggingFaceTB/smoltalk`.
     repo_id: String,
     /// Branch, tag or commit (default `main`).
     #[arg(long, default_value = "main")]
     revision: String,
-    /// Only files matching these globs (repeatable); default: config, tokenizer and weights.
+    /// A model (default) or a dataset repository.
+    #[arg(long, value_enum, default_value = "model")]
+    repo_type: RepoKind,
+    /// Only files matching these globs (repeatable, e.g. `--include 'data/all/train-*'`);
+    /// default: config, tokenizer and weights of a model, the data files of a dataset.
     #[arg(long = "include", value_name = "GLOB")]
     include: Vec<String>,
     /// Write the files into this plain directory instead of the hub cache.
@@ -50,12 +76,12 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let patterns = include_patterns(&args.include)?;
-    let cache = cache_dir(&|k| std::env::var(k).ok());
+    let patterns = include_patterns(&args.include, args.repo_type)?;
+    let cache = sft::hub::default_cache_dir();
     if !args.refresh {
         let local = match &args.out {
             Some(dir) => check_complete(dir, &patterns).map(|()| dir.clone()),
-            None => cached_snapshot(&cache, &args.repo_id, &args.revision, &patterns),
+            None => cached_snapshot(&cache, &args, &patterns),
         };
         match local {
             Ok(dir) => {
@@ -126,15 +152,23 @@ fn download(
     // The client finds the token itself (HF_TOKEN, HF_TOKEN_PATH, HF_HOME/token) and we never
     // see or print it.
     let client = hf_hub::HFClientSync::new().context("creating the hub client")?;
-    let repo = client.model(owner, name);
-    let dir = repo
-        .snapshot_download()
-        .revision(args.revision.clone())
-        .allow_patterns(patterns.globs.clone())
-        .maybe_local_dir(args.out.clone())
-        .force_download(false)
-        .progress(hf_hub::progress::Progress::new(Bar(bar.clone())))
-        .send();
+    // The same builder either way; written out per kind since the handles may differ in type.
+    macro_rules! snapshot {
+        ($repo:expr) => {
+            $repo
+                .snapshot_download()
+                .revision(args.revision.clone())
+                .allow_patterns(patterns.globs.clone())
+                .maybe_local_dir(args.out.clone())
+                .force_download(false)
+                .progress(hf_hub::progress::Progress::new(Bar(bar.clone())))
+                .send()
+        };
+    }
+    let dir = match args.repo_type {
+        RepoKind::Model => snapshot!(client.model(owner, name)),
+        RepoKind::Dataset => snapshot!(client.dataset(owner, name)),
+    };
     bar.finish_and_clear();
     let dir = dir.map_err(|e| {
         anyhow::anyhow!(
@@ -181,21 +215,6 @@ fn download(
     Ok(())
 }
 
-/// The hub cache directory, looked up in the order `huggingface_hub` uses.
-pub(crate) fn cache_dir(env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
-    if let Some(d) = env("HF_HUB_CACHE").or_else(|| env("HUGGINGFACE_HUB_CACHE")) {
-        return PathBuf::from(d);
-    }
-    if let Some(home) = env("HF_HOME") {
-        return Path::new(&home).join("hub");
-    }
-    let cache = env("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env("HOME").map(|h| Path::new(&h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache.join("huggingface").join("hub")
-}
-
 fn split_repo_id(id: &str) -> anyhow::Result<(&str, &str)> {
     match id.split_once('/') {
         Some((o, n)) if !o.is_empty() && !n.is_empty() && !n.contains('/') => Ok((o, n)),
@@ -206,11 +225,16 @@ fn split_repo_id(id: &str) -> anyhow::Result<(&str, &str)> {
 pub(crate) struct Include {
     globs: Vec<String>,
     set: GlobSet,
+    kind: RepoKind,
 }
 
-fn include_patterns(user: &[String]) -> anyhow::Result<Include> {
+fn include_patterns(user: &[String], kind: RepoKind) -> anyhow::Result<Include> {
+    let defaults = match kind {
+        RepoKind::Model => DEFAULT_INCLUDE,
+        RepoKind::Dataset => DATASET_INCLUDE,
+    };
     let globs: Vec<String> = if user.is_empty() {
-        DEFAULT_INCLUDE.iter().map(|s| s.to_string()).collect()
+        defaults.iter().map(|s| s.to_string()).collect()
     } else {
         user.to_vec()
     };
@@ -221,35 +245,24 @@ fn include_patterns(user: &[String]) -> anyhow::Result<Include> {
     Ok(Include {
         set: b.build()?,
         globs,
+        kind,
     })
 }
 
-/// The snapshot directory of `repo_id` at `revision` when it holds everything needed.
+/// The snapshot directory of the repository at its revision when it holds everything needed.
 pub(crate) fn cached_snapshot(
     cache: &Path,
-    repo_id: &str,
-    revision: &str,
+    args: &Args,
     include: &Include,
 ) -> anyhow::Result<PathBuf> {
-    let (owner, name) = split_repo_id(repo_id)?;
-    let repo = cache.join(format!("models--{owner}--{name}"));
-    if !repo.is_dir() {
-        bail!("not in the cache ({} does not exist)", repo.display());
-    }
-    let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
-    let commit = if is_commit {
-        revision.to_string()
-    } else {
-        let r = repo.join("refs").join(revision);
-        std::fs::read_to_string(&r)
-            .with_context(|| format!("revision {revision:?} is not cached ({})", r.display()))?
-            .trim()
-            .to_string()
+    split_repo_id(&args.repo_id)?;
+    let id = sft::hub::HubId::parse(&format!("{}@{}", args.repo_id, args.revision))
+        .with_context(|| format!("{:?} is not a hub id", args.repo_id))?;
+    let kind = match args.repo_type {
+        RepoKind::Model => sft::hub::RepoType::Model,
+        RepoKind::Dataset => sft::hub::RepoType::Dataset,
     };
-    let snapshot = repo.join("snapshots").join(&commit);
-    if !snapshot.is_dir() {
-        bail!("snapshot {} is missing", snapshot.display());
-    }
+    let snapshot = id.snapshot(cache, kind)?;
     check_complete(&snapshot, include)?;
     Ok(snapshot)
 }
@@ -258,6 +271,9 @@ pub(crate) fn cached_snapshot(
 /// `model.safetensors`, or every shard `model.safetensors.index.json` names) and a tokenizer,
 /// as far as the include patterns ask for them.
 pub(crate) fn check_complete(dir: &Path, include: &Include) -> anyhow::Result<()> {
+    if include.kind == RepoKind::Dataset {
+        return check_dataset(dir, include);
+    }
     let wanted = |f: &str| include.set.is_match(f);
     let mut missing: Vec<String> = Vec::new();
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
@@ -300,35 +316,66 @@ pub(crate) fn check_complete(dir: &Path, include: &Include) -> anyhow::Result<()
     }
 }
 
+/// A dataset snapshot is complete when it holds at least one file the patterns select, and every
+/// literal pattern the user gave.
+fn check_dataset(dir: &Path, include: &Include) -> anyhow::Result<()> {
+    fn walk(dir: &Path, root: &Path, include: &Include, found: &mut usize) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, root, include, found);
+            } else if let Ok(rel) = path.strip_prefix(root) {
+                let rel = rel.to_string_lossy();
+                let doc = rel.ends_with("README.md") || rel.contains("LICENSE");
+                if include.set.is_match(rel.as_ref()) && !doc {
+                    *found += 1;
+                }
+            }
+        }
+    }
+    let mut found = 0;
+    walk(dir, dir, include, &mut found);
+    let mut missing: Vec<String> = include
+        .globs
+        .iter()
+        .filter(|g| !g.contains(['*', '?', '[', '{']) && !dir.join(g).exists())
+        .cloned()
+        .collect();
+    if found == 0 {
+        missing.insert(
+            0,
+            format!("data files matching {}", include.globs.join(", ")),
+        );
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        bail!("{} lacks {}", dir.display(), missing.join(", "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn cache_dir_follows_the_hub_order() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                vars.iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
-        assert_eq!(
-            cache_dir(&env(&[("HF_HUB_CACHE", "/a"), ("HF_HOME", "/b")])),
-            PathBuf::from("/a")
-        );
-        assert_eq!(
-            cache_dir(&env(&[("HF_HOME", "/b"), ("HOME", "/h")])),
-            PathBuf::from("/b/hub")
-        );
-        assert_eq!(
-            cache_dir(&env(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")])),
-            PathBuf::from("/x/huggingface/hub")
-        );
-        assert_eq!(
-            cache_dir(&env(&[("HOME", "/h")])),
-            PathBuf::from("/h/.cache/huggingface/hub")
-        );
+    fn dataset_snapshots_are_complete_with_one_data_file() {
+        let dir = std::env::temp_dir().join(format!("xtask-ds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data/all")).unwrap();
+        std::fs::write(dir.join("README.md"), "card").unwrap();
+        let defaults = include_patterns(&[], RepoKind::Dataset).unwrap();
+        let err = check_complete(&dir, &defaults).unwrap_err().to_string();
+        assert!(err.contains("lacks data files"), "{err}");
+        std::fs::write(dir.join("data/all/train-00000-of-00001.parquet"), "x").unwrap();
+        check_complete(&dir, &defaults).unwrap();
+        let only_test =
+            include_patterns(&["data/all/test-*".to_string()], RepoKind::Dataset).unwrap();
+        assert!(check_complete(&dir, &only_test).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
