@@ -286,6 +286,24 @@ impl Progress {
                     None => {}
                 }
             }
+            Event::Mixture { sources } => {
+                let mut text = String::from(
+                    "== mixture (epoch 0) ==\nsource                                   share          records     kept    drawn     tokens  targets",
+                );
+                for s in sources {
+                    text.push_str(&format!(
+                        "\n{:<40} {:<12} {:>9} {:>8} {:>8} {:>10} {:>7.1}%",
+                        s.name,
+                        s.share,
+                        s.records,
+                        s.kept,
+                        s.drawn,
+                        s.tokens,
+                        100.0 * s.target_share
+                    ));
+                }
+                self.line(&text);
+            }
             Event::Replanned {
                 total_steps: (before, after),
                 why,

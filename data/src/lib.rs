@@ -15,6 +15,7 @@
 
 pub mod batch;
 mod error;
+pub mod mixture;
 pub mod prompt;
 mod pyjson;
 pub mod record;
@@ -27,6 +28,7 @@ pub use crate::batch::{
     IGNORE_INDEX,
 };
 pub use crate::error::{Error, Result};
+pub use crate::mixture::{mixture_epoch, Share};
 pub use crate::prompt::{prompt_ids, Prompt};
 pub use crate::record::{
     read_jsonl, Conversation, Format, InvalidPolicy, Message, Poem, ReadOutcome, Record, Role,

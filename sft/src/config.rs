@@ -93,11 +93,13 @@ pub enum SpecialsPreset {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Training JSONL files.
-    pub train: Vec<PathBuf>,
-    /// Validation JSONL files; when empty, `val_ratio` of the training records is held out.
+    /// Training data: files (`.jsonl`, `.json`, `.parquet`), dataset directories, hub dataset
+    /// ids from the local cache (`HuggingFaceTB/smoltalk:all/train`), or tables that add a
+    /// split, subset and mixture share (`{path = "a.jsonl", weight = 0.7}`).
+    pub train: Vec<DataSource>,
+    /// Validation data, as `train`; when empty, `val_ratio` of the training records is held out.
     #[serde(default)]
-    pub validation: Vec<PathBuf>,
+    pub validation: Vec<DataSource>,
     #[serde(default)]
     pub val_ratio: f64,
     /// Record format; detected from each line's keys when absent.
@@ -132,6 +134,90 @@ pub struct DataSection {
     pub group_by_length: bool,
     #[serde(default = "yes")]
     pub shuffle: bool,
+}
+
+/// One entry of `data.train`: a path (or hub id) as a string, or a table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DataSource {
+    Path(PathBuf),
+    Table(DataSourceTable),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSourceTable {
+    /// A file, a dataset directory or a hub dataset id.
+    pub path: PathBuf,
+    /// Of a dataset directory or hub id: the split (default `train`).
+    pub split: Option<String>,
+    /// Of a dataset directory or hub id: the subset (configuration), such as `all`.
+    pub subset: Option<String>,
+    /// A mixture share: the weighted sources together keep their total size, split in
+    /// proportion to their weights, redrawn each epoch.
+    pub weight: Option<f64>,
+    /// A mixture share: exactly this many samples of the source per epoch (repeated passes
+    /// when more than it has).
+    pub samples: Option<usize>,
+}
+
+impl DataSource {
+    /// The path, split and subset: a table's fields, or a string's `PATH[:SUBSET/SPLIT]` /
+    /// `PATH[:SPLIT]` (the hub's spelling, `HuggingFaceTB/smoltalk:all/train`).
+    pub fn location(&self) -> (PathBuf, Option<String>, Option<String>) {
+        match self {
+            DataSource::Table(t) => (t.path.clone(), t.split.clone(), t.subset.clone()),
+            DataSource::Path(p) => {
+                let text = p.to_string_lossy();
+                match text.rsplit_once(':') {
+                    Some((path, rest)) if !path.is_empty() && !rest.is_empty() && !p.exists() => {
+                        match rest.split_once('/') {
+                            Some((subset, split)) => {
+                                (path.into(), Some(split.into()), Some(subset.into()))
+                            }
+                            None => (path.into(), Some(rest.into()), None),
+                        }
+                    }
+                    _ => (p.clone(), None, None),
+                }
+            }
+        }
+    }
+
+    pub fn share(&self) -> sft_data::Share {
+        match self {
+            DataSource::Table(DataSourceTable {
+                samples: Some(n), ..
+            }) => sft_data::Share::Samples(*n),
+            DataSource::Table(DataSourceTable {
+                weight: Some(w), ..
+            }) => sft_data::Share::Weight(*w),
+            _ => sft_data::Share::All,
+        }
+    }
+
+    /// How the source is named in reports: its path as written.
+    pub fn name(&self) -> String {
+        match self {
+            DataSource::Path(p) => p.display().to_string(),
+            DataSource::Table(t) => {
+                let mut name = t.path.display().to_string();
+                if let Some(s) = &t.subset {
+                    name.push_str(&format!(":{s}"));
+                }
+                if let Some(s) = &t.split {
+                    name.push_str(&format!("/{s}"));
+                }
+                name
+            }
+        }
+    }
+}
+
+impl From<PathBuf> for DataSource {
+    fn from(p: PathBuf) -> DataSource {
+        DataSource::Path(p)
+    }
 }
 
 fn default_template() -> TemplateChoice {
@@ -403,6 +489,39 @@ impl TrainConfig {
         }
         if self.data.train.is_empty() {
             return Err("data.train: at least one training file is required".into());
+        }
+        let mut weighted = 0;
+        for (i, source) in self.data.train.iter().enumerate() {
+            if let DataSource::Table(t) = source {
+                if t.weight.is_some() && t.samples.is_some() {
+                    return Err(format!(
+                        "data.train[{i}]: set `weight` or `samples`, not both"
+                    ));
+                }
+                if t.weight.is_some_and(|w| !(w.is_finite() && w > 0.0)) {
+                    return Err(format!("data.train[{i}].weight: must be positive"));
+                }
+                weighted += usize::from(t.weight.is_some());
+            }
+        }
+        if weighted > 0 {
+            if let Some(i) = self
+                .data
+                .train
+                .iter()
+                .position(|s| matches!(s.share(), sft_data::Share::All))
+            {
+                return Err(format!(
+                    "data.train[{i}]: in a weighted mixture every source needs a `weight` (or `samples`)"
+                ));
+            }
+        }
+        for (i, source) in self.data.validation.iter().enumerate() {
+            if !matches!(source.share(), sft_data::Share::All) {
+                return Err(format!(
+                    "data.validation[{i}]: weight and samples are for training sources"
+                ));
+            }
         }
         if !(0.0..1.0).contains(&self.data.val_ratio) {
             return Err(format!(
@@ -721,6 +840,49 @@ mod tests {
         let accum = TrainConfig::from_toml_str(BASE, &["train.grad_accum=4".into()]).unwrap();
         let refused = accum.resume_changes(&saved).unwrap_err();
         assert_eq!(refused[0].key, "train.grad_accum");
+    }
+
+    #[test]
+    fn data_sources_are_paths_hub_ids_or_tables() {
+        let cfg = TrainConfig::from_toml_str(
+            BASE,
+            &[r#"data.train=["a.jsonl", "HuggingFaceTB/smoltalk:all/train", "Owner/Set:test", {path = "b.parquet", weight = 0.3}, {path = "d", split = "dev", subset = "x", samples = 50}]"#.into()],
+        );
+        let err = cfg.unwrap_err();
+        assert!(err.contains("every source needs a `weight`"), "{err}");
+        let cfg = TrainConfig::from_toml_str(
+            BASE,
+            &[r#"data.train=["a.jsonl", "HuggingFaceTB/smoltalk:all/train", "Owner/Set:test", {path = "d", split = "dev", subset = "x", samples = 50}]"#.into()],
+        )
+        .unwrap();
+        let locs: Vec<_> = cfg.data.train.iter().map(|s| s.location()).collect();
+        let s = |x: &str| Some(x.to_string());
+        assert_eq!(
+            locs,
+            vec![
+                ("a.jsonl".into(), None, None),
+                ("HuggingFaceTB/smoltalk".into(), s("train"), s("all")),
+                ("Owner/Set".into(), s("test"), None),
+                ("d".into(), s("dev"), s("x")),
+            ]
+        );
+        assert_eq!(cfg.data.train[3].share(), sft_data::Share::Samples(50));
+        assert_eq!(cfg.data.train[3].name(), "d:x/dev");
+        // A table round-trips through the saved config.
+        let again = TrainConfig::from_toml_str(&cfg.to_toml_string(), &[]).unwrap();
+        assert_eq!(again, cfg);
+        let err = TrainConfig::from_toml_str(
+            BASE,
+            &[r#"data.train=[{path = "a", weight = 1.0, samples = 3}]"#.into()],
+        )
+        .unwrap_err();
+        assert!(err.contains("not both"), "{err}");
+        let err =
+            TrainConfig::from_toml_str(BASE, &[r#"data.train=[{paht = "a"}]"#.into()]).unwrap_err();
+        assert!(
+            err.contains("data.train") || err.contains("variant"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,14 +15,15 @@ use std::time::Instant;
 
 use serde::Serialize;
 use sft_data::{
-    collate, plan_epoch, prepare, read_jsonl, split_train_val, BatchPlanOptions, InvalidPolicy,
-    Prepared, ReadOutcome, Record, RenderOptions, Report, Sample, Template,
+    collate, mixture_epoch, plan_epoch, prepare, read_jsonl, split_train_val, BatchPlanOptions,
+    InvalidPolicy, Prepared, ReadOutcome, Record, RenderOptions, Rendered, Report, Sample, Share,
+    Template,
 };
 use sft_model::Model;
 use sft_tokenizer::Tokenizer;
 
 use crate::checkpoint::{self, Cleaned, ResumeFrom, TrainerState};
-use crate::config::{parse_dtype, ConfigChange, TrainConfig, RESUME_MUTABLE};
+use crate::config::{parse_dtype, ConfigChange, DataSource, TrainConfig, RESUME_MUTABLE};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
 use crate::setup;
@@ -59,6 +60,10 @@ pub enum Event<'a> {
         out_dir: &'a Path,
         /// Where the run computes: `cpu`, `cuda:0`.
         device: String,
+    },
+    /// The training sources of a mixture, as epoch 0 draws them (after `Preflight`).
+    Mixture {
+        sources: &'a [SourceReport],
     },
     Step(&'a StepMetrics),
     /// The schedule's total changed mid-run: the time budget's estimate, or early stopping.
@@ -144,13 +149,14 @@ pub fn train(
     let dtype = parse_dtype(&cfg.model.dtype).map_err(Error::Config)?;
 
     // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.
-    let train_read = read_all(&cfg.data.train, cfg)?;
+    let (train_read, train_files) = read_all(&cfg.data.train, cfg)?;
     let tok = match resume_dir {
         Some(dir) => Tokenizer::from_path(dir)?,
         None => setup::tokenizer(cfg, &train_read.records)?,
     };
     let template = setup::template(cfg, &tok)?;
     let (train_records, val_records) = split_records(cfg, train_read)?;
+    let mixture = Mixture::new(cfg, &train_records.records, &train_files);
 
     // 3. Model.
     let model = match resume_dir {
@@ -175,13 +181,19 @@ pub fn train(
         && cfg.data.metadata_keep_prob > 0.0;
 
     // 4. Preflight: the data exactly as epoch 0 will see it.
-    let mut epoch_cache = EpochCache::default();
-    let first = epoch_cache.get(0, &train_records, &template, &tok, &render_opts, stochastic)?;
+    let mut epoch_cache = EpochCache::new(&train_records, &template, &tok, &render_opts);
+    let first = epoch_cache.get(0, stochastic, mixture.as_ref(), cfg.run.seed)?;
     on_event(Event::Preflight {
         split: "train",
-        report: &first.report,
+        report: &first.data.report,
     });
-    write_json(&out_dir.join("preflight.json"), &first.report)?;
+    write_json(&out_dir.join("preflight.json"), &first.data.report)?;
+    if let (Some(m), Some(view)) = (&mixture, first.order) {
+        let sources = m.report(&train_records, first.data, view);
+        on_event(Event::Mixture { sources: &sources });
+        write_json(&out_dir.join("mixture.json"), &sources)?;
+    }
+    let first = first.data;
     if first.samples.is_empty() {
         return Err(Error::Config(
             "no training sample survived rendering; see the preflight report".into(),
@@ -225,11 +237,9 @@ pub fn train(
             let lengths = epoch_cache
                 .get(
                     e,
-                    &train_records,
-                    &template,
-                    &tok,
-                    &render_opts,
                     stochastic && cfg.data.packing,
+                    mixture.as_ref(),
+                    cfg.run.seed,
                 )?
                 .lengths();
             total += steps_in_epoch(plan_epoch(&lengths, &plan_opts, e)?.len());
@@ -348,14 +358,8 @@ pub fn train(
         cap: cfg.train.max_steps.unwrap_or(u64::MAX),
     });
     while state.step < state.total_steps {
-        let epoch_data = epoch_cache.get(
-            state.epoch,
-            &train_records,
-            &template,
-            &tok,
-            &render_opts,
-            stochastic,
-        )?;
+        let epoch_data =
+            epoch_cache.get(state.epoch, stochastic, mixture.as_ref(), cfg.run.seed)?;
         let plan = plan_epoch(&epoch_data.lengths(), &plan_opts, state.epoch)?;
         if state.micro_batch >= plan.len() {
             state.epoch += 1;
@@ -366,9 +370,9 @@ pub fn train(
         let batches: Vec<_> = plan[state.micro_batch..end]
             .iter()
             .map(|rows| {
-                let rows: Vec<Vec<&sft_data::Rendered>> = rows
+                let rows: Vec<Vec<&Rendered>> = rows
                     .iter()
-                    .map(|row| row.iter().map(|&i| &epoch_data.samples[i].1).collect())
+                    .map(|row| row.iter().map(|&i| epoch_data.sample(i)).collect())
                     .collect();
                 collate(&rows, setup::pad_id(&tok), None)
             })
@@ -709,7 +713,8 @@ impl Budget {
     /// After `done` steps of this run, at step `step` of `total`, with `used_s` of the budget
     /// used at `per_step_s` a step: the new total, if it changes. Past the budget the run ends
     /// now; when one more step would cross it, that step is the last; otherwise the total is
-    /// re-estimated after the first steps, at each evaluation and every tenth of the run.
+    /// re-estimated after the first steps, at each evaluation, every tenth of the run, and when
+    /// the run reaches its total with time to spare.
     fn replan(
         &self,
         (done, step, total): (u64, u64, u64),
@@ -727,7 +732,8 @@ impl Budget {
         } else if used_s + per_step_s >= self.budget_s {
             step + 1
         } else if done == Self::FIRST_ESTIMATE
-            || (done > Self::FIRST_ESTIMATE && (eval_due || step % (total / 10).max(1) == 0))
+            || (done > Self::FIRST_ESTIMATE
+                && (eval_due || step % (total / 10).max(1) == 0 || step >= total))
         {
             step + ((self.budget_s - used_s) / per_step_s).floor() as u64
         } else {
@@ -794,29 +800,141 @@ pub fn evaluate_prepared(
     let mut order: Vec<usize> = (0..data.samples.len()).collect();
     order.sort_by_key(|&i| data.samples[i].1.len());
     for chunk in order.chunks(batch_size.max(1)) {
-        let rows: Vec<Vec<&sft_data::Rendered>> =
-            chunk.iter().map(|&i| vec![&data.samples[i].1]).collect();
+        let rows: Vec<Vec<&Rendered>> = chunk.iter().map(|&i| vec![&data.samples[i].1]).collect();
         let batch = collate(&rows, pad_id, None);
         stats.add(evaluate_batch(&eval_model, &batch)?);
     }
     Ok(stats)
 }
 
-fn read_all(files: &[PathBuf], cfg: &TrainConfig) -> Result<ReadOutcome> {
+/// Reads every source of `data.train` (or `data.validation`) in order. Returns the records and,
+/// per source, the files it read (a record's file tells which source it came from).
+fn read_all(sources: &[DataSource], cfg: &TrainConfig) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
     let policy = if cfg.data.skip_invalid {
         InvalidPolicy::Skip
     } else {
         InvalidPolicy::Error
     };
     let mut all: Option<ReadOutcome> = None;
-    for f in files {
-        let r = read_jsonl(f, cfg.data.format, policy)?;
-        match all.as_mut() {
-            None => all = Some(r),
-            Some(a) => a.extend(r),
+    let mut files_per_source = Vec::with_capacity(sources.len());
+    for source in sources {
+        let files = source_files(source)?;
+        for f in &files {
+            let r = read_jsonl(f, cfg.data.format, policy)?;
+            match all.as_mut() {
+                None => all = Some(r),
+                Some(a) => a.extend(r),
+            }
         }
+        files_per_source.push(files);
     }
-    all.ok_or_else(|| Error::Config("data.train: at least one training file is required".into()))
+    let all = all.ok_or_else(|| {
+        Error::Config("data.train: at least one training file is required".into())
+    })?;
+    Ok((all, files_per_source))
+}
+
+/// The files a source reads: the file itself, or a hub dataset id's snapshot in the local cache.
+fn source_files(source: &DataSource) -> Result<Vec<PathBuf>> {
+    let (path, _split, _subset) = source.location();
+    Ok(vec![crate::hub::resolve_dataset(&path)?])
+}
+
+/// `data.train`'s mixture: each record's source and each source's share. `None` when every
+/// source is taken whole (plain concatenation, the epoch is the data itself).
+struct Mixture {
+    shares: Vec<Share>,
+    names: Vec<String>,
+    /// The source of each training record (by index into the records).
+    source_of: Vec<usize>,
+}
+
+impl Mixture {
+    fn new(cfg: &TrainConfig, records: &[Record], files: &[Vec<PathBuf>]) -> Option<Mixture> {
+        let shares: Vec<Share> = cfg.data.train.iter().map(DataSource::share).collect();
+        if shares.iter().all(|s| *s == Share::All) {
+            return None;
+        }
+        let mut by_file: std::collections::HashMap<&Path, usize> = Default::default();
+        for (k, fs) in files.iter().enumerate() {
+            for f in fs {
+                by_file.entry(f.as_path()).or_insert(k);
+            }
+        }
+        let source_of = records
+            .iter()
+            .map(|r| by_file.get(&*r.source.file).copied().unwrap_or(0))
+            .collect();
+        Some(Mixture {
+            shares,
+            names: cfg.data.train.iter().map(DataSource::name).collect(),
+            source_of,
+        })
+    }
+
+    /// The epoch's samples, as indices into `data.samples`.
+    fn epoch(&self, data: &Prepared, seed: u64, epoch: u64) -> Result<Vec<usize>> {
+        let mut per_source: Vec<(Vec<usize>, Share)> =
+            self.shares.iter().map(|s| (vec![], *s)).collect();
+        for (k, (record, _)) in data.samples.iter().enumerate() {
+            per_source[self.source_of[*record]].0.push(k);
+        }
+        Ok(mixture_epoch(&per_source, seed, epoch)?)
+    }
+
+    /// Per source: records read, samples kept after rendering, and what epoch 0 draws of it.
+    fn report(&self, records: &ReadOutcome, data: &Prepared, view: &[usize]) -> Vec<SourceReport> {
+        let mut out: Vec<SourceReport> = self
+            .names
+            .iter()
+            .zip(&self.shares)
+            .map(|(name, share)| SourceReport {
+                name: name.clone(),
+                share: format!("{share:?}").to_lowercase(),
+                records: 0,
+                kept: 0,
+                drawn: 0,
+                tokens: 0,
+                targets: 0,
+                target_share: 0.0,
+            })
+            .collect();
+        for (i, _) in records.records.iter().enumerate() {
+            out[self.source_of[i]].records += 1;
+        }
+        for (record, _) in &data.samples {
+            out[self.source_of[*record]].kept += 1;
+        }
+        for &k in view {
+            let (record, r) = &data.samples[k];
+            let s = &mut out[self.source_of[*record]];
+            s.drawn += 1;
+            s.tokens += r.len();
+            s.targets += r.n_targets();
+        }
+        let total: usize = out.iter().map(|s| s.targets).sum();
+        for s in &mut out {
+            s.target_share = s.targets as f64 / total.max(1) as f64;
+        }
+        out
+    }
+}
+
+/// One source of a mixture in the preflight report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceReport {
+    pub name: String,
+    /// `all`, `samples(N)` or `weight(w)`.
+    pub share: String,
+    pub records: usize,
+    /// Samples that survived rendering.
+    pub kept: usize,
+    /// Samples epoch 0 trains on (with repeats).
+    pub drawn: usize,
+    pub tokens: usize,
+    pub targets: usize,
+    /// This source's share of epoch 0's target tokens.
+    pub target_share: f64,
 }
 
 /// Training and validation records: validation from its own files, or `val_ratio` of the
@@ -827,7 +945,7 @@ fn split_records(
     mut train_read: ReadOutcome,
 ) -> Result<(ReadOutcome, Option<ReadOutcome>)> {
     if !cfg.data.validation.is_empty() {
-        let val = read_all(&cfg.data.validation, cfg)?;
+        let (val, _) = read_all(&cfg.data.validation, cfg)?;
         return Ok((train_read, Some(val)));
     }
     if cfg.data.val_ratio > 0.0 {
@@ -862,39 +980,92 @@ fn count_formats(records: &[Record]) -> std::collections::BTreeMap<sft_data::For
 }
 
 /// Rendered training data per epoch: computed once when rendering is deterministic, per epoch
-/// when poems draw their metadata anew.
-#[derive(Default)]
-struct EpochCache {
+/// when poems draw their metadata anew; under a mixture, the samples each epoch draws.
+struct EpochCache<'a> {
+    records: &'a ReadOutcome,
+    template: &'a Template,
+    tok: &'a Tokenizer,
+    opts: &'a RenderOptions,
     epoch: Option<u64>,
     data: Option<Prepared>,
+    view: Option<(u64, Vec<usize>)>,
 }
 
-impl EpochCache {
-    fn get(
-        &mut self,
-        epoch: u64,
-        records: &ReadOutcome,
-        template: &Template,
-        tok: &Tokenizer,
-        opts: &RenderOptions,
-        per_epoch: bool,
-    ) -> Result<&Prepared> {
-        let key = if per_epoch { epoch } else { 0 };
-        if self.epoch != Some(key) {
-            self.data = Some(prepare(records, template, tok, opts, key)?);
-            self.epoch = Some(key);
+/// One epoch's training samples.
+struct Epoch<'a> {
+    data: &'a Prepared,
+    /// Which of `data`'s samples the epoch trains on, in order (a mixture); all of them when
+    /// `None`.
+    order: Option<&'a [usize]>,
+}
+
+impl Epoch<'_> {
+    fn lengths(&self) -> Vec<usize> {
+        match self.order {
+            Some(order) => order
+                .iter()
+                .map(|&k| self.data.samples[k].1.len())
+                .collect(),
+            None => self.data.samples.iter().map(|(_, r)| r.len()).collect(),
         }
-        Ok(self.data.as_ref().expect("filled above"))
+    }
+
+    /// The `i`-th sample of the epoch (what `plan_epoch` over [`Epoch::lengths`] indexes).
+    fn sample(&self, i: usize) -> &Rendered {
+        match self.order {
+            Some(order) => &self.data.samples[order[i]].1,
+            None => &self.data.samples[i].1,
+        }
     }
 }
 
-trait Lengths {
-    fn lengths(&self) -> Vec<usize>;
-}
+impl<'a> EpochCache<'a> {
+    fn new(
+        records: &'a ReadOutcome,
+        template: &'a Template,
+        tok: &'a Tokenizer,
+        opts: &'a RenderOptions,
+    ) -> EpochCache<'a> {
+        EpochCache {
+            records,
+            template,
+            tok,
+            opts,
+            epoch: None,
+            data: None,
+            view: None,
+        }
+    }
 
-impl Lengths for Prepared {
-    fn lengths(&self) -> Vec<usize> {
-        self.samples.iter().map(|(_, r)| r.len()).collect()
+    fn get(
+        &mut self,
+        epoch: u64,
+        per_epoch: bool,
+        mixture: Option<&Mixture>,
+        seed: u64,
+    ) -> Result<Epoch<'_>> {
+        let key = if per_epoch { epoch } else { 0 };
+        if self.epoch != Some(key) {
+            self.data = Some(prepare(
+                self.records,
+                self.template,
+                self.tok,
+                self.opts,
+                key,
+            )?);
+            self.epoch = Some(key);
+            self.view = None;
+        }
+        let data = self.data.as_ref().expect("filled above");
+        if let Some(m) = mixture {
+            if self.view.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                self.view = Some((epoch, m.epoch(data, seed, epoch)?));
+            }
+        }
+        Ok(Epoch {
+            data,
+            order: self.view.as_ref().map(|(_, v)| v.as_slice()),
+        })
     }
 }
 

@@ -214,12 +214,14 @@ fn loads_check(sft: &Path, model: &Path, cfg: &TrainConfig) -> anyhow::Result<Ch
         .validation
         .first()
         .or(cfg.data.train.first())
-        .context("the config names no data file")?;
+        .context("the config names no data file")?
+        .location()
+        .0;
     let mut cmd = Command::new(sft);
     cmd.args(["eval", "--json", "--model"])
         .arg(model)
         .arg("--data")
-        .arg(data);
+        .arg(&data);
     if let Some(f) = cfg.data.format {
         cmd.arg("--format").arg(f.name());
     }
