@@ -286,6 +286,15 @@ impl Progress {
                     None => {}
                 }
             }
+            Event::DataCache { dir, hit } => self.line(&format!(
+                "rendered data {} {}",
+                if hit {
+                    "read from the cache in"
+                } else {
+                    "cached in"
+                },
+                dir.display()
+            )),
             Event::Mixture { sources } => {
                 let mut text = String::from(
                     "== mixture (epoch 0) ==\nsource                                   share          records     kept    drawn     tokens  targets",

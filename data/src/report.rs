@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sft_tokenizer::Tokenizer;
 
 use crate::record::{Format, ReadOutcome};
@@ -31,7 +31,7 @@ pub struct Prepared {
 }
 
 /// One token of the example sample.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenView {
     /// The token decoded on its own (special tokens included).
     pub token: String,
@@ -40,7 +40,7 @@ pub struct TokenView {
 }
 
 /// Sample lengths in tokens, after truncation, over kept samples.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LengthStats {
     pub min: usize,
     pub median: usize,
@@ -51,7 +51,7 @@ pub struct LengthStats {
     pub histogram: Vec<(usize, usize, usize)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Example {
     /// `file:line`.
     pub source: String,
@@ -59,7 +59,7 @@ pub struct Example {
 }
 
 /// The preflight report. `Display` is for people, `Serialize` (JSON) for scripts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// What renders conversations (or poems / plain text): `model`, `chatml`, `plain`, `poem`.
     pub template: String,

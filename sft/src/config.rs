@@ -134,6 +134,12 @@ pub struct DataSection {
     pub group_by_length: bool,
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// Keep rendered and tokenized data on disk, keyed by everything rendering reads, so a
+    /// re-run or a resumed run skips rendering (`sft::prepcache`).
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Where that cache lives (default `run.out_dir/cache`).
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// One entry of `data.train`: a path (or hub id) as a string, or a table.
@@ -594,6 +600,8 @@ pub const RESUME_MUTABLE: &[&str] = &[
     "train.early_stopping",
     "train.threads",
     "model.save_dtype",
+    "data.cache",
+    "data.cache_dir",
     "run.out_dir",
     "run.log_every",
     "run.eval_every",

@@ -12,6 +12,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod prepcache;
 pub mod quality;
 pub mod schedule;
 pub mod setup;

@@ -26,6 +26,7 @@ use crate::checkpoint::{self, Cleaned, ResumeFrom, TrainerState};
 use crate::config::{parse_dtype, ConfigChange, DataSource, TrainConfig, RESUME_MUTABLE};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
+use crate::prepcache::PrepCache;
 use crate::setup;
 use crate::step::{accumulate_micro_batch, evaluate_batch, GradAccumulator, LossStats};
 use crate::{plot, Error, Result};
@@ -60,6 +61,11 @@ pub enum Event<'a> {
         out_dir: &'a Path,
         /// Where the run computes: `cpu`, `cuda:0`.
         device: String,
+    },
+    /// Rendered data came from (`hit`) or went to the disk cache in `dir`.
+    DataCache {
+        dir: &'a Path,
+        hit: bool,
     },
     /// The training sources of a mixture, as epoch 0 draws them (after `Preflight`).
     Mixture {
@@ -181,7 +187,31 @@ pub fn train(
         && cfg.data.metadata_keep_prob > 0.0;
 
     // 4. Preflight: the data exactly as epoch 0 will see it.
-    let mut epoch_cache = EpochCache::new(&train_records, &template, &tok, &render_opts);
+    let prep_cache = match cfg.data.cache {
+        true => {
+            let dir = cfg
+                .data
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| out_dir.join("cache"));
+            let val_files: Vec<Vec<PathBuf>> = cfg
+                .data
+                .validation
+                .iter()
+                .map(source_files)
+                .collect::<Result<_>>()?;
+            let key = prep_cache_key(cfg, &tok, max_len, &train_files, &val_files)?;
+            Some(PrepCache::open(&dir, key)?)
+        }
+        false => None,
+    };
+    let mut epoch_cache = EpochCache::new(
+        &train_records,
+        &template,
+        &tok,
+        &render_opts,
+        prep_cache.as_ref(),
+    );
     let first = epoch_cache.get(0, stochastic, mixture.as_ref(), cfg.run.seed)?;
     on_event(Event::Preflight {
         split: "train",
@@ -201,9 +231,23 @@ pub fn train(
     }
     let data_fingerprint =
         checkpoint::fingerprint(first.samples.iter().map(|(_, r)| ids_bytes(r.ids())));
+    if let Some(c) = &prep_cache {
+        on_event(Event::DataCache {
+            dir: c.dir(),
+            hit: epoch_cache.hits > 0,
+        });
+    }
     let val = match &val_records {
         Some(records) => {
-            let p = prepare(records, &template, &tok, &render_opts, 0)?;
+            let p = prepare_cached(
+                prep_cache.as_ref(),
+                "validation",
+                records,
+                &template,
+                &tok,
+                &render_opts,
+                0,
+            )?;
             on_event(Event::Preflight {
                 split: "validation",
                 report: &p.report,
@@ -986,9 +1030,64 @@ struct EpochCache<'a> {
     template: &'a Template,
     tok: &'a Tokenizer,
     opts: &'a RenderOptions,
+    disk: Option<&'a PrepCache>,
+    /// Renderings read from `disk` instead of made.
+    hits: usize,
     epoch: Option<u64>,
     data: Option<Prepared>,
     view: Option<(u64, Vec<usize>)>,
+}
+
+/// `prepare`, read from the disk cache when it holds the data, else rendered and stored there.
+fn prepare_cached(
+    disk: Option<&PrepCache>,
+    tag: &str,
+    records: &ReadOutcome,
+    template: &Template,
+    tok: &Tokenizer,
+    opts: &RenderOptions,
+    epoch: u64,
+) -> Result<Prepared> {
+    if let Some(data) = disk.and_then(|c| c.load(tag)) {
+        return Ok(data);
+    }
+    let data = prepare(records, template, tok, opts, epoch)?;
+    if let Some(c) = disk {
+        c.store(tag, &data)?;
+    }
+    Ok(data)
+}
+
+/// The disk cache's key: a hash of everything rendering reads (see `prepcache`).
+fn prep_cache_key(
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+    max_len: usize,
+    train_files: &[Vec<PathBuf>],
+    val_files: &[Vec<PathBuf>],
+) -> Result<String> {
+    let mut data = cfg.data.clone();
+    // Where the cache is, and whether it is used, do not change what is in it.
+    data.cache = true;
+    data.cache_dir = None;
+    let mut parts: Vec<Vec<u8>> = vec![
+        concat!("sft-prep-1 ", env!("CARGO_PKG_VERSION")).into(),
+        toml::to_string(&data)
+            .expect("the config serialises")
+            .into_bytes(),
+        format!("max_len {max_len} seed {}", cfg.run.seed).into_bytes(),
+        tok.canonical_json()?.into_bytes(),
+    ];
+    if let Some(p) = &cfg.data.chat_template {
+        parts.push(std::fs::read(p).map_err(|e| Error::io(p, e))?);
+    }
+    for (tag, files) in [("train", train_files), ("validation", val_files)] {
+        for f in files.iter().flatten() {
+            parts.push(format!("{tag} {}", f.display()).into_bytes());
+            parts.push(std::fs::read(f).map_err(|e| Error::io(f, e))?);
+        }
+    }
+    Ok(checkpoint::fingerprint(parts))
 }
 
 /// One epoch's training samples.
@@ -1025,12 +1124,15 @@ impl<'a> EpochCache<'a> {
         template: &'a Template,
         tok: &'a Tokenizer,
         opts: &'a RenderOptions,
+        disk: Option<&'a PrepCache>,
     ) -> EpochCache<'a> {
         EpochCache {
             records,
             template,
             tok,
             opts,
+            disk,
+            hits: 0,
             epoch: None,
             data: None,
             view: None,
@@ -1046,13 +1148,21 @@ impl<'a> EpochCache<'a> {
     ) -> Result<Epoch<'_>> {
         let key = if per_epoch { epoch } else { 0 };
         if self.epoch != Some(key) {
-            self.data = Some(prepare(
-                self.records,
-                self.template,
-                self.tok,
-                self.opts,
-                key,
-            )?);
+            let tag = format!("train-{key}");
+            let cached = self.disk.and_then(|c| c.load(&tag));
+            self.hits += usize::from(cached.is_some());
+            self.data = Some(match cached {
+                Some(data) => data,
+                None => prepare_cached(
+                    self.disk,
+                    &tag,
+                    self.records,
+                    self.template,
+                    self.tok,
+                    self.opts,
+                    key,
+                )?,
+            });
             self.epoch = Some(key);
             self.view = None;
         }

@@ -204,3 +204,63 @@ fn a_weighted_mixture_is_reported_and_resumes_exactly() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn rendered_data_is_cached_until_an_input_changes() {
+    let dir = scratch("cache");
+    let mut cfg = config(&dir, &["train.max_steps=4", "run.save_every=2"]);
+    let hits = |cfg: &TrainConfig, opts: &RunOptions| {
+        let mut hit = None;
+        let s = train(cfg, opts, &mut |e| {
+            if let Event::DataCache { hit: h, .. } = e {
+                hit = Some(h);
+            }
+        })
+        .unwrap();
+        (hit.expect("the cache reports"), s)
+    };
+    let (hit, first) = hits(&cfg, &RunOptions::default());
+    assert!(!hit);
+    let weights = std::fs::read(first.final_model.join("model.safetensors")).unwrap();
+    let preflight = std::fs::read(dir.join("out/preflight.json")).unwrap();
+    // A re-run (over the first) and a resumed run read it back, and train the same.
+    cfg.run.overwrite = true;
+    let (hit, again) = hits(&cfg, &RunOptions::default());
+    assert!(hit);
+    assert_eq!(
+        std::fs::read(again.final_model.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert_eq!(
+        std::fs::read(dir.join("out/preflight.json")).unwrap(),
+        preflight
+    );
+    let resume = RunOptions {
+        resume: Some(dir.join("out/checkpoint-000002")),
+        ..Default::default()
+    };
+    let (hit, _) = hits(&cfg, &resume);
+    assert!(hit);
+    assert_eq!(
+        std::fs::read(dir.join("out/final/model.safetensors")).unwrap(),
+        weights
+    );
+    // Any input that changes what rendering makes is a miss: the data, the rendering options.
+    let (hit, _) = hits(&cfg, &RunOptions::default());
+    assert!(hit);
+    let data = dir.join("poems.jsonl");
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&data, text.replacen("李", "杜", 1)).unwrap();
+    let (hit, _) = hits(&cfg, &RunOptions::default());
+    assert!(!hit);
+    cfg.data.max_len = Some(80);
+    let (hit, _) = hits(&cfg, &RunOptions::default());
+    assert!(!hit);
+    let cached: Vec<_> = std::fs::read_dir(dir.join("out/cache")).unwrap().collect();
+    assert_eq!(
+        cached.len(),
+        4,
+        "train and validation of the current key only"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -228,6 +228,17 @@ impl Tokenizer {
         self.source_files.iter().map(|f| f.path.as_path())
     }
 
+    /// The tokenizer as one canonical text (its vocabulary and merges, and its special-token
+    /// configuration), the same whether it was built in memory or loaded from what that build
+    /// saved: what caches of tokenized data are keyed by.
+    pub fn canonical_json(&self) -> Result<String> {
+        let backend = match &self.backend {
+            Backend::Hf { tok, .. } => tok.to_string(false).map_err(Error::Tokenizers)?,
+            Backend::Char(c) => c.to_json_string(),
+        };
+        Ok(format!("{backend}\n{}", hf_config_json(&self.config)))
+    }
+
     /// Encodes text as `transformers` does with `add_special_tokens=False`: no BOS/EOS added,
     /// special tokens written in the text (`<|im_end|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
