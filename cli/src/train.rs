@@ -84,6 +84,7 @@ pub(crate) fn run_config(
     let signal = Arc::new(AtomicUsize::new(0));
     listen_for_signals(&stop, &signal)?;
     let mut progress = Progress::new(std::io::stderr().is_terminal(), cfg.run.log_every);
+    progress.streamed = cfg.data.streaming.then_some(cfg.data.shuffle_buffer);
     let opts = RunOptions {
         resume,
         stop: Some(stop),
@@ -165,6 +166,8 @@ fn listen_for_signals(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) -> anyh
 struct Progress {
     bar: Option<ProgressBar>,
     log_every: u64,
+    /// `data.shuffle_buffer` of a streamed run: its preflight covers only that many records.
+    streamed: Option<usize>,
 }
 
 impl Progress {
@@ -180,7 +183,11 @@ impl Progress {
             );
             bar
         });
-        Progress { bar, log_every }
+        Progress {
+            bar,
+            log_every,
+            streamed: None,
+        }
     }
 
     fn line(&self, text: &str) {
@@ -245,7 +252,13 @@ impl Progress {
                 }
             }
             Event::Preflight { split, report } => {
-                self.line(&format!("== {split} data ==\n{report}"))
+                let note = match (split, self.streamed) {
+                    ("train", Some(n)) => format!(
+                        " (streamed: the first {n} records; the rest is read as training goes)"
+                    ),
+                    _ => String::new(),
+                };
+                self.line(&format!("== {split} data{note} ==\n{report}"))
             }
             Event::Started {
                 total_steps,

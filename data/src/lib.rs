@@ -21,6 +21,7 @@ mod pyjson;
 pub mod record;
 pub mod render;
 pub mod report;
+pub mod stream;
 pub mod template;
 
 pub use crate::batch::{
@@ -29,6 +30,7 @@ pub use crate::batch::{
 };
 pub use crate::error::{Error, Result};
 pub use crate::mixture::{mixture_epoch, Share};
+pub use crate::stream::JsonlStream;
 pub use crate::prompt::{prompt_ids, Prompt};
 pub use crate::record::{
     read_jsonl, Conversation, Format, InvalidPolicy, Message, Poem, ReadOutcome, Record, Role,

@@ -463,7 +463,7 @@ pub fn read_jsonl(
 }
 
 /// Parses one line; `None` for a blank line.
-fn parse_line(
+pub(crate) fn parse_line(
     file: &Arc<Path>,
     line: usize,
     raw: &[u8],

@@ -140,6 +140,18 @@ pub struct DataSection {
     pub cache: bool,
     /// Where that cache lives (default `run.out_dir/cache`).
     pub cache_dir: Option<PathBuf>,
+    /// Read, render and batch the training data as the run goes, through a seeded shuffle
+    /// buffer, instead of holding it all in memory (`sft::stream`). JSONL only; needs
+    /// `train.max_steps` or `train.max_time`; validation comes from `data.validation`.
+    #[serde(default)]
+    pub streaming: bool,
+    /// Samples in the streaming shuffle buffer (and records in its preflight report).
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+}
+
+fn default_shuffle_buffer() -> usize {
+    10_000
 }
 
 /// One entry of `data.train`: a path (or hub id) as a string, or a table.
@@ -520,6 +532,34 @@ impl TrainConfig {
                 return Err(format!(
                     "data.train[{i}]: in a weighted mixture every source needs a `weight` (or `samples`)"
                 ));
+            }
+        }
+        if self.data.streaming {
+            let d = &self.data;
+            let refuse = |what: &str| Err(format!("data.streaming: {what}"));
+            if self.train.max_steps.is_none() && self.train.max_time.is_none() {
+                return refuse("needs train.max_steps or train.max_time (an epoch's length is unknown until it has been read)");
+            }
+            if d.val_ratio > 0.0 {
+                return refuse(
+                    "val_ratio cannot hold records out of a stream; give data.validation files",
+                );
+            }
+            if weighted > 0
+                || d.train
+                    .iter()
+                    .any(|s| !matches!(s.share(), sft_data::Share::All))
+            {
+                return refuse("mixture weights and sample counts need the whole data in memory; streaming reads the sources in order");
+            }
+            if d.group_by_length {
+                return refuse("group_by_length needs the whole data in memory");
+            }
+            if self.tokenizer.build == Some(BuildTokenizer::Bpe) {
+                return refuse("training a BPE tokenizer needs the whole corpus; build it once and give tokenizer.path");
+            }
+            if d.shuffle_buffer == 0 {
+                return refuse("shuffle_buffer must be positive");
             }
         }
         for (i, source) in self.data.validation.iter().enumerate() {

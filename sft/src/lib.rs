@@ -17,6 +17,7 @@ pub mod quality;
 pub mod schedule;
 pub mod setup;
 pub mod step;
+mod stream;
 pub mod train;
 
 use std::path::{Path, PathBuf};

@@ -143,7 +143,7 @@ pub fn template(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Template> {
 }
 
 /// Every piece of text a record carries: the corpus a built tokenizer learns from.
-fn record_texts(r: &Record) -> Vec<&str> {
+pub(crate) fn record_texts(r: &Record) -> Vec<&str> {
     match &r.sample {
         Sample::Chat(c) => c.messages().iter().map(|m| m.content.as_str()).collect(),
         Sample::Completion { prompt, completion } => vec![prompt, completion],

@@ -16,8 +16,8 @@ use std::time::Instant;
 use serde::Serialize;
 use sft_data::{
     collate, mixture_epoch, plan_epoch, prepare, read_jsonl, split_train_val, BatchPlanOptions,
-    InvalidPolicy, Prepared, ReadOutcome, Record, RenderOptions, Rendered, Report, Sample, Share,
-    Template,
+    InvalidPolicy, JsonlStream, Prepared, ReadOutcome, Record, RenderOptions, Rendered, Report,
+    Sample, Share, Template,
 };
 use sft_model::Model;
 use sft_tokenizer::Tokenizer;
@@ -29,6 +29,7 @@ use crate::optim::AdamW;
 use crate::prepcache::PrepCache;
 use crate::setup;
 use crate::step::{accumulate_micro_batch, evaluate_batch, GradAccumulator, LossStats};
+use crate::stream::StreamFeed;
 use crate::{plot, Error, Result};
 
 /// What the caller is told while the run goes (the CLI draws progress from these).
@@ -155,9 +156,16 @@ pub fn train(
     let dtype = parse_dtype(&cfg.model.dtype).map_err(Error::Config)?;
 
     // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.
-    let (train_read, train_files) = read_all(&cfg.data.train, cfg)?;
+    // Streaming reads only a first look (the preflight's records) here; the rest as it trains.
+    let (train_read, train_files) = match cfg.data.streaming {
+        true => stream_preview(cfg)?,
+        false => read_all(&cfg.data.train, cfg)?,
+    };
     let tok = match resume_dir {
         Some(dir) => Tokenizer::from_path(dir)?,
+        None if cfg.data.streaming && cfg.tokenizer.build.is_some() => {
+            setup::tokenizer(cfg, &char_covering_records(cfg, &train_files)?)?
+        }
         None => setup::tokenizer(cfg, &train_read.records)?,
     };
     let template = setup::template(cfg, &tok)?;
@@ -187,7 +195,7 @@ pub fn train(
         && cfg.data.metadata_keep_prob > 0.0;
 
     // 4. Preflight: the data exactly as epoch 0 will see it.
-    let prep_cache = match cfg.data.cache {
+    let prep_cache = match cfg.data.cache && !cfg.data.streaming {
         true => {
             let dir = cfg
                 .data
@@ -267,6 +275,20 @@ pub fn train(
         drop_last: false,
     };
     let accum = cfg.train.grad_accum;
+    let mut stream = cfg.data.streaming.then(|| {
+        StreamFeed::new(
+            train_files.iter().flatten().cloned().collect(),
+            cfg.data.format,
+            invalid_policy(cfg),
+            &template,
+            &tok,
+            &render_opts,
+            cfg.train.batch_size,
+            cfg.data.packing.then_some(max_len),
+            cfg.data.shuffle_buffer,
+            cfg.run.seed,
+        )
+    });
     let steps_in_epoch = |plan_len: usize| plan_len.div_ceil(accum) as u64;
 
     // The schedule's length: planned at the start and kept in the state, so a resumed run follows
@@ -275,6 +297,10 @@ pub fn train(
     let planned_total = |epoch_cache: &mut EpochCache| -> Result<u64> {
         if let Some(n) = cfg.train.max_steps {
             return Ok(n);
+        }
+        if cfg.data.streaming {
+            // Only under a time budget (validated), which estimates the total after a few steps.
+            return Ok(u64::MAX);
         }
         let mut total = 0;
         for e in 0..cfg.train.epochs {
@@ -401,34 +427,71 @@ pub fn train(
         budget_s,
         cap: cfg.train.max_steps.unwrap_or(u64::MAX),
     });
+    if let Some(feed) = stream.as_mut() {
+        // A resumed run replays its epoch up to where the checkpoint stood.
+        feed.seek(state.epoch, state.micro_batch)?;
+    }
     while state.step < state.total_steps {
-        let epoch_data =
-            epoch_cache.get(state.epoch, stochastic, mixture.as_ref(), cfg.run.seed)?;
-        let plan = plan_epoch(&epoch_data.lengths(), &plan_opts, state.epoch)?;
-        if state.micro_batch >= plan.len() {
-            state.epoch += 1;
-            state.micro_batch = 0;
-            continue;
-        }
-        let end = (state.micro_batch + accum).min(plan.len());
-        let batches: Vec<_> = plan[state.micro_batch..end]
-            .iter()
-            .map(|rows| {
-                let rows: Vec<Vec<&Rendered>> = rows
+        let pad_id = setup::pad_id(&tok);
+        // The step's micro-batches, its sample count, where the epoch stands after it, and the
+        // epoch's length in micro-batches (unknown when streaming).
+        let (batches, step_samples, end, epoch_len) = match stream.as_mut() {
+            Some(feed) => {
+                let mut batches = Vec::with_capacity(accum);
+                let mut samples = 0;
+                while batches.len() < accum {
+                    let Some((rows, n)) = feed.next_micro_batch()? else {
+                        break;
+                    };
+                    let rows: Vec<Vec<&Rendered>> =
+                        rows.iter().map(|r| r.iter().collect()).collect();
+                    batches.push(collate(&rows, pad_id, None));
+                    samples += n;
+                }
+                if batches.is_empty() {
+                    if feed.position == 0 {
+                        return Err(Error::Config(
+                            "data.streaming: no training sample survived rendering".into(),
+                        ));
+                    }
+                    feed.next_epoch();
+                    state.epoch += 1;
+                    state.micro_batch = 0;
+                    continue;
+                }
+                (batches, samples, feed.position, None)
+            }
+            None => {
+                let epoch_data =
+                    epoch_cache.get(state.epoch, stochastic, mixture.as_ref(), cfg.run.seed)?;
+                let plan = plan_epoch(&epoch_data.lengths(), &plan_opts, state.epoch)?;
+                if state.micro_batch >= plan.len() {
+                    state.epoch += 1;
+                    state.micro_batch = 0;
+                    continue;
+                }
+                let end = (state.micro_batch + accum).min(plan.len());
+                let batches: Vec<_> = plan[state.micro_batch..end]
                     .iter()
-                    .map(|row| row.iter().map(|&i| epoch_data.sample(i)).collect())
+                    .map(|rows| {
+                        let rows: Vec<Vec<&Rendered>> = rows
+                            .iter()
+                            .map(|row| row.iter().map(|&i| epoch_data.sample(i)).collect())
+                            .collect();
+                        collate(&rows, pad_id, None)
+                    })
                     .collect();
-                collate(&rows, setup::pad_id(&tok), None)
-            })
-            .collect();
+                let samples: usize = plan[state.micro_batch..end]
+                    .iter()
+                    .flatten()
+                    .map(|row| row.len())
+                    .sum();
+                (batches, samples, end, Some(plan.len()))
+            }
+        };
         let step_targets: usize = batches.iter().map(|b| b.n_targets).sum();
         let step_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
         let step_positions: usize = batches.iter().map(|b| b.batch_size * b.seq_len).sum();
-        let step_samples: usize = plan[state.micro_batch..end]
-            .iter()
-            .flatten()
-            .map(|row| row.len())
-            .sum();
         let mut stats = LossStats::default();
         if step_targets > 0 {
             let scale = 1.0 / step_targets as f64;
@@ -474,7 +537,7 @@ pub fn train(
             }
             let m = StepMetrics {
                 step: state.step,
-                epoch: state.epoch as f64 + end as f64 / plan.len() as f64,
+                epoch: state.epoch as f64 + epoch_len.map_or(0.0, |n| end as f64 / n as f64),
                 loss,
                 lr,
                 grad_norm: step_stats.grad_norm,
@@ -495,7 +558,7 @@ pub fn train(
             // one-token samples; nothing is learned from it and nothing is updated.
             state.micro_batch = end;
         }
-        if state.micro_batch >= plan.len() {
+        if epoch_len.is_some_and(|n| state.micro_batch >= n) {
             state.epoch += 1;
             state.micro_batch = 0;
         }
@@ -854,11 +917,7 @@ pub fn evaluate_prepared(
 /// Reads every source of `data.train` (or `data.validation`) in order. Returns the records and,
 /// per source, the files it read (a record's file tells which source it came from).
 fn read_all(sources: &[DataSource], cfg: &TrainConfig) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
-    let policy = if cfg.data.skip_invalid {
-        InvalidPolicy::Skip
-    } else {
-        InvalidPolicy::Error
-    };
+    let policy = invalid_policy(cfg);
     let mut all: Option<ReadOutcome> = None;
     let mut files_per_source = Vec::with_capacity(sources.len());
     for source in sources {
@@ -876,6 +935,66 @@ fn read_all(sources: &[DataSource], cfg: &TrainConfig) -> Result<(ReadOutcome, V
         Error::Config("data.train: at least one training file is required".into())
     })?;
     Ok((all, files_per_source))
+}
+
+fn invalid_policy(cfg: &TrainConfig) -> InvalidPolicy {
+    if cfg.data.skip_invalid {
+        InvalidPolicy::Skip
+    } else {
+        InvalidPolicy::Error
+    }
+}
+
+/// A streamed run's first look at its data: the first `data.shuffle_buffer` records (what the
+/// preflight report describes), and the files of every source.
+fn stream_preview(cfg: &TrainConfig) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
+    let files: Vec<Vec<PathBuf>> = cfg
+        .data
+        .train
+        .iter()
+        .map(source_files)
+        .collect::<Result<_>>()?;
+    let mut stream = JsonlStream::new(
+        files.iter().flatten().cloned().collect(),
+        cfg.data.format,
+        invalid_policy(cfg),
+    );
+    let mut out = ReadOutcome::default();
+    for record in stream.by_ref().take(cfg.data.shuffle_buffer) {
+        let record = record?;
+        *out.per_format.entry(record.format).or_default() += 1;
+        out.records.push(record);
+    }
+    out.skipped = std::mem::take(&mut stream.skipped);
+    out.blank_lines = stream.blank_lines;
+    Ok((out, files))
+}
+
+/// For a char tokenizer built from streamed data: one pass over every record, keeping only
+/// those that bring a character not seen before (a char vocabulary is the set of characters, so
+/// these give the same one as the whole corpus) and the first of each kind of sample.
+fn char_covering_records(cfg: &TrainConfig, files: &[Vec<PathBuf>]) -> Result<Vec<Record>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kinds = std::collections::HashSet::new();
+    let mut keep = Vec::new();
+    let stream = JsonlStream::new(
+        files.iter().flatten().cloned().collect(),
+        cfg.data.format,
+        invalid_policy(cfg),
+    );
+    for record in stream {
+        let record = record?;
+        let mut new = kinds.insert(std::mem::discriminant(&record.sample));
+        for text in setup::record_texts(&record) {
+            for c in text.chars() {
+                new |= seen.insert(c);
+            }
+        }
+        if new {
+            keep.push(record);
+        }
+    }
+    Ok(keep)
 }
 
 /// The files a source reads: the file itself, or a hub dataset id's snapshot in the local cache.

@@ -1,5 +1,5 @@
-//! `train.max_time` and `train.early_stopping`: runs that end by the clock or by the validation
-//! loss, with the schedule planned for where they end.
+//! Data and runs as users have them: time budgets and early stopping, weighted mixtures, the
+//! disk cache of rendered data, and streamed data, each resuming exactly where it applies.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +7,7 @@ use sft::checkpoint::TrainerState;
 use sft::{train, Event, Replan, RunOptions, TrainConfig};
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sft-budget-{name}-{}", std::process::id()));
+    let d = std::env::temp_dir().join(format!("sft-data-runs-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -262,5 +262,51 @@ fn rendered_data_is_cached_until_an_input_changes() {
         4,
         "train and validation of the current key only"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_streamed_run_resumes_bit_identically_across_epochs() {
+    let dir = scratch("stream");
+    for packing in [false, true] {
+        let sets = [
+            "data.streaming=true",
+            "data.shuffle_buffer=8",
+            "data.val_ratio=0.0",
+            "train.max_steps=40",
+            "run.save_every=5",
+            "run.keep_last=20",
+        ];
+        let mut sets: Vec<&str> = sets.to_vec();
+        if packing {
+            sets.push("data.packing=true");
+        }
+        let mut cfg = config(&dir, &sets);
+        cfg.run.out_dir = dir.join(format!("full-{packing}"));
+        // 60 poems in batches of 4: about 15 steps an epoch, so 40 steps cross two epochs.
+        let full = train(&cfg, &RunOptions::default(), &mut |_| {}).unwrap();
+        assert_eq!(full.steps, 40);
+        let state = TrainerState::read(&full.last_checkpoint).unwrap();
+        assert!(state.epoch >= 2, "epoch {}", state.epoch);
+        let mut again = cfg.clone();
+        again.run.out_dir = dir.join(format!("resumed-{packing}"));
+        let resume = RunOptions {
+            resume: Some(cfg.run.out_dir.join("checkpoint-000025")),
+            ..Default::default()
+        };
+        train(&again, &resume, &mut |_| {}).unwrap();
+        assert_eq!(
+            std::fs::read(full.final_model.join("model.safetensors")).unwrap(),
+            std::fs::read(again.run.out_dir.join("final/model.safetensors")).unwrap(),
+            "packing {packing}"
+        );
+    }
+    // What a stream cannot do is refused by name.
+    let err = TrainConfig::from_toml_str(
+        &config(&dir, &["train.max_steps=4"]).to_toml_string(),
+        &["data.streaming=true".into()],
+    )
+    .unwrap_err();
+    assert!(err.contains("val_ratio"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
