@@ -179,6 +179,13 @@ pub fn train(
     };
     setup::check_vocab(&model, &tok)?;
     let max_len = cfg.data.max_len.unwrap_or(model.config().max_positions());
+    if max_len > model.config().max_positions() {
+        // Found mid-run otherwise, at the first sample longer than the model's context.
+        return Err(Error::Config(format!(
+            "data.max_len = {max_len} is longer than the model's context of {} positions",
+            model.config().max_positions()
+        )));
+    }
     let render_opts = RenderOptions {
         train_on: cfg.data.train_on,
         max_len: Some(max_len),

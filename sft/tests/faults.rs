@@ -373,3 +373,19 @@ fn a_stop_request_saves_the_step_and_resumes_to_the_same_weights() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_max_len_beyond_the_models_context_is_refused_at_the_start() {
+    let dir = scratch("max-len");
+    let data = poems(&dir, 20);
+    // tiny-gpt has 128 positions.
+    let cfg = config(&data, &dir.join("out"), FRESH, &["data.max_len=256"]);
+    let err = train(&cfg, &RunOptions::default(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data.max_len = 256 is longer than the model's context of 128 positions"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
