@@ -122,18 +122,26 @@ impl Rng {
     }
 }
 
-/// Starts `sft train` with stderr read on a thread: the steps it reports arrive on the channel.
-fn spawn_train(args: &[&str]) -> (Child, mpsc::Receiver<u64>) {
+/// A running `sft train`: the steps it reports arrive on `steps` as it goes; `stderr` gives its
+/// whole stderr once it has exited.
+struct Running {
+    child: Child,
+    steps: mpsc::Receiver<u64>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+fn spawn_train(args: &[&str]) -> Running {
     let mut child = sft()
         .arg("train")
         .args(args)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
+    let (tx, steps) = mpsc::channel();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             // "step      3  epoch 0.30  loss ..." after each step.
             if let Some(rest) = line.strip_prefix("step ") {
@@ -144,9 +152,16 @@ fn spawn_train(args: &[&str]) -> (Child, mpsc::Receiver<u64>) {
                     }
                 }
             }
+            all.push_str(&line);
+            all.push('\n');
         }
+        all
     });
-    (child, rx)
+    Running {
+        child,
+        steps,
+        stderr,
+    }
 }
 
 #[test]
@@ -176,7 +191,11 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_identically() {
         } else {
             vec!["--config", config_arg, "--overwrite"]
         };
-        let (mut child, steps) = spawn_train(&args);
+        let Running {
+            mut child,
+            steps,
+            stderr,
+        } = spawn_train(&args);
         // One kill in four lands before the first step (data, tokenizer, model, cleanup); the
         // rest 1 to 3 steps on, at a random moment in the step or save that follows.
         let before_first_step = rng.below(4) == 0;
@@ -201,9 +220,10 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_identically() {
             child.kill().unwrap();
         }
         let status = child.wait().unwrap();
+        let stderr = stderr.join().unwrap();
         if status.signal().is_none() {
             // It ran to the end (or exited just before the kill): it must have succeeded.
-            assert!(status.success(), "{status:?}");
+            assert!(status.success(), "{status:?}\n{stderr}");
             break;
         }
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
@@ -247,42 +267,23 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_identically() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Sends `signal` once the run has taken `after` steps; returns its output.
+/// Sends `signals` once the run has taken `after` steps; returns its output.
 fn signal_after(args: &[&str], after: u64, signals: &[i32]) -> Output {
-    let mut child = sft()
-        .arg("train")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.starts_with("step ") && line.contains("epoch") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
+    let mut run = spawn_train(args);
     for _ in 0..after {
-        rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        run.steps.recv_timeout(Duration::from_secs(60)).unwrap();
     }
     for &sig in signals {
         // SAFETY: signals a child of this process, which has not been waited for yet.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        assert_eq!(unsafe { libc::kill(run.child.id() as i32, sig) }, 0);
     }
-    let status = child.wait().unwrap();
+    let status = run.child.wait().unwrap();
     let mut stdout = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    std::io::Read::read_to_string(run.child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
     Output {
         status,
         stdout: stdout.into_bytes(),
-        stderr: reader.join().unwrap().into_bytes(),
+        stderr: run.stderr.join().unwrap().into_bytes(),
     }
 }
 

@@ -1,23 +1,16 @@
 //! Data and runs as users have them: time budgets and early stopping, weighted mixtures, the
 //! disk cache of rendered data, and streamed data, each resuming exactly where it applies.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sft::checkpoint::TrainerState;
 use sft::{train, Event, Replan, RunOptions, TrainConfig};
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sft-data-runs-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::scratch;
 
 fn config(dir: &Path, sets: &[&str]) -> TrainConfig {
-    let poems = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/poems/poems-small.jsonl");
-    let text = std::fs::read_to_string(poems).unwrap();
-    let data = dir.join("poems.jsonl");
-    std::fs::write(&data, text.lines().take(60).collect::<Vec<_>>().join("\n")).unwrap();
+    let data = common::poems(dir, 60);
     let toml = format!(
         r#"
         [model]

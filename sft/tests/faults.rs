@@ -3,7 +3,7 @@
 //! mid-rotation, a resumed run that is given a new length, and a fresh run into a used
 //! directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -12,24 +12,8 @@ use sft::checkpoint::{list_checkpoints, resolve_resume, TrainerState};
 use sft::{train, Event, RunOptions, TrainConfig};
 use sft_model::Model;
 
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sft-faults-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn poems(dir: &Path, n: usize) -> PathBuf {
-    let text = std::fs::read_to_string(data_dir().join("poems/poems-small.jsonl")).unwrap();
-    let path = dir.join("poems.jsonl");
-    let lines: Vec<&str> = text.lines().take(n).collect();
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
-}
+mod common;
+use common::{poems, scratch};
 
 /// A tiny from-scratch GPT; `model` lines replace the fresh model (to fine-tune a base).
 fn config(data: &Path, out: &Path, model: &str, sets: &[&str]) -> TrainConfig {

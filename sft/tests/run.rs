@@ -1,31 +1,14 @@
 //! Whole training runs through `sft::train`: resume continues bit-identically, a diverging run
 //! stops with a clear error and leaves its last checkpoint loadable, outputs are all written.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use sft::{train, Event, RunOptions, TrainConfig};
 use sft_model::Model;
 
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sft-run-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// The first `n` poems of the bundled subset.
-fn poems(dir: &Path, n: usize) -> PathBuf {
-    let text = std::fs::read_to_string(data_dir().join("poems/poems-small.jsonl")).unwrap();
-    let path = dir.join("poems.jsonl");
-    let lines: Vec<&str> = text.lines().take(n).collect();
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
-}
+mod common;
+use common::{poems, scratch};
 
 /// A fresh GPT with dropout on, poem metadata dropout on, gradient accumulation, and enough
 /// steps to cross an epoch boundary.
