@@ -44,12 +44,55 @@ pub(crate) fn open(dir: &Path, t: &TemplateArgs) -> anyhow::Result<Checkpoint> {
         chat_template,
         ..TemplateOptions::default()
     };
-    let template = Template::with_options(t.template, &tok, &opts)?;
+    let template = template(t.template, &tok, &opts, t.chat_template.as_deref())?;
     Ok(Checkpoint {
         model,
         tok,
         template,
     })
+}
+
+/// [`Template::with_options`], its error naming the file the Jinja chat template came from
+/// (`--chat-template FILE`, or the tokenizer's `chat_template.jinja` or `tokenizer_config.json`)
+/// when that template is the one being built: a template that does not compile or fails its
+/// probe is that file's fault.
+pub(crate) fn template(
+    choice: TemplateChoice,
+    tok: &Tokenizer,
+    opts: &TemplateOptions,
+    chat_template: Option<&Path>,
+) -> anyhow::Result<Template> {
+    Template::with_options(choice, tok, opts).map_err(|e| {
+        match chat_template_file(choice, tok, opts, chat_template) {
+            Some(file) => {
+                anyhow::Error::new(e).context(format!("the chat template in {}", file.display()))
+            }
+            None => e.into(),
+        }
+    })
+}
+
+/// The file a `choice` template is read from, if it is read from one.
+fn chat_template_file(
+    choice: TemplateChoice,
+    tok: &Tokenizer,
+    opts: &TemplateOptions,
+    chat_template: Option<&Path>,
+) -> Option<PathBuf> {
+    if !matches!(choice, TemplateChoice::Auto | TemplateChoice::Model) {
+        return None;
+    }
+    if opts.chat_template.is_some() {
+        return chat_template.map(Path::to_path_buf);
+    }
+    tok.config().chat_template.as_ref()?;
+    // `chat_template.jinja` overrides the config's template (see `TokenizerConfig`).
+    let named = |name: &str| {
+        tok.source_files()
+            .find(|p| p.file_name().is_some_and(|n| n == name))
+            .map(Path::to_path_buf)
+    };
+    named("chat_template.jinja").or_else(|| named("tokenizer_config.json"))
 }
 
 #[derive(clap::Args, Clone)]
@@ -95,5 +138,54 @@ impl SamplingArgs {
             stop_ids,
             seed: self.seed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sft_tokenizer::{CharRoles, CharTokenizer, CHATML_SPECIALS};
+
+    /// A char tokenizer saved with `tokenizer_config.json` holding `chat_template`, read back.
+    fn tokenizer_with_template(dir: &Path, chat_template: &str) -> Tokenizer {
+        let roles = CharRoles {
+            bos_token: None,
+            eos_token: Some("<|im_end|>".into()),
+            pad_token: Some("<|pad|>".into()),
+            unk_token: "<|unk|>".into(),
+        };
+        let chars =
+            CharTokenizer::from_corpus(["abc user assistant\n"], &CHATML_SPECIALS, roles).unwrap();
+        let mut tok = Tokenizer::from_char(chars);
+        let mut config = tok.config().clone();
+        config.chat_template = Some(chat_template.into());
+        tok = tok.with_config(config);
+        tok.save(dir).unwrap();
+        Tokenizer::from_path(dir).unwrap()
+    }
+
+    #[test]
+    fn a_broken_chat_template_names_its_file() {
+        let dir = std::env::temp_dir().join(format!("sft-cli-template-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tok = tokenizer_with_template(&dir, "{% if messages %}never closed");
+        let opts = TemplateOptions::default();
+        let err = template(TemplateChoice::Auto, &tok, &opts, None).unwrap_err();
+        let config = dir.join("tokenizer_config.json");
+        assert_eq!(
+            err.to_string(),
+            format!("the chat template in {}", config.display())
+        );
+        assert!(format!("{err:#}").contains("syntax error"), "{err:#}");
+        // A `--chat-template` file is named instead; a built-in template names no file.
+        let flag = dir.join("mine.jinja");
+        let opts = TemplateOptions {
+            chat_template: Some("{{ raise_exception('no') }}".into()),
+            ..TemplateOptions::default()
+        };
+        let err = template(TemplateChoice::Model, &tok, &opts, Some(&flag)).unwrap_err();
+        assert!(err.to_string().contains("mine.jinja"), "{err:#}");
+        assert!(template(TemplateChoice::ChatMl, &tok, &opts, Some(&flag)).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

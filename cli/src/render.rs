@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use sft_data::{
     prepare, read_jsonl, Format, InvalidPolicy, LengthPolicy, RenderOptions, Rendered, Sample,
-    Template, TemplateChoice, TemplateOptions, TrainOn,
+    TemplateChoice, TemplateOptions, TrainOn,
 };
 use sft_tokenizer::Tokenizer;
 
@@ -105,7 +105,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("--template-var {var:?}: the value is not JSON"))?;
         topts.variables.insert(name.to_owned(), value);
     }
-    let template = Template::with_options(args.template, &tok, &topts)?;
+    let template =
+        crate::common::template(args.template, &tok, &topts, args.chat_template.as_deref())?;
     let policy = if args.skip_invalid {
         InvalidPolicy::Skip
     } else {

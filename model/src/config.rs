@@ -101,6 +101,27 @@ fn default_initializer_range() -> f64 {
 /// `transformers`' default RoPE base when a config names none.
 const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 
+/// The largest width a config may give (vocabulary, hidden and MLP sizes, heads, the attention
+/// width heads x head_dim, GPT's block size): far above any real model (vocabularies reach
+/// 262k, hidden sizes 16k), and small enough that no product of shapes overflows and that a
+/// mistyped size is reported here, not by a loop or an allocation that never ends.
+const MAX_WIDTH: usize = 1 << 22;
+/// Real models have at most a few hundred layers.
+const MAX_LAYERS: usize = 1 << 12;
+/// The RoPE tables are built whole, positions x head_dim / 2 entries each (1 GiB in f32 at the
+/// limit; Qwen2.5's 1M-token context takes 65M).
+const MAX_ROPE_ENTRIES: usize = 1 << 28;
+
+/// The first of `sizes` above its limit, as an error.
+fn check_limits(sizes: &[(&str, usize, usize)]) -> std::result::Result<(), String> {
+    match sizes.iter().find(|(_, v, max)| v > max) {
+        Some((name, v, max)) => Err(format!(
+            "{name} {v} is larger than any model sft supports (at most {max})"
+        )),
+        None => Ok(()),
+    }
+}
+
 impl TryFrom<RawQwen2Config> for Qwen2Config {
     type Error = String;
 
@@ -204,6 +225,24 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
                 "head_dim {head_dim} must be even and positive (RoPE)"
             ));
         }
+        let width = |n: usize| n.saturating_mul(head_dim);
+        check_limits(&[
+            ("vocab_size", raw.vocab_size, MAX_WIDTH),
+            ("hidden_size", raw.hidden_size, MAX_WIDTH),
+            ("intermediate_size", raw.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", raw.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads x head_dim", width(heads), MAX_WIDTH),
+            ("num_key_value_heads x head_dim", width(kv_heads), MAX_WIDTH),
+            (
+                "max_position_embeddings x head_dim / 2 (RoPE table entries)",
+                raw.max_position_embeddings.saturating_mul(head_dim / 2),
+                MAX_ROPE_ENTRIES,
+            ),
+        ])?;
+        let theta = theta.unwrap_or(DEFAULT_ROPE_THETA);
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta {theta} must be positive"));
+        }
         if raw.rms_norm_eps.is_nan() || raw.rms_norm_eps <= 0.0 {
             return Err(format!(
                 "rms_norm_eps {} must be positive",
@@ -221,7 +260,7 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
             num_key_value_heads: kv_heads,
             head_dim: raw.head_dim,
             max_position_embeddings: raw.max_position_embeddings,
-            rope_theta: theta.unwrap_or(DEFAULT_ROPE_THETA),
+            rope_theta: theta,
             rms_norm_eps: raw.rms_norm_eps,
             tie_word_embeddings: raw.tie_word_embeddings,
             hidden_act: raw.hidden_act,
@@ -321,6 +360,12 @@ impl GptConfig {
                 self.n_embd, self.n_head
             ));
         }
+        check_limits(&[
+            ("vocab_size", self.vocab_size, MAX_WIDTH),
+            ("n_embd", self.n_embd, MAX_WIDTH),
+            ("n_layer", self.n_layer, MAX_LAYERS),
+            ("block_size", self.block_size, MAX_WIDTH),
+        ])?;
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("dropout {} is outside [0, 1)", self.dropout));
         }
@@ -563,6 +608,75 @@ mod tests {
             assert_ne!(s, QWEN2_05B);
             let err = ModelConfig::from_json_str(&s).unwrap_err();
             assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    /// Sizes far beyond any model are errors before anything multiplies or allocates them:
+    /// they overflowed shape products (a panic), or built specs and RoPE tables without end.
+    #[test]
+    fn absurd_sizes_and_rope_bases_are_errors() {
+        let cases = [
+            (
+                r#""num_hidden_layers": 24"#,
+                r#""num_hidden_layers": 4611686018427387904"#,
+            ),
+            (r#""num_hidden_layers": 24"#, r#""num_hidden_layers": 5000"#),
+            (
+                r#""hidden_size": 896"#,
+                r#""hidden_size": 4611686018427387904, "head_dim": 64"#,
+            ),
+            (
+                r#""vocab_size": 151936"#,
+                r#""vocab_size": 18446744073709551615"#,
+            ),
+            (
+                r#""intermediate_size": 4864"#,
+                r#""intermediate_size": 9223372036854775807"#,
+            ),
+            (
+                r#""num_key_value_heads": 2"#,
+                r#""head_dim": 4611686018427387904, "num_key_value_heads": 2"#,
+            ),
+            (
+                r#""num_attention_heads": 14"#,
+                r#""num_attention_heads": 4611686018427387904, "head_dim": 8"#,
+            ),
+            (
+                r#""max_position_embeddings": 32768"#,
+                r#""max_position_embeddings": 1099511627776"#,
+            ),
+            (r#""rope_theta": 1000000.0"#, r#""rope_theta": 0.0"#),
+            (r#""rope_theta": 1000000.0"#, r#""rope_theta": -1.0"#),
+        ];
+        for (from, to) in cases {
+            let s = QWEN2_05B.replace(from, to);
+            assert_ne!(s, QWEN2_05B);
+            let err = ModelConfig::from_json_str(&s).unwrap_err();
+            let field = to[1..].split('"').next().unwrap();
+            assert!(err.contains(field), "{to}: {err}");
+        }
+        // Qwen2.5's 1M-token context is within the limits.
+        let long = QWEN2_05B.replace("32768,", "1010000,");
+        assert_eq!(
+            ModelConfig::from_json_str(&long).unwrap().max_positions(),
+            1_010_000
+        );
+        let gpt = r#"{"model_type": "sft-gpt", "vocab_size": 65, "n_embd": 32, "n_layer": 2,
+                      "n_head": 4, "block_size": 64}"#;
+        for (field, from, to) in [
+            (
+                "n_layer",
+                "\"n_layer\": 2",
+                "\"n_layer\": 4611686018427387904",
+            ),
+            (
+                "block_size",
+                "\"block_size\": 64",
+                "\"block_size\": 1099511627776",
+            ),
+        ] {
+            let err = ModelConfig::from_json_str(&gpt.replace(from, to)).unwrap_err();
+            assert!(err.contains(field), "{err}");
         }
     }
 
