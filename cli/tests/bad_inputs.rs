@@ -1461,12 +1461,9 @@ fn mutated_inputs_fail_cleanly_naming_the_file() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Known gaps, each in a file this suite's author could not change; run with `--ignored` once
-// fixed, then drop the `ignore` (and tighten the matching cases above).
+// Cases the random mutations met once, each pinned down.
 
 #[test]
-#[ignore = "safetensors' check of a header entry whose byte range disagrees with its dtype and \
-            shape does not name the tensor; Model::load (model/src/checkpoint.rs) should"]
 fn a_contradictory_header_names_the_tensor() {
     let fx = fixture("bad-inputs-header");
     let st = Safetensors::parse(&fx.pristine(Kind::Safetensors));
@@ -1481,8 +1478,6 @@ fn a_contradictory_header_names_the_tensor() {
 }
 
 #[test]
-#[ignore = "TrainConfig::from_toml_str (sft/src/config.rs) deserialises the TOML re-serialised, \
-            so type and unknown-key errors cite lines of that text, not of the file"]
 fn toml_errors_cite_the_line_in_the_file() {
     let fx = fixture("bad-inputs-toml-lines");
     let lines: Vec<&str> = fx.toml.lines().collect();
@@ -1507,8 +1502,6 @@ fn toml_errors_cite_the_line_in_the_file() {
 }
 
 #[test]
-#[ignore = "Tokenizer::from_file (tokenizer/src/lib.rs) accepts a vocabulary that gives two \
-            tokens one id; which of them the id decodes to then depends on hash order"]
 fn a_vocabulary_giving_two_tokens_one_id_is_rejected() {
     let fx = fixture("bad-inputs-vocab");
     let mut v: Value = serde_json::from_slice(&fx.pristine(Kind::Tokenizer)).unwrap();

@@ -34,6 +34,62 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// Which header entry of a safetensors file contradicts itself, for the error of a file the
+/// `safetensors` crate refused without naming the tensor: the first whose byte range is not its
+/// element count times its dtype's size, or whose dtype is unknown.
+fn header_problem(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).ok()?;
+    let header: Map<String, Value> = serde_json::from_slice(&header).ok()?;
+    for (name, entry) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = entry.get("dtype")?.as_str()?;
+        let size: u64 = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            other => return Some(format!("tensor {name} has an unknown dtype {other:?}")),
+        };
+        let shape: Vec<u64> = entry
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(Value::as_u64)
+            .collect::<Option<_>>()?;
+        let offsets: Vec<u64> = entry
+            .get("data_offsets")?
+            .as_array()?
+            .iter()
+            .map(Value::as_u64)
+            .collect::<Option<_>>()?;
+        let [start, end] = offsets[..] else {
+            return Some(format!("tensor {name} has no [start, end] data_offsets"));
+        };
+        let need = shape
+            .iter()
+            .try_fold(size, |n, &d| n.checked_mul(d))
+            .unwrap_or(u64::MAX);
+        if end.checked_sub(start) != Some(need) {
+            return Some(format!(
+                "tensor {name}: dtype {dtype} and shape {shape:?} take {need} bytes, its data_offsets [{start}, {end}] hold {}",
+                end.saturating_sub(start)
+            ));
+        }
+    }
+    None
+}
+
 fn checkpoint_error(path: &Path, reason: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_path_buf(),
@@ -55,8 +111,10 @@ impl Model {
             // SAFETY: the mapping is read-only and lives only while loading; the file must not be
             // truncated by another process meanwhile, which is the usual contract of checkpoint
             // loaders (candle, transformers).
-            let st = unsafe { MmapedSafetensors::new(path) }
-                .map_err(|e| checkpoint_error(path, e.to_string()))?;
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
+                let why = header_problem(path).map_or(String::new(), |p| format!(": {p}"));
+                checkpoint_error(path, format!("{e}{why}"))
+            })?;
             mmaps.push(st);
         }
         // Which file holds each tensor, so that every error names the file.

@@ -462,13 +462,28 @@ impl TrainConfig {
         text: &str,
         overrides: &[String],
     ) -> std::result::Result<TrainConfig, String> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
-        for o in overrides {
-            apply_override(&mut table, o)?;
-        }
-        // Re-serialising makes toml's error messages quote the offending key in context.
-        let merged = toml::to_string(&table).map_err(|e| e.to_string())?;
-        let cfg: TrainConfig = toml::from_str(&merged).map_err(|e| e.to_string())?;
+        let cfg: TrainConfig = if overrides.is_empty() {
+            // Straight from the text, so an error's line is the file's.
+            toml::from_str(text).map_err(|e| e.to_string())?
+        } else {
+            let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+            for o in overrides {
+                apply_override(&mut table, o)?;
+            }
+            // Re-serialising makes toml's error messages quote the offending key in context.
+            let merged = toml::to_string(&table).map_err(|e| e.to_string())?;
+            match toml::from_str(&merged) {
+                Ok(cfg) => cfg,
+                // The lines are the merged text's: when the file alone fails the same way,
+                // its error points at the file's own line.
+                Err(e) => {
+                    return Err(match toml::from_str::<TrainConfig>(text) {
+                        Err(own) if own.message() == e.message() => own.to_string(),
+                        _ => e.to_string(),
+                    })
+                }
+            }
+        };
         cfg.validate()?;
         Ok(cfg)
     }

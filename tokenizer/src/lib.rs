@@ -162,6 +162,21 @@ impl Tokenizer {
         } else if head.get("model").is_some() {
             let tok = tokenizers::Tokenizer::from_bytes(text.as_bytes())
                 .map_err(|e| malformed(format!("not a Hugging Face tokenizer: {e}")))?;
+            // `tokenizers` takes a vocabulary that gives two tokens one id; which of them the id
+            // then decodes to depends on hash order.
+            let mut by_id: std::collections::HashMap<u32, String> = Default::default();
+            for (token, id) in tokenizers::Model::get_vocab(tok.get_model()) {
+                if let Some(other) = by_id.insert(id, token.clone()) {
+                    let (a, b) = if other < token {
+                        (other, token)
+                    } else {
+                        (token, other)
+                    };
+                    return Err(malformed(format!(
+                        "the vocabulary gives tokens {a:?} and {b:?} the same id {id}"
+                    )));
+                }
+            }
             Backend::hf(tok)
         } else {
             return Err(malformed(
