@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use sft_data::{prepare, read_jsonl, Format, InvalidPolicy, LengthPolicy, RenderOptions, TrainOn};
+use sft_data::{prepare, Format, InvalidPolicy, LengthPolicy, RenderOptions, TrainOn};
 
 use crate::common::{self, TemplateArgs};
 
@@ -44,7 +44,7 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let ck = common::open(&args.model, &args.template)?;
-    let read = read_jsonl(&args.data, args.format, InvalidPolicy::Error)?;
+    let read = sft::setup::read_data(&args.data, args.format, InvalidPolicy::Error)?;
     let opts = RenderOptions {
         train_on: args.train_on,
         max_len: Some(args.max_len.unwrap_or(ck.model.config().max_positions())),

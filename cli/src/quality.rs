@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use sft::quality::{
     answer_accuracy, author_conditioning, ci_patterns, poem_compliance, PoemEvalOptions, SHI_FORMS,
 };
-use sft_data::{read_jsonl, InvalidPolicy, Sample};
+use sft_data::{InvalidPolicy, Sample};
 
 use crate::common::{self, TemplateArgs};
 
@@ -70,7 +70,7 @@ pub(crate) fn poems(args: PoemArgs) -> anyhow::Result<()> {
             chat_template: None,
         },
     )?;
-    let read = read_jsonl(
+    let read = sft::setup::read_data(
         &args.data,
         Some(sft_data::Format::Poem),
         InvalidPolicy::Error,
@@ -178,7 +178,7 @@ pub(crate) struct AnswerArgs {
 
 pub(crate) fn answers(args: AnswerArgs) -> anyhow::Result<()> {
     let ck = common::open(&args.model, &args.template)?;
-    let read = read_jsonl(&args.data, None, InvalidPolicy::Error)?;
+    let read = sft::setup::read_data(&args.data, None, InvalidPolicy::Error)?;
     let r = answer_accuracy(
         &ck.model,
         &ck.tok,

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use sft_data::{
-    prepare, read_jsonl, Format, InvalidPolicy, LengthPolicy, RenderOptions, Rendered, Sample,
-    TemplateChoice, TemplateOptions, TrainOn,
+    prepare, Format, InvalidPolicy, LengthPolicy, RenderOptions, Rendered, Sample, TemplateChoice,
+    TemplateOptions, TrainOn,
 };
 use sft_tokenizer::Tokenizer;
 
@@ -112,7 +112,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     } else {
         InvalidPolicy::Error
     };
-    let read = read_jsonl(&args.data, args.format, policy)?;
+    let read = sft::setup::read_data(&args.data, args.format, policy)?;
     let opts = RenderOptions {
         train_on: args.train_on,
         max_len: args.max_len,

@@ -1310,7 +1310,11 @@ fn toml_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
         let what = mutate_bytes(rng, &mut b, None);
         // A mutated path is named by the error that it leads nowhere (`PATH: No such file or
         // directory`).
-        cases.push(Case::random(Kind::Toml, what, b).or_naming("No such file or directory"));
+        cases.push(
+            Case::random(Kind::Toml, what, b)
+                .or_naming("No such file or directory")
+                .or_naming("no such file or directory"),
+        );
     }
     cases
 }

@@ -117,3 +117,87 @@ fn hub_ids_resolve_from_the_local_cache() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_hub_dataset_split_trains_from_the_local_cache() {
+    use sft_tests::parquet::{write_twins, Col};
+    let dir = scratch("dataset");
+    let cache = dir.join("cache");
+    // HuggingFaceTB/smoltalk's layout: data/<subset>/<split>-NNNNN-of-NNNNN.parquet.
+    let commit = "0f0e0d0c0b0a09080706050403020100ffeeddcc";
+    let repo = cache.join("datasets--HuggingFaceTB--smoltalk");
+    let data = repo.join("snapshots").join(commit).join("data/all");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let chat = |q: &'static str, a: &'static str| {
+        Some(vec![(Some("user"), Some(q)), (Some("assistant"), Some(a))])
+    };
+    let rows = [
+        chat("What is 2 + 2?", "4"),
+        chat("Name a colour.", "Blue."),
+        chat("Say hi", "Hi!"),
+        chat("Capital of France?", "Paris."),
+        chat("Opposite of up?", "Down."),
+        chat("3 x 3?", "9"),
+    ];
+    for (split, n) in [("train", 6), ("test", 2)] {
+        let cols = vec![Col::Messages("messages", rows[..n].to_vec())];
+        write_twins(
+            &data.join(format!("{split}-00000-of-00001.parquet")),
+            &cols,
+            4,
+            sft_tests::parquet::Compression::SNAPPY,
+        );
+        std::fs::remove_file(data.join(format!("{split}-00000-of-00001.jsonl"))).unwrap();
+    }
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            [model]
+            preset = "tiny-gpt"
+            [tokenizer]
+            build = "char"
+            specials = "chatml"
+            [data]
+            train = ["HuggingFaceTB/smoltalk:all/train"]
+            validation = [{{ path = "HuggingFaceTB/smoltalk", subset = "all", split = "test" }}]
+            [train]
+            batch_size = 2
+            max_steps = 2
+            [run]
+            out_dir = "{}"
+            "#,
+            dir.join("out").display()
+        ),
+    )
+    .unwrap();
+    let out = sft(&cache)
+        .args(["train", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("records read     6 (messages 6)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("records read     2 (messages 2)"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["steps"], 2);
+    // The eval command takes the same spelling.
+    let eval = ok(&sft(&cache)
+        .args(["eval", "--json", "--model"])
+        .arg(dir.join("out/final"))
+        .args(["--data", "HuggingFaceTB/smoltalk:all/test"])
+        .output()
+        .unwrap());
+    assert!(eval.contains("\"loss\""), "{eval}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -50,5 +50,5 @@ pub use crate::render::{
 pub use crate::report::{
     bracket_targets, prepare, token_views, Example, LengthStats, Prepared, Report, TokenView,
 };
-pub use crate::stream::JsonlStream;
+pub use crate::stream::RecordStream;
 pub use crate::template::{Template, TemplateChoice, TemplateKind, TemplateOptions};

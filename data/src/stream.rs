@@ -1,4 +1,6 @@
-//! Records read one line at a time, for data that does not fit in memory (`data.streaming`).
+//! Records read as they are needed, for data that does not fit in memory (`data.streaming`):
+//! JSONL one line at a time; a `.json` array or a `.parquet` file (which cannot be read a line at
+//! a time) whole, one file at a time.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -7,12 +9,15 @@ use std::sync::Arc;
 use crate::record::parse_line;
 use crate::{Error, Format, InvalidPolicy, Record, Result, Source};
 
-/// The records of JSONL files, in file and line order, read lazily. Invalid lines are errors, or
-/// under [`InvalidPolicy::Skip`] counted in [`JsonlStream::skipped`]; blank lines are counted.
-pub struct JsonlStream {
+/// The records of data files, in file and line (or row) order, read lazily. Invalid lines are
+/// errors, or under [`InvalidPolicy::Skip`] counted in [`RecordStream::skipped`]; blank lines are
+/// counted.
+pub struct RecordStream {
     files: Vec<PathBuf>,
     next_file: usize,
     current: Option<(Arc<Path>, BufReader<std::fs::File>, usize)>,
+    /// The records of a file read whole (not JSONL), still to hand out.
+    whole: std::collections::VecDeque<Record>,
     format: Option<Format>,
     policy: InvalidPolicy,
     line: Vec<u8>,
@@ -21,12 +26,13 @@ pub struct JsonlStream {
     pub blank_lines: usize,
 }
 
-impl JsonlStream {
-    pub fn new(files: Vec<PathBuf>, format: Option<Format>, policy: InvalidPolicy) -> JsonlStream {
-        JsonlStream {
+impl RecordStream {
+    pub fn new(files: Vec<PathBuf>, format: Option<Format>, policy: InvalidPolicy) -> RecordStream {
+        RecordStream {
             files,
             next_file: 0,
             current: None,
+            whole: Default::default(),
             format,
             policy,
             line: Vec::new(),
@@ -37,11 +43,22 @@ impl JsonlStream {
 
     fn next_record(&mut self) -> Result<Option<Record>> {
         loop {
+            if let Some(record) = self.whole.pop_front() {
+                return Ok(Some(record));
+            }
             if self.current.is_none() {
                 let Some(path) = self.files.get(self.next_file) else {
                     return Ok(None);
                 };
                 self.next_file += 1;
+                let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+                if !matches!(ext.to_ascii_lowercase().as_str(), "jsonl" | "ndjson") {
+                    let read = crate::read_records(path, self.format, self.policy)?;
+                    self.skipped.extend(read.skipped);
+                    self.blank_lines += read.blank_lines;
+                    self.whole = read.records.into();
+                    continue;
+                }
                 let file = std::fs::File::open(path).map_err(|source| Error::Io {
                     path: path.clone(),
                     source,
@@ -83,7 +100,7 @@ impl JsonlStream {
     }
 }
 
-impl Iterator for JsonlStream {
+impl Iterator for RecordStream {
     type Item = Result<Record>;
 
     fn next(&mut self) -> Option<Result<Record>> {
@@ -108,7 +125,7 @@ mod tests {
         .unwrap();
         std::fs::write(&b, "{\"text\": \"two\"}\n").unwrap();
         let streamed: Vec<Record> =
-            JsonlStream::new(vec![a.clone(), b.clone()], None, InvalidPolicy::Skip)
+            RecordStream::new(vec![a.clone(), b.clone()], None, InvalidPolicy::Skip)
                 .collect::<Result<_>>()
                 .unwrap();
         let mut read = crate::read_jsonl(&a, None, InvalidPolicy::Skip).unwrap();
@@ -117,7 +134,7 @@ mod tests {
         for (s, r) in streamed.iter().zip(&read.records) {
             assert_eq!((&s.sample, s.source.line), (&r.sample, r.source.line));
         }
-        let mut strict = JsonlStream::new(vec![a], None, InvalidPolicy::Error);
+        let mut strict = RecordStream::new(vec![a], None, InvalidPolicy::Error);
         assert!(strict.next().unwrap().is_ok());
         let err = strict.next().unwrap().unwrap_err().to_string();
         assert!(err.contains("a.jsonl:3"), "{err}");

@@ -141,8 +141,9 @@ pub struct DataSection {
     /// Where that cache lives (default `run.out_dir/cache`).
     pub cache_dir: Option<PathBuf>,
     /// Read, render and batch the training data as the run goes, through a seeded shuffle
-    /// buffer, instead of holding it all in memory (`sft::stream`). JSONL only; needs
-    /// `train.max_steps` or `train.max_time`; validation comes from `data.validation`.
+    /// buffer, instead of holding it all in memory (`sft::stream`): JSONL a line at a time,
+    /// parquet and JSON arrays a whole file at a time. Needs `train.max_steps` or
+    /// `train.max_time`; validation comes from `data.validation`.
     #[serde(default)]
     pub streaming: bool,
     /// Samples in the streaming shuffle buffer (and records in its preflight report).

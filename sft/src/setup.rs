@@ -127,6 +127,46 @@ pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
     }
 }
 
+/// The files a data source reads: a file as it is, or a dataset directory's (or cached hub
+/// dataset's) files of the source's split (default `train`) and subset.
+pub fn data_files(source: &crate::config::DataSource) -> Result<Vec<std::path::PathBuf>> {
+    let (path, split, subset) = source.location();
+    let path = crate::hub::resolve_dataset(&path)?;
+    if path.is_dir() {
+        let split = split.as_deref().unwrap_or("train");
+        return Ok(sft_data::dataset_files(&path, subset.as_deref(), split)?);
+    }
+    if split.is_some() || subset.is_some() {
+        return Err(Error::Config(format!(
+            "{}: a split or subset names part of a dataset directory or hub dataset, not of a file",
+            path.display()
+        )));
+    }
+    if !path.exists() {
+        return Err(Error::Config(format!(
+            "{}: no such file or directory (nor a hub dataset id in the local cache)",
+            path.display()
+        )));
+    }
+    Ok(vec![path])
+}
+
+/// Every record of one data source as a user gives it on the command line or in `data.train`:
+/// a `.jsonl`, `.json` or `.parquet` file, a dataset directory, or a hub dataset id from the
+/// local cache, each with an optional `:SUBSET/SPLIT`.
+pub fn read_data(
+    spec: &std::path::Path,
+    format: Option<sft_data::Format>,
+    policy: sft_data::InvalidPolicy,
+) -> Result<sft_data::ReadOutcome> {
+    let source = crate::config::DataSource::Path(spec.to_path_buf());
+    let mut out = sft_data::ReadOutcome::default();
+    for file in data_files(&source)? {
+        out.extend(sft_data::read_records(&file, format, policy)?);
+    }
+    Ok(out)
+}
+
 /// The chat template and its options from the `data` section.
 pub fn template(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Template> {
     let chat_template = match &cfg.data.chat_template {

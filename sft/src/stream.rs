@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sft_data::{
-    render_record, Format, InvalidPolicy, JsonlStream, RenderOptions, RenderOutcome, Rendered,
+    render_record, Format, InvalidPolicy, RecordStream, RenderOptions, RenderOutcome, Rendered,
     Template,
 };
 use sft_tokenizer::Tokenizer;
@@ -37,7 +37,7 @@ pub(crate) struct StreamFeed<'a> {
     seed: u64,
     // The epoch in progress.
     epoch: u64,
-    records: JsonlStream,
+    records: RecordStream,
     /// Records read in this epoch (the next one's index).
     read: usize,
     buffer: Vec<Rendered>,
@@ -69,7 +69,7 @@ impl<'a> StreamFeed<'a> {
         buffer_size: usize,
         seed: u64,
     ) -> StreamFeed<'a> {
-        let records = JsonlStream::new(files.clone(), format, policy);
+        let records = RecordStream::new(files.clone(), format, policy);
         StreamFeed {
             files,
             format,
@@ -105,7 +105,7 @@ impl<'a> StreamFeed<'a> {
 
     fn start_epoch(&mut self, epoch: u64) {
         self.epoch = epoch;
-        self.records = JsonlStream::new(self.files.clone(), self.format, self.policy);
+        self.records = RecordStream::new(self.files.clone(), self.format, self.policy);
         self.read = 0;
         self.buffer.clear();
         self.rng = ChaCha8Rng::seed_from_u64(crate::train::mix(self.seed, TAG_STREAM, epoch));

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 use sft_data::{
-    collate, mixture_epoch, plan_epoch, prepare, read_jsonl, split_train_val, BatchPlanOptions,
-    InvalidPolicy, JsonlStream, Prepared, ReadOutcome, Record, RenderOptions, Rendered, Report,
+    collate, mixture_epoch, plan_epoch, prepare, read_records, split_train_val, BatchPlanOptions,
+    InvalidPolicy, Prepared, ReadOutcome, Record, RecordStream, RenderOptions, Rendered, Report,
     Sample, Share, Template,
 };
 use sft_model::Model;
@@ -159,7 +159,7 @@ pub fn train(
     // Streaming reads only a first look (the preflight's records) here; the rest as it trains.
     let (train_read, train_files) = match cfg.data.streaming {
         true => stream_preview(cfg)?,
-        false => read_all(&cfg.data.train, cfg)?,
+        false => read_all("data.train", &cfg.data.train, cfg)?,
     };
     let tok = match resume_dir {
         Some(dir) => Tokenizer::from_path(dir)?,
@@ -213,7 +213,7 @@ pub fn train(
                 .data
                 .validation
                 .iter()
-                .map(source_files)
+                .map(setup::data_files)
                 .collect::<Result<_>>()?;
             let key = prep_cache_key(cfg, &tok, max_len, &train_files, &val_files)?;
             Some(PrepCache::open(&dir, key)?)
@@ -923,14 +923,19 @@ pub fn evaluate_prepared(
 
 /// Reads every source of `data.train` (or `data.validation`) in order. Returns the records and,
 /// per source, the files it read (a record's file tells which source it came from).
-fn read_all(sources: &[DataSource], cfg: &TrainConfig) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
+fn read_all(
+    key: &str,
+    sources: &[DataSource],
+    cfg: &TrainConfig,
+) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
     let policy = invalid_policy(cfg);
     let mut all: Option<ReadOutcome> = None;
     let mut files_per_source = Vec::with_capacity(sources.len());
-    for source in sources {
-        let files = source_files(source)?;
+    for (i, source) in sources.iter().enumerate() {
+        let files =
+            setup::data_files(source).map_err(|e| Error::Config(format!("{key}[{i}]: {e}")))?;
         for f in &files {
-            let r = read_jsonl(f, cfg.data.format, policy)?;
+            let r = read_records(f, cfg.data.format, policy)?;
             match all.as_mut() {
                 None => all = Some(r),
                 Some(a) => a.extend(r),
@@ -959,9 +964,9 @@ fn stream_preview(cfg: &TrainConfig) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)>
         .data
         .train
         .iter()
-        .map(source_files)
+        .map(setup::data_files)
         .collect::<Result<_>>()?;
-    let mut stream = JsonlStream::new(
+    let mut stream = RecordStream::new(
         files.iter().flatten().cloned().collect(),
         cfg.data.format,
         invalid_policy(cfg),
@@ -984,7 +989,7 @@ fn char_covering_records(cfg: &TrainConfig, files: &[Vec<PathBuf>]) -> Result<Ve
     let mut seen = std::collections::HashSet::new();
     let mut kinds = std::collections::HashSet::new();
     let mut keep = Vec::new();
-    let stream = JsonlStream::new(
+    let stream = RecordStream::new(
         files.iter().flatten().cloned().collect(),
         cfg.data.format,
         invalid_policy(cfg),
@@ -1002,12 +1007,6 @@ fn char_covering_records(cfg: &TrainConfig, files: &[Vec<PathBuf>]) -> Result<Ve
         }
     }
     Ok(keep)
-}
-
-/// The files a source reads: the file itself, or a hub dataset id's snapshot in the local cache.
-fn source_files(source: &DataSource) -> Result<Vec<PathBuf>> {
-    let (path, _split, _subset) = source.location();
-    Ok(vec![crate::hub::resolve_dataset(&path)?])
 }
 
 /// `data.train`'s mixture: each record's source and each source's share. `None` when every
@@ -1115,7 +1114,7 @@ fn split_records(
     mut train_read: ReadOutcome,
 ) -> Result<(ReadOutcome, Option<ReadOutcome>)> {
     if !cfg.data.validation.is_empty() {
-        let (val, _) = read_all(&cfg.data.validation, cfg)?;
+        let (val, _) = read_all("data.validation", &cfg.data.validation, cfg)?;
         return Ok((train_read, Some(val)));
     }
     if cfg.data.val_ratio > 0.0 {

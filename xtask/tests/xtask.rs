@@ -81,7 +81,10 @@ fn download_names_what_the_cache_lacks() {
 
     let out = xtask(&["download", "Qwen/Tiny", "--revision", "v2"], &cache);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Qwen/Tiny@v2: revision not cached"), "{stderr}");
+    assert!(
+        stderr.contains("Qwen/Tiny@v2: revision not cached"),
+        "{stderr}"
+    );
 
     // An explicitly requested file must be there too.
     fake_cache(&cache, true);
