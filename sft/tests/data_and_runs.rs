@@ -303,3 +303,41 @@ fn a_streamed_run_resumes_bit_identically_across_epochs() {
     assert!(err.contains("val_ratio"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_resumed_run_continues_its_time_budget() {
+    let dir = scratch("budget-resume");
+    let cfg = config(&dir, &["train.max_time=\"2s\"", "run.save_every=1000000"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opts = RunOptions {
+        resume: None,
+        stop: Some(stop.clone()),
+    };
+    let t0 = std::time::Instant::now();
+    let first = train(&cfg, &opts, &mut |e| {
+        if let Event::Step(_) = e {
+            if t0.elapsed().as_secs_f64() > 1.3 {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })
+    .unwrap();
+    assert!(first.interrupted);
+    let used = TrainerState::read(&first.last_checkpoint).unwrap().train_s;
+    assert!((0.5..2.0).contains(&used), "{used}");
+    let resume = RunOptions {
+        resume: Some(dir.join("out")),
+        ..Default::default()
+    };
+    let second = train(&cfg, &resume, &mut |_| {}).unwrap();
+    let state = TrainerState::read(&second.last_checkpoint).unwrap();
+    // The budget counts both runs' loops: the second ran for what was left (a fresh budget
+    // would have taken the total past `used` + 2 s).
+    assert!(
+        (2.0..used + 1.9).contains(&state.train_s),
+        "{} s in all with {used} s used before the resume",
+        state.train_s
+    );
+    assert_eq!(state.total_steps, state.step);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
