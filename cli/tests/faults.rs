@@ -167,7 +167,9 @@ fn spawn_train(args: &[&str]) -> Running {
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_identically() {
     let dir = scratch("kill9");
-    const STEPS: u64 = 50;
+    const STEPS: u64 = 100;
+    // Kills before the run is let finish: enough for every moment of a step to come up.
+    const KILLS: usize = 32;
     let config = write_config(&dir, STEPS, "");
     let config_arg = config.to_str().unwrap();
     let out = dir.join("out");
@@ -200,10 +202,11 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_bit_identically() {
         // rest 1 to 3 steps on, at a random moment in the step or save that follows.
         let before_first_step = rng.below(4) == 0;
         let target = reached + 1 + rng.below(3);
-        let mut finished = false;
-        if before_first_step {
+        // After KILLS kills the run is let go to the end.
+        let mut finished = kills >= KILLS;
+        if !finished && before_first_step {
             std::thread::sleep(Duration::from_micros(rng.below(60_000)));
-        } else {
+        } else if !finished {
             loop {
                 match steps.recv_timeout(Duration::from_secs(60)) {
                     Ok(step) if step >= target => break,
