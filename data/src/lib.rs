@@ -26,6 +26,7 @@ mod pyjson;
 pub mod record;
 pub mod render;
 pub mod report;
+pub mod select;
 pub mod stream;
 pub mod template;
 
@@ -50,5 +51,6 @@ pub use crate::render::{
 pub use crate::report::{
     bracket_targets, prepare, token_views, Example, LengthStats, Prepared, Report, TokenView,
 };
+pub use crate::select::Selection;
 pub use crate::stream::RecordStream;
 pub use crate::template::{Template, TemplateChoice, TemplateKind, TemplateOptions};

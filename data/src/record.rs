@@ -395,6 +395,8 @@ pub struct ReadOutcome {
     pub per_format: BTreeMap<Format, usize>,
     /// Empty or whitespace-only lines (not errors, but counted so line counts add up).
     pub blank_lines: usize,
+    /// Records read but left out by a selection (`data.filter`, [`crate::Selection`]).
+    pub filtered_out: usize,
 }
 
 impl ReadOutcome {
@@ -406,6 +408,7 @@ impl ReadOutcome {
             *self.per_format.entry(f).or_default() += n;
         }
         self.blank_lines += other.blank_lines;
+        self.filtered_out += other.filtered_out;
     }
 }
 

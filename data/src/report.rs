@@ -73,6 +73,9 @@ pub struct Report {
     pub per_format: BTreeMap<Format, usize>,
     pub invalid_skipped: usize,
     pub invalid_examples: Vec<Example>,
+    /// Records a selection (`data.filter`) left out.
+    #[serde(default)]
+    pub filtered_out: usize,
     pub kept: usize,
     /// Dropped samples by reason key (`too_long`, `no_targets_after_truncation`, `no_targets`).
     pub dropped: BTreeMap<String, usize>,
@@ -164,6 +167,7 @@ pub fn prepare(
         blank_lines: read.blank_lines,
         per_format: read.per_format.clone(),
         invalid_skipped: read.skipped.len(),
+        filtered_out: read.filtered_out,
         invalid_examples: read
             .skipped
             .iter()
@@ -277,6 +281,9 @@ impl fmt::Display for Report {
             self.blank_lines
         )?;
         writeln!(f, "invalid skipped  {}", self.invalid_skipped)?;
+        if self.filtered_out > 0 {
+            writeln!(f, "filtered out     {} (data.filter)", self.filtered_out)?;
+        }
         for e in &self.invalid_examples {
             writeln!(f, "  {}: {}", e.source, e.reason)?;
         }

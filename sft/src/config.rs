@@ -149,6 +149,29 @@ pub struct DataSection {
     /// Samples in the streaming shuffle buffer (and records in its preflight report).
     #[serde(default = "default_shuffle_buffer")]
     pub shuffle_buffer: usize,
+    /// Keep only records whose fields have one of the listed values (poem fields: `author`,
+    /// `style`, `title`): `{ style = ["七言绝句", "浣溪沙"], author = ["李白"] }`. Every listed
+    /// field must match, or one of them with `filter_any`. Left-out records are counted in the
+    /// preflight report.
+    #[serde(default)]
+    pub filter: std::collections::BTreeMap<String, Vec<String>>,
+    /// `data.filter` keeps a record when any one listed field matches (nanopoet's "these
+    /// styles, or these authors").
+    #[serde(default)]
+    pub filter_any: bool,
+    /// Field values rewritten before filtering and training: per field, a table of old -> new
+    /// values, or a JSON file holding one (`{ author = "configs/authors-t2s.json" }`).
+    #[serde(default)]
+    pub field_map: std::collections::BTreeMap<String, FieldMap>,
+}
+
+/// Replacements for one field's values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FieldMap {
+    /// A JSON file with one object of old -> new values.
+    File(PathBuf),
+    Table(std::collections::BTreeMap<String, String>),
 }
 
 fn default_shuffle_buffer() -> usize {
@@ -547,6 +570,15 @@ impl TrainConfig {
             {
                 return Err(format!(
                     "data.train[{i}]: in a weighted mixture every source needs a `weight` (or `samples`)"
+                ));
+            }
+        }
+        let fields = self.data.filter.keys().chain(self.data.field_map.keys());
+        for field in fields {
+            if !sft_data::select::FIELDS.contains(&field.as_str()) {
+                return Err(format!(
+                    "data.filter / data.field_map: unknown field `{field}` (poem records have {})",
+                    sft_data::select::FIELDS.join(", ")
                 ));
             }
         }

@@ -167,6 +167,37 @@ pub fn read_data(
     Ok(out)
 }
 
+/// `data.filter` and `data.field_map` as a [`sft_data::Selection`], its map files read.
+pub fn selection(cfg: &TrainConfig) -> Result<sft_data::Selection> {
+    use crate::config::FieldMap;
+    let mut maps = std::collections::BTreeMap::new();
+    for (field, map) in &cfg.data.field_map {
+        let table = match map {
+            FieldMap::Table(t) => t.clone(),
+            FieldMap::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                serde_json::from_str(&text).map_err(|e| {
+                    Error::Config(format!(
+                        "data.field_map.{field}: {}: expected one JSON object of old -> new values: {e}",
+                        path.display()
+                    ))
+                })?
+            }
+        };
+        maps.insert(field.clone(), table);
+    }
+    Ok(sft_data::Selection {
+        filter: cfg
+            .data
+            .filter
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
+            .collect(),
+        any: cfg.data.filter_any,
+        maps,
+    })
+}
+
 /// The chat template and its options from the `data` section.
 pub fn template(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Template> {
     let chat_template = match &cfg.data.chat_template {

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sft_data::{
     render_record, Format, InvalidPolicy, RecordStream, RenderOptions, RenderOutcome, Rendered,
-    Template,
+    Selection, Template,
 };
 use sft_tokenizer::Tokenizer;
 
@@ -30,6 +30,7 @@ pub(crate) struct StreamFeed<'a> {
     template: &'a Template,
     tok: &'a Tokenizer,
     opts: &'a RenderOptions,
+    selection: &'a Selection,
     batch_size: usize,
     /// Row length with packing; `None` without.
     pack_len: Option<usize>,
@@ -68,6 +69,7 @@ impl<'a> StreamFeed<'a> {
         pack_len: Option<usize>,
         buffer_size: usize,
         seed: u64,
+        selection: &'a Selection,
     ) -> StreamFeed<'a> {
         let records = RecordStream::new(files.clone(), format, policy);
         StreamFeed {
@@ -77,6 +79,7 @@ impl<'a> StreamFeed<'a> {
             template,
             tok,
             opts,
+            selection,
             batch_size: batch_size.max(1),
             pack_len,
             buffer_size: buffer_size.max(1),
@@ -117,9 +120,12 @@ impl<'a> StreamFeed<'a> {
     /// samples drawn. `None` once the epoch's records are all used.
     fn next_sample(&mut self) -> Result<Option<Rendered>> {
         while self.buffer.len() < self.buffer_size {
-            let Some(record) = self.records.next().transpose()? else {
+            let Some(mut record) = self.records.next().transpose()? else {
                 break;
             };
+            if !self.selection.apply(&mut record)? {
+                continue;
+            }
             let index = self.read;
             self.read += 1;
             match render_record(
@@ -240,6 +246,7 @@ mod tests {
         let (path, tok) = setup(&dir);
         let template = Template::new(TemplateChoice::Auto, &tok).unwrap();
         let opts = RenderOptions::default();
+        let selection = Selection::default();
         for pack in [None, Some(7)] {
             let feed = |buffer| {
                 StreamFeed::new(
@@ -253,6 +260,7 @@ mod tests {
                     pack,
                     buffer,
                     42,
+                    &selection,
                 )
             };
             let mut f = feed(5);

@@ -17,7 +17,7 @@ use serde::Serialize;
 use sft_data::{
     collate, mixture_epoch, plan_epoch, prepare, read_records, split_train_val, BatchPlanOptions,
     InvalidPolicy, Prepared, ReadOutcome, Record, RecordStream, RenderOptions, Rendered, Report,
-    Sample, Share, Template,
+    Sample, Selection, Share, Template,
 };
 use sft_model::Model;
 use sft_tokenizer::Tokenizer;
@@ -157,14 +157,19 @@ pub fn train(
 
     // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.
     // Streaming reads only a first look (the preflight's records) here; the rest as it trains.
+    let selection = setup::selection(cfg)?;
     let (train_read, train_files) = match cfg.data.streaming {
-        true => stream_preview(cfg)?,
-        false => read_all("data.train", &cfg.data.train, cfg)?,
+        true => stream_preview(cfg, &selection)?,
+        false => {
+            let (mut read, files) = read_all("data.train", &cfg.data.train, cfg)?;
+            selection.apply_all(&mut read)?;
+            (read, files)
+        }
     };
     let tok = match resume_dir {
         Some(dir) => Tokenizer::from_path(dir)?,
         None if cfg.data.streaming && cfg.tokenizer.build.is_some() => {
-            setup::tokenizer(cfg, &char_covering_records(cfg, &train_files)?)?
+            setup::tokenizer(cfg, &char_covering_records(cfg, &train_files, &selection)?)?
         }
         None => setup::tokenizer(cfg, &train_read.records)?,
     };
@@ -294,6 +299,7 @@ pub fn train(
             cfg.data.packing.then_some(max_len),
             cfg.data.shuffle_buffer,
             cfg.run.seed,
+            &selection,
         )
     });
     let steps_in_epoch = |plan_len: usize| plan_len.div_ceil(accum) as u64;
@@ -959,7 +965,10 @@ fn invalid_policy(cfg: &TrainConfig) -> InvalidPolicy {
 
 /// A streamed run's first look at its data: the first `data.shuffle_buffer` records (what the
 /// preflight report describes), and the files of every source.
-fn stream_preview(cfg: &TrainConfig) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
+fn stream_preview(
+    cfg: &TrainConfig,
+    selection: &Selection,
+) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
     let files: Vec<Vec<PathBuf>> = cfg
         .data
         .train
@@ -972,10 +981,17 @@ fn stream_preview(cfg: &TrainConfig) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)>
         invalid_policy(cfg),
     );
     let mut out = ReadOutcome::default();
-    for record in stream.by_ref().take(cfg.data.shuffle_buffer) {
-        let record = record?;
+    for record in stream.by_ref() {
+        let mut record = record?;
+        if !selection.apply(&mut record)? {
+            out.filtered_out += 1;
+            continue;
+        }
         *out.per_format.entry(record.format).or_default() += 1;
         out.records.push(record);
+        if out.records.len() == cfg.data.shuffle_buffer {
+            break;
+        }
     }
     out.skipped = std::mem::take(&mut stream.skipped);
     out.blank_lines = stream.blank_lines;
@@ -985,7 +1001,11 @@ fn stream_preview(cfg: &TrainConfig) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)>
 /// For a char tokenizer built from streamed data: one pass over every record, keeping only
 /// those that bring a character not seen before (a char vocabulary is the set of characters, so
 /// these give the same one as the whole corpus) and the first of each kind of sample.
-fn char_covering_records(cfg: &TrainConfig, files: &[Vec<PathBuf>]) -> Result<Vec<Record>> {
+fn char_covering_records(
+    cfg: &TrainConfig,
+    files: &[Vec<PathBuf>],
+    selection: &Selection,
+) -> Result<Vec<Record>> {
     let mut seen = std::collections::HashSet::new();
     let mut kinds = std::collections::HashSet::new();
     let mut keep = Vec::new();
@@ -995,7 +1015,10 @@ fn char_covering_records(cfg: &TrainConfig, files: &[Vec<PathBuf>]) -> Result<Ve
         invalid_policy(cfg),
     );
     for record in stream {
-        let record = record?;
+        let mut record = record?;
+        if !selection.apply(&mut record)? {
+            continue;
+        }
         let mut new = kinds.insert(std::mem::discriminant(&record.sample));
         for text in setup::record_texts(&record) {
             for c in text.chars() {
@@ -1114,7 +1137,8 @@ fn split_records(
     mut train_read: ReadOutcome,
 ) -> Result<(ReadOutcome, Option<ReadOutcome>)> {
     if !cfg.data.validation.is_empty() {
-        let (val, _) = read_all("data.validation", &cfg.data.validation, cfg)?;
+        let (mut val, _) = read_all("data.validation", &cfg.data.validation, cfg)?;
+        setup::selection(cfg)?.apply_all(&mut val)?;
         return Ok((train_read, Some(val)));
     }
     if cfg.data.val_ratio > 0.0 {
@@ -1132,8 +1156,7 @@ fn split_records(
         let val = ReadOutcome {
             per_format: count_formats(&val_records),
             records: val_records,
-            skipped: vec![],
-            blank_lines: 0,
+            ..ReadOutcome::default()
         };
         return Ok((train_read, Some(val)));
     }
@@ -1205,6 +1228,11 @@ fn prep_cache_key(
     ];
     if let Some(p) = &cfg.data.chat_template {
         parts.push(std::fs::read(p).map_err(|e| Error::io(p, e))?);
+    }
+    for map in cfg.data.field_map.values() {
+        if let crate::config::FieldMap::File(p) = map {
+            parts.push(std::fs::read(p).map_err(|e| Error::io(p, e))?);
+        }
     }
     for (tag, files) in [("train", train_files), ("validation", val_files)] {
         for f in files.iter().flatten() {

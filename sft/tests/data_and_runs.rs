@@ -341,3 +341,70 @@ fn a_resumed_run_continues_its_time_budget() {
     assert_eq!(state.total_steps, state.step);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn records_are_selected_by_field_after_their_values_are_mapped() {
+    let dir = scratch("filter");
+    let base = config(&dir, &[]);
+    let data = match &base.data.train[0] {
+        sft::config::DataSource::Path(p) => p.clone(),
+        other => panic!("{other:?}"),
+    };
+    // The poems' own authors and styles, to pick from.
+    let records = sft_data::read_jsonl(&data, None, sft_data::InvalidPolicy::Error).unwrap();
+    let poem = |i: usize| match &records.records[i].sample {
+        sft_data::Sample::Poem(p) => p.clone(),
+        other => panic!("{other:?}"),
+    };
+    let (first, second) = (poem(0), poem(1));
+    let map = dir.join("authors.json");
+    std::fs::write(
+        &map,
+        serde_json::json!({ first.author.clone(): "甲" }).to_string(),
+    )
+    .unwrap();
+    let wanted = |p: &sft_data::Poem| p.author == first.author || p.style == second.style;
+    let expected = (0..records.records.len())
+        .filter(|&i| wanted(&poem(i)))
+        .count();
+    let filter = format!(
+        r#"data.filter={{author = ["甲"], style = ["{}"]}}"#,
+        second.style
+    );
+    let cfg = config(
+        &dir,
+        &[
+            &filter,
+            "data.filter_any=true",
+            &format!(r#"data.field_map={{author = "{}"}}"#, map.display()),
+            "data.val_ratio=0.0",
+            "data.metadata_keep_prob=1.0",
+            "train.max_steps=2",
+        ],
+    );
+    let mut report = None;
+    train(&cfg, &RunOptions::default(), &mut |e| {
+        if let Event::Preflight {
+            split: "train",
+            report: r,
+        } = e
+        {
+            report = Some(r.clone());
+        }
+    })
+    .unwrap();
+    let report = report.unwrap();
+    assert_eq!(report.records_read, expected);
+    assert_eq!(report.filtered_out, records.records.len() - expected);
+    // The mapped name is what the model reads (the first poem is kept, by its author).
+    let example: String = report.example.iter().map(|t| t.token.as_str()).collect();
+    assert!(example.contains('甲'), "{example}");
+    assert!(!example.contains(&first.author), "{example}");
+    let err = TrainConfig::from_toml_str(
+        &cfg.to_toml_string(),
+        &["data.filter={colour = [\"red\"]}".into()],
+    )
+    .unwrap_err();
+    assert!(err.contains("unknown field `colour`"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
