@@ -1,4 +1,5 @@
-//! `sft eval --model DIR --data FILE [--format F] [--train-on MODE] [--batch-size N] [--json]`.
+//! `sft eval --model DIR --data FILE [--format F] [--train-on MODE] [--batch-size N] [--limit N]
+//! [--json]`.
 //!
 //! Contract relied on by scripts: the masked mean cross-entropy over all target tokens of the
 //! file (sum over targets / number of targets), printed with `--json` as one object
@@ -36,6 +37,10 @@ pub(crate) struct Args {
     /// Probability of keeping each poem metadata field (1 keeps all: a deterministic score).
     #[arg(long, default_value_t = 1.0)]
     metadata_keep_prob: f64,
+    /// Evaluate on the first N records only (a quick check on a large corpus; the count of
+    /// records left out is printed on stderr).
+    #[arg(long)]
+    limit: Option<usize>,
     #[command(flatten)]
     template: TemplateArgs,
     #[arg(long)]
@@ -44,7 +49,16 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let ck = common::open(&args.model, &args.template)?;
-    let read = sft::setup::read_data(&args.data, args.format, InvalidPolicy::Error)?;
+    let mut read = sft::setup::read_data(&args.data, args.format, InvalidPolicy::Error)?;
+    if let Some(n) = args.limit {
+        if read.records.len() > n {
+            eprintln!(
+                "evaluating on the first {n} of {} records (--limit)",
+                read.records.len()
+            );
+            read.records.truncate(n);
+        }
+    }
     let opts = RenderOptions {
         train_on: args.train_on,
         max_len: Some(args.max_len.unwrap_or(ck.model.config().max_positions())),

@@ -142,15 +142,11 @@ pub fn train(
         .map(checkpoint::resolve_resume)
         .transpose()?;
     let resume_dir = resume.as_ref().map(|r| r.checkpoint.as_path());
-    let changes = match resume_dir {
-        Some(dir) => resume_changes(cfg, dir)?,
-        None => {
-            let removed = claim_out_dir(&out_dir, cfg.run.overwrite)?;
-            if !removed.is_empty() {
-                on_event(Event::Overwrote { removed: &removed });
-            }
-            vec![]
-        }
+    // A previous run in out_dir is refused now, and (with overwrite) removed only once this
+    // run has set up without error, just before it writes its first file.
+    let (changes, previous_run) = match resume_dir {
+        Some(dir) => (resume_changes(cfg, dir)?, vec![]),
+        None => (vec![], previous_run_files(&out_dir, cfg.run.overwrite)?),
     };
     let device = setup::device()?;
     let dtype = parse_dtype(&cfg.model.dtype).map_err(Error::Config)?;
@@ -237,6 +233,12 @@ pub fn train(
         split: "train",
         report: &first.data.report,
     });
+    if !previous_run.is_empty() {
+        remove_run_files(&previous_run)?;
+        on_event(Event::Overwrote {
+            removed: &previous_run,
+        });
+    }
     write_json(&out_dir.join("preflight.json"), &first.data.report)?;
     if let (Some(m), Some(view)) = (&mixture, first.order) {
         let sources = m.report(&train_records, first.data, view);
@@ -760,9 +762,9 @@ const RUN_FILES: &[&str] = &[
 ];
 
 /// A fresh run's `out_dir` must not hold another run: its log would mix into this one's and its
-/// checkpoints sit beside this one's. With `overwrite`, that run's files are removed (only
-/// those: anything else in the directory stays). Returns what was removed.
-fn claim_out_dir(out_dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
+/// checkpoints sit beside this one's. With `overwrite`, the files of that run that are to be
+/// removed (only those: anything else in the directory stays); without, an error.
+fn previous_run_files(out_dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
     let mut found: Vec<PathBuf> = RUN_FILES
         .iter()
         .map(|f| out_dir.join(f))
@@ -792,14 +794,19 @@ fn claim_out_dir(out_dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
             out_dir.display()
         )));
     }
-    for path in &found {
+    Ok(found)
+}
+
+/// Removes a previous run's files (directories through a hidden name, as rotation does).
+fn remove_run_files(found: &[PathBuf]) -> Result<()> {
+    for path in found {
         if path.is_dir() {
             checkpoint::remove_dir(path)?;
         } else {
             std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
         }
     }
-    Ok(found)
+    Ok(())
 }
 
 /// Why the schedule's total changed mid-run.

@@ -299,6 +299,15 @@ fn a_fresh_run_into_a_used_directory_is_refused_unless_overwriting() {
     let mut over = cfg.clone();
     over.run.overwrite = true;
     over.train.max_steps = Some(1);
+    // An overwriting run that fails to set up leaves the previous run as it was.
+    let mut broken = over.clone();
+    broken.data.train = vec![dir.join("missing.jsonl").into()];
+    let err = train(&broken, &RunOptions::default(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.jsonl"), "{err}");
+    assert_eq!(steps(&out), vec![1, 2]);
+    assert!(out.join("final/model.safetensors").is_file());
     let mut removed = vec![];
     train(&over, &RunOptions::default(), &mut |e| {
         if let Event::Overwrote { removed: r } = e {

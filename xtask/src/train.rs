@@ -218,7 +218,8 @@ fn loads_check(sft: &Path, model: &Path, cfg: &TrainConfig) -> anyhow::Result<Ch
         .location()
         .0;
     let mut cmd = Command::new(sft);
-    cmd.args(["eval", "--json", "--model"])
+    // A check that the model loads and evaluates, not a measurement: a large corpus is cut short.
+    cmd.args(["eval", "--json", "--limit", "2000", "--model"])
         .arg(model)
         .arg("--data")
         .arg(&data);
