@@ -131,43 +131,12 @@ impl<'de> Visitor<'de> for &mut Elements {
                 line: self.rows,
             };
             let record = Record::from_json(value, self.format, source);
-            if let Err(e) = add(&mut self.out, self.policy, record) {
+            if let Err(e) = self.out.add(self.policy, record) {
                 self.stop = Some(e);
                 return Err(A::Error::custom("stopped at an invalid record"));
             }
         }
         Ok(())
-    }
-}
-
-/// Adds one parsed record to `out`: a record is counted; an invalid one is an error under
-/// [`InvalidPolicy::Error`] and listed in [`ReadOutcome::skipped`] under
-/// [`InvalidPolicy::Skip`] (as `read_jsonl` does).
-pub(crate) fn add(
-    out: &mut ReadOutcome,
-    policy: InvalidPolicy,
-    record: Result<Record>,
-) -> Result<()> {
-    match record {
-        Ok(rec) => {
-            *out.per_format.entry(rec.format).or_default() += 1;
-            out.records.push(rec);
-            Ok(())
-        }
-        Err(Error::Record {
-            file,
-            line,
-            field,
-            reason,
-        }) if policy == InvalidPolicy::Skip => {
-            let reason = match field {
-                Some(f) => format!("field `{f}`: {reason}"),
-                None => reason,
-            };
-            out.skipped.push((Source { file, line }, reason));
-            Ok(())
-        }
-        Err(e) => Err(e),
     }
 }
 

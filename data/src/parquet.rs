@@ -23,7 +23,7 @@ use bytes::Bytes;
 use rayon::prelude::*;
 use serde_json::{Map, Number, Value};
 
-use crate::json::{add, invalid_data};
+use crate::json::invalid_data;
 use crate::{Error, Format, InvalidPolicy, ReadOutcome, Record, Result, Source};
 
 /// Rows decoded before they are converted and parsed (in parallel): bounds memory whatever the
@@ -80,7 +80,7 @@ pub fn read_parquet(
     let mut out = ReadOutcome::default();
     for group in groups {
         for record in group? {
-            add(&mut out, policy, record)?;
+            out.add(policy, record)?;
         }
     }
     Ok(out)

@@ -410,6 +410,42 @@ impl ReadOutcome {
         self.blank_lines += other.blank_lines;
         self.filtered_out += other.filtered_out;
     }
+
+    /// Takes one record as read: counted and kept, or, when it is invalid and `policy` skips,
+    /// listed with its reason; any other error is returned.
+    pub fn add(&mut self, policy: InvalidPolicy, record: Result<Record>) -> Result<()> {
+        match record {
+            Ok(rec) => {
+                *self.per_format.entry(rec.format).or_default() += 1;
+                self.records.push(rec);
+                Ok(())
+            }
+            Err(e) => {
+                self.skipped.push(skipped(policy, e)?);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// An invalid record's place and reason when `policy` skips it (`field `x`: reason`); the error
+/// itself otherwise, or when it is not about one record.
+pub(crate) fn skipped(policy: InvalidPolicy, e: Error) -> Result<(Source, String)> {
+    match e {
+        Error::Record {
+            file,
+            line,
+            field,
+            reason,
+        } if policy == InvalidPolicy::Skip => {
+            let reason = match field {
+                Some(f) => format!("field `{f}`: {reason}"),
+                None => reason,
+            };
+            Ok((Source { file, line }, reason))
+        }
+        e => Err(e),
+    }
 }
 
 /// Reads a JSONL file. `format: None` detects the format per line. Lines are parsed in parallel;
@@ -438,28 +474,7 @@ pub fn read_jsonl(
     for item in parsed {
         match item {
             None => out.blank_lines += 1,
-            Some(Ok(rec)) => {
-                *out.per_format.entry(rec.format).or_default() += 1;
-                out.records.push(rec);
-            }
-            Some(Err(e)) => match (policy, e) {
-                (
-                    InvalidPolicy::Skip,
-                    Error::Record {
-                        file,
-                        line,
-                        field,
-                        reason,
-                    },
-                ) => {
-                    let reason = match field {
-                        Some(f) => format!("field `{f}`: {reason}"),
-                        None => reason,
-                    };
-                    out.skipped.push((Source { file, line }, reason));
-                }
-                (_, e) => return Err(e),
-            },
+            Some(record) => out.add(policy, record)?,
         }
     }
     Ok(out)

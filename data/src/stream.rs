@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::record::parse_line;
+use crate::record::{parse_line, skipped};
 use crate::{Error, Format, InvalidPolicy, Record, Result, Source};
 
 /// The records of data files, in file and line (or row) order, read lazily. Invalid lines are
@@ -82,19 +82,7 @@ impl RecordStream {
             match parse_line(path, *line_no, raw, self.format) {
                 None => self.blank_lines += 1,
                 Some(Ok(record)) => return Ok(Some(record)),
-                Some(Err(Error::Record {
-                    file,
-                    line,
-                    field,
-                    reason,
-                })) if self.policy == InvalidPolicy::Skip => {
-                    let reason = match field {
-                        Some(f) => format!("field `{f}`: {reason}"),
-                        None => reason,
-                    };
-                    self.skipped.push((Source { file, line }, reason));
-                }
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => self.skipped.push(skipped(self.policy, e)?),
             }
         }
     }
