@@ -1257,33 +1257,22 @@ fn toml_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
             }
             6 => {
                 // A required section or key missing.
+                let without = |from: &str, to: &str| {
+                    let (start, end) = (line_of(from), line_of(to));
+                    lines[..start]
+                        .iter()
+                        .chain(&lines[end..])
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
                 match rng.below(3) {
-                    0 => {
-                        let start = line_of("[data]");
-                        let end = line_of("[optim]");
-                        let text = lines[..start]
-                            .iter()
-                            .chain(&lines[end..])
-                            .copied()
-                            .collect::<Vec<_>>()
-                            .join("\n");
-                        ("[data] removed".into(), text, None)
-                    }
+                    0 => ("[data] removed".into(), without("[data]", "[optim]"), None),
                     1 => {
                         let l = line_of("train = ");
                         ("data.train removed".into(), with_line(l, ""), None)
                     }
-                    _ => {
-                        let start = line_of("[model]");
-                        let end = line_of("[data]");
-                        let text = lines[..start]
-                            .iter()
-                            .chain(&lines[end..])
-                            .copied()
-                            .collect::<Vec<_>>()
-                            .join("\n");
-                        ("[model] removed".into(), text, None)
-                    }
+                    _ => ("[model] removed".into(), without("[model]", "[data]"), None),
                 }
             }
             _ => {
