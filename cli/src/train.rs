@@ -264,11 +264,20 @@ impl Progress {
                 total_steps,
                 start_step,
                 n_params,
+                n_frozen,
                 out_dir,
                 device,
             } => {
+                let frozen = match n_frozen {
+                    0 => String::new(),
+                    n => format!(
+                        " (LoRA: {:.2}% of {:.2}M; the base is frozen)",
+                        100.0 * n_params as f64 / (n_params + n) as f64,
+                        (n_params + n) as f64 / 1e6
+                    ),
+                };
                 self.line(&format!(
-                    "training {:.2}M parameters on {device} for {total_steps} steps into {}{}",
+                    "training {:.2}M parameters{frozen} on {device} for {total_steps} steps into {}{}",
                     n_params as f64 / 1e6,
                     out_dir.display(),
                     if start_step > 0 {

@@ -19,23 +19,25 @@ use candle_core::{Tensor, TensorId};
 
 use crate::{kernels, Result};
 
-/// Parameter gradients as a backward pass produces them, one slot per parameter of the model
-/// (`Model::params` order), found by the detached weight tensor the forward pass read. A slot
-/// may start with a seed, which the model's gradient is added to (seed first).
+/// Parameter gradients as a backward pass produces them, one slot per trainable parameter of
+/// the model (`Model::params` order), found by the detached weight tensor the forward pass read;
+/// a frozen tensor (LoRA's base) has none. A slot may start with a seed, which the model's
+/// gradient is added to (seed first).
 pub(crate) struct Grads<'a> {
-    slots: &'a HashMap<TensorId, usize>,
+    slots: &'a HashMap<TensorId, Option<usize>>,
     out: Vec<Option<Tensor>>,
 }
 
 impl<'a> Grads<'a> {
     pub(crate) fn new(
-        slots: &'a HashMap<TensorId, usize>,
+        slots: &'a HashMap<TensorId, Option<usize>>,
         seeds: Vec<Option<Tensor>>,
     ) -> Grads<'a> {
         Grads { slots, out: seeds }
     }
 
-    fn slot(&self, param: &Tensor) -> Result<usize> {
+    /// The slot of `param`: `None` when it is frozen.
+    fn slot(&self, param: &Tensor) -> Result<Option<usize>> {
         match self.slots.get(&param.id()) {
             Some(&i) => Ok(i),
             None => Err(crate::Error::Input {
@@ -44,9 +46,16 @@ impl<'a> Grads<'a> {
         }
     }
 
-    /// Adds `g` to the gradient of `param`.
+    /// Whether `param` takes a gradient: a frozen weight's product is not computed at all.
+    pub(crate) fn wants(&self, param: &Tensor) -> bool {
+        matches!(self.slots.get(&param.id()), Some(Some(_)))
+    }
+
+    /// Adds `g` to the gradient of `param` (nothing for a frozen one).
     pub(crate) fn put(&mut self, param: &Tensor, g: Tensor) -> Result<()> {
-        let i = self.slot(param)?;
+        let Some(i) = self.slot(param)? else {
+            return Ok(());
+        };
         self.out[i] = Some(match self.out[i].take() {
             None => g,
             Some(prev) => {
@@ -63,7 +72,9 @@ impl<'a> Grads<'a> {
     /// `zeros.index_add(ids, rows)` and an addition would fill and pass over the whole table twice
     /// (545 MB for Qwen2.5-0.5B). The same sums, so the same bits.
     pub(crate) fn put_rows(&mut self, param: &Tensor, ids: &Tensor, rows: &Tensor) -> Result<()> {
-        let i = self.slot(param)?;
+        let Some(i) = self.slot(param)? else {
+            return Ok(());
+        };
         let dst = match self.out[i].take() {
             Some(seed) => seed,
             None => param.zeros_like()?.to_dtype(rows.dtype())?,

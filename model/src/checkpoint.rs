@@ -20,14 +20,14 @@ use safetensors::tensor::TensorView;
 use serde_json::{json, Map, Value};
 
 use crate::params::{param_specs, var_from_f32};
-use crate::{check_dtype, dtype_name, Error, Model, ModelConfig, Result};
+use crate::{check_dtype, dtype_name, input_error, Error, Model, ModelConfig, Result};
 
-const CONFIG_FILE: &str = "config.json";
+pub(crate) const CONFIG_FILE: &str = "config.json";
 const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 const WEIGHTS_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -37,7 +37,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// Which header entry of a safetensors file contradicts itself, for the error of a file the
 /// `safetensors` crate refused without naming the tensor: the first whose byte range is not its
 /// element count times its dtype's size, or whose dtype is unknown.
-fn header_problem(path: &Path) -> Option<String> {
+pub(crate) fn header_problem(path: &Path) -> Option<String> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
@@ -90,7 +90,7 @@ fn header_problem(path: &Path) -> Option<String> {
     None
 }
 
-fn checkpoint_error(path: &Path, reason: impl Into<String>) -> Error {
+pub(crate) fn checkpoint_error(path: &Path, reason: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_path_buf(),
         reason: reason.into(),
@@ -195,7 +195,7 @@ impl Model {
             })?;
             params.push((spec.name.clone(), var));
         }
-        Model::assemble(cfg, params, dtype, device, false, None)
+        Model::assemble(cfg, crate::Parts::full(params), dtype, device, false, None)
     }
 
     /// Writes `dir/config.json`, `dir/generation_config.json` (Qwen family) and
@@ -203,6 +203,13 @@ impl Model {
     /// Tokenizer files are the caller's business.
     pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
         check_dtype(dtype)?;
+        if self.lora.is_some() {
+            // Its weights are the base's plus an update: the caller picks the adapter
+            // (`save_adapter`) or the merged weights (`merged`).
+            return input_error(
+                "a model with LoRA adapters is saved with save_adapter, or merged first",
+            );
+        }
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
 
         let mut config = self.cfg.to_json_value();
@@ -244,7 +251,7 @@ impl Model {
     }
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("a JSON value always serialises") + "\n";
     std::fs::write(path, text).map_err(io_error(path))
 }
@@ -292,7 +299,7 @@ fn st_dtype(dtype: safetensors::Dtype) -> Option<DType> {
 
 /// One stored tensor as a `Var` of `dtype`. The common case (CPU, f32 target) decodes straight
 /// from the mapped bytes into the var's buffer.
-fn view_to_var(view: &TensorView<'_>, dtype: DType, device: &Device) -> Result<Var> {
+pub(crate) fn view_to_var(view: &TensorView<'_>, dtype: DType, device: &Device) -> Result<Var> {
     let src = st_dtype(view.dtype()).ok_or_else(|| {
         candle_core::Error::Msg(format!(
             "stored dtype {:?} is not a float type",
@@ -330,7 +337,11 @@ fn view_to_var(view: &TensorView<'_>, dtype: DType, device: &Device) -> Result<V
 
 /// Writes a safetensors file: an 8-byte little-endian header length, the JSON header (padded
 /// with spaces to a multiple of 8 bytes), then each tensor's little-endian bytes in order.
-fn write_safetensors(path: &Path, tensors: &[(&str, Tensor)], dtype: DType) -> Result<()> {
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &[(&str, Tensor)],
+    dtype: DType,
+) -> Result<()> {
     let st_name = match dtype {
         DType::F32 => "F32",
         DType::F64 => "F64",

@@ -167,7 +167,7 @@ impl Gpt {
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = 1 + 3 * i as u64;
             let h1 = self.norm(&blk.ln_1, &x)?;
-            let qkv = blk.c_attn.forward(&h1)?;
+            let qkv = blk.c_attn.forward(&h1, dropout_seed)?;
             let probs = keep.is_some().then(ops::Kept::default);
             let y = match kv.as_deref_mut() {
                 None => {
@@ -179,11 +179,11 @@ impl Gpt {
                     ops::attention(&q, &k, &v, mask, dropout(site).as_ref(), None)?
                 }
             };
-            let mid = residual(&x, blk.attn_proj.forward(&y)?, site + 1)?;
+            let mid = residual(&x, blk.attn_proj.forward(&y, dropout_seed)?, site + 1)?;
             let h2 = self.norm(&blk.ln_2, &mid)?;
-            let f = blk.c_fc.forward(&h2)?;
+            let f = blk.c_fc.forward(&h2, dropout_seed)?;
             let g = ops::gelu(&f)?;
-            let out = residual(&mid, blk.mlp_proj.forward(&g)?, site + 2)?;
+            let out = residual(&mid, blk.mlp_proj.forward(&g, dropout_seed)?, site + 2)?;
             if let Some((blocks, _)) = keep.as_mut() {
                 blocks.push(BlockTrace {
                     x,
@@ -210,7 +210,8 @@ impl Gpt {
     /// (b, t, n_embd) that [`Gpt::forward_traced`] returned.
     pub(crate) fn backward(&self, tr: GptTrace, grad: &Tensor, grads: &mut Grads) -> Result<()> {
         let heads = self.cfg.n_head;
-        let dropout = |site: u64| self.dropout(tr.dropout_seed, site);
+        let seed = tr.dropout_seed;
+        let dropout = |site: u64| self.dropout(seed, site);
         // x + dropout(h): x takes the gradient as it is, h the gradient times the mask.
         let branch = |g: &Tensor, site: u64| -> Result<Tensor> {
             match dropout(site) {
@@ -223,14 +224,14 @@ impl Gpt {
             let site = 1 + 3 * i as u64;
             let dg = blk
                 .mlp_proj
-                .backward(&a.g, &branch(&dx, site + 2)?, grads)?;
+                .backward(&a.g, &branch(&dx, site + 2)?, grads, seed)?;
             let df = kernels::gelu_backward(&a.f, &dg)?;
-            let dh2 = blk.c_fc.backward(&a.h2, &df, grads)?;
+            let dh2 = blk.c_fc.backward(&a.h2, &df, grads, seed)?;
             // The residual branch's gradient first, as candle's backward adds them.
             dx = (dx + self.norm_backward(&blk.ln_2, &a.mid, &dh2, grads)?)?;
             let dy = blk
                 .attn_proj
-                .backward(&a.y, &branch(&dx, site + 1)?, grads)?;
+                .backward(&a.y, &branch(&dx, site + 1)?, grads, seed)?;
             let dqkv = ops::attention_qkv_backward(
                 &a.qkv,
                 &a.y,
@@ -240,7 +241,7 @@ impl Gpt {
                 dropout(site).as_ref(),
                 a.probs.as_ref(),
             )?;
-            let dh1 = blk.c_attn.backward(&a.h1, &dqkv, grads)?;
+            let dh1 = blk.c_attn.backward(&a.h1, &dqkv, grads, seed)?;
             dx = (dx + self.norm_backward(&blk.ln_1, &a.x, &dh1, grads)?)?;
         }
         let dx = dx.flatten_to(1)?;

@@ -22,6 +22,7 @@ pub mod generate;
 mod gpt;
 mod kernels;
 mod linear;
+pub mod lora;
 pub mod manifest;
 pub mod math;
 mod norm;
@@ -40,6 +41,7 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use crate::backward::Grads;
 pub use crate::config::{GptConfig, ModelConfig, Qwen2Config, GPT_MODEL_TYPE};
 use crate::gpt::{Gpt, GptTrace};
+pub use crate::lora::LoraConfig;
 use crate::ops::Rope;
 use crate::qwen2::{Qwen2, Qwen2Trace};
 
@@ -101,6 +103,8 @@ pub enum AttentionMask<'a> {
 /// Weights by name, for assembling a network from its parameter list.
 pub(crate) struct Weights {
     map: HashMap<String, Tensor>,
+    /// LoRA's (scale, dropout) when the map holds adapters (`<module>.lora_A.weight`, ...).
+    lora: Option<(f64, f64)>,
 }
 
 impl Weights {
@@ -114,6 +118,14 @@ impl Weights {
 
     fn maybe(&self, name: &str) -> Option<Tensor> {
         self.map.get(name).cloned()
+    }
+
+    /// The adapter of the linear module `name`, when it has one.
+    fn adapter(&self, name: &str) -> Option<ops::Adapter> {
+        let (scale, dropout) = self.lora?;
+        let a = self.maybe(&lora::a_name(name))?;
+        let b = self.get(&lora::b_name(name));
+        Some(ops::Adapter::new(name, a, b, scale, dropout))
     }
 }
 
@@ -172,14 +184,44 @@ enum Net {
 #[derive(Debug)]
 pub struct Model {
     cfg: ModelConfig,
+    /// The trainable tensors (all of them without LoRA).
     params: Vec<(String, Var)>,
+    /// Base tensors that LoRA training leaves as they are.
+    frozen: Vec<(String, Var)>,
+    lora: Option<Adapters>,
     net: Net,
     /// The network over detached copies of the weights (same storage, no graph), for
-    /// [`Model::forward_traced`]; `slots` maps each of those tensors to its `params` index.
+    /// [`Model::forward_traced`]; `slots` maps each of those tensors to its `params` index, and
+    /// a frozen one to `None`.
     plain: Net,
-    slots: HashMap<TensorId, usize>,
+    slots: HashMap<TensorId, Option<usize>>,
     dtype: DType,
     device: Device,
+}
+
+/// A model's tensors, split into trainable and frozen, and its adapters.
+pub(crate) struct Parts {
+    params: Vec<(String, Var)>,
+    frozen: Vec<(String, Var)>,
+    lora: Option<Adapters>,
+}
+
+impl Parts {
+    /// Every tensor trainable, no adapters: full fine-tuning.
+    pub(crate) fn full(params: Vec<(String, Var)>) -> Parts {
+        Parts {
+            params,
+            frozen: Vec::new(),
+            lora: None,
+        }
+    }
+}
+
+/// A model's LoRA settings and what they adapt.
+#[derive(Debug, Clone)]
+pub(crate) struct Adapters {
+    config: LoraConfig,
+    plan: lora::Plan,
 }
 
 /// The activations a training forward pass keeps for [`Model::backward`].
@@ -198,18 +240,25 @@ impl Model {
         check_dtype(dtype)?;
         let specs = params::param_specs(cfg);
         let params = params::init_params(&specs, seed, dtype, device)?;
-        Model::assemble(cfg.clone(), params, dtype, device, false, None)
+        Model::assemble(cfg.clone(), Parts::full(params), dtype, device, false, None)
     }
 
-    /// Builds the network on `params`; `detached` builds it on graph-free views of them.
+    /// Builds the network on `parts`; `detached` builds it on graph-free views of them. Frozen
+    /// tensors are always detached, so candle's backward does not reach them either.
     fn assemble(
         cfg: ModelConfig,
-        params: Vec<(String, Var)>,
+        parts: Parts,
         dtype: DType,
         device: &Device,
         detached: bool,
         rope: Option<Rope>,
     ) -> Result<Model> {
+        let Parts {
+            params,
+            frozen,
+            lora,
+        } = parts;
+        let lora_weights = lora.as_ref().map(|l| (l.config.scale(), l.config.dropout));
         let weights = |detach: bool| Weights {
             map: params
                 .iter()
@@ -220,7 +269,13 @@ impl Model {
                     };
                     (n.clone(), t)
                 })
+                .chain(
+                    frozen
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.as_detached_tensor())),
+                )
                 .collect(),
+            lora: lora_weights,
         };
         let rope = match (&cfg, rope) {
             (ModelConfig::Qwen2(c), None) => Some(Rope::new(
@@ -247,13 +302,15 @@ impl Model {
         let slots = plain_weights
             .map
             .iter()
-            .map(|(n, t)| (t.id(), index[n.as_str()]))
+            .map(|(n, t)| (t.id(), index.get(n.as_str()).copied()))
             .collect();
         let net = build(&weights(detached));
         let plain = build(&plain_weights);
         Ok(Model {
             cfg,
             params,
+            frozen,
+            lora,
             net,
             plain,
             slots,
@@ -267,9 +324,28 @@ impl Model {
     }
 
     /// Every trainable tensor exactly once, under its Hugging Face name, in construction order:
-    /// embeddings, layers in order, final norm, `lm_head.weight` when untied.
+    /// embeddings, layers in order, final norm, `lm_head.weight` when untied. With LoRA: the
+    /// adapters (`<module>.lora_A.weight`, `.lora_B.weight`) and the `modules_to_save` tensors.
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
+    }
+
+    /// The base tensors LoRA training leaves unchanged (empty without LoRA).
+    pub fn frozen(&self) -> &[(String, Var)] {
+        &self.frozen
+    }
+
+    /// The LoRA settings when the model carries adapters.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|l| &l.config)
+    }
+
+    /// The index in [`Model::params`] of a trainable tensor (by identity), `None` for a frozen
+    /// one or a tensor of another model.
+    pub fn param_index(&self, t: &Tensor) -> Option<usize> {
+        self.params
+            .iter()
+            .position(|(_, v)| v.as_tensor().id() == t.id())
     }
 
     pub fn dtype(&self) -> DType {
@@ -297,13 +373,22 @@ impl Model {
         };
         Model::assemble(
             self.cfg.clone(),
-            self.params.clone(),
+            self.parts(),
             self.dtype,
             &self.device,
             true,
             rope,
         )
         .expect("re-assembling an existing model cannot fail")
+    }
+
+    /// The model's tensors (shared storage) and adapters, to re-assemble it.
+    fn parts(&self) -> Parts {
+        Parts {
+            params: self.params.clone(),
+            frozen: self.frozen.clone(),
+            lora: self.lora.clone(),
+        }
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -338,7 +423,9 @@ impl Model {
     ) -> Result<Tensor> {
         let mask = self.mask(input_ids, positions, mask)?;
         match &self.net {
-            Net::Qwen2(m) => m.forward_hidden(input_ids, positions, Some(&mask), None),
+            Net::Qwen2(m) => {
+                m.forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed)
+            }
             Net::Gpt(m) => m.forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed),
         }
     }
@@ -362,7 +449,7 @@ impl Model {
             return Ok(None);
         }
         Ok(Some(match &self.plain {
-            Net::Qwen2(m) => match m.forward_traced(input_ids, positions, &mask)? {
+            Net::Qwen2(m) => match m.forward_traced(input_ids, positions, &mask, dropout_seed)? {
                 Some((h, tr)) => (h, Trace(TraceOf::Qwen2(tr))),
                 None => return Ok(None),
             },
@@ -489,6 +576,7 @@ impl Model {
                 &positions,
                 mask.as_ref(),
                 Some(cache.layers.as_mut_slice()),
+                None,
             ),
             Net::Gpt(m) => m.forward_hidden(
                 input_ids,
@@ -563,6 +651,16 @@ pub fn linear_grads(
             Ok(Some((dx, acc.clone())))
         }
     }
+}
+
+/// The input gradient `grad w` of `y = x w^T` alone (a frozen output layer), through `gemm`;
+/// `None` where that does not run (not CPU f32/f64, mixed dtypes or shapes).
+pub fn linear_input_grad(w: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    let fits = matches!((w.dims(), grad.dims()), (&[v, _], &[_, v2]) if v == v2);
+    if !kernels::fusable(grad) || w.dtype() != grad.dtype() || !fits {
+        return Ok(None);
+    }
+    Ok(Some(linear::dense_input_grad(&w.contiguous()?, grad)?))
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {

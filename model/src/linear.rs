@@ -23,7 +23,11 @@ fn parallelism() -> Parallelism {
     }
 }
 
-struct Dense;
+/// `weight_grad: false` for a weight candle's backward does not track (a frozen LoRA base):
+/// its product is not computed.
+struct Dense {
+    weight_grad: bool,
+}
 
 /// (rows, n_in, n_out) of `x` (.., n_in) against `w` (n_out, n_in).
 fn dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
@@ -161,13 +165,14 @@ pub(crate) fn dense_input_grad(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Gradients of the input, the weight and (with `bias`) the bias.
+/// Gradients of the input, the weight (with `weight_grad`) and (with `bias`) the bias.
 fn backward<T: Element>(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
     bias: bool,
-) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+    weight_grad: bool,
+) -> candle_core::Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let grad = grad.contiguous()?;
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
@@ -178,16 +183,17 @@ fn backward<T: Element>(
     let g = slice_of::<T>(cpu(&gs)?, gl, "dense: the gradient")?;
     let dx = input_grad(g, wv, (rows, n_in, n_out));
     // SAFETY: a product that does not accumulate writes every element.
-    let dw = unsafe {
+    let dw = weight_grad.then(|| unsafe {
         written_by(n_out * n_in, |dw| {
-            weight_grad(dw, false, g, xv, (rows, n_out, n_in))
+            self::weight_grad(dw, false, g, xv, (rows, n_out, n_in))
         })
-    };
+    });
     let db = bias.then(|| column_sums(g, n_out));
     let dev = x.device();
     Ok((
         Tensor::from_vec(dx, x.shape(), dev)?,
-        Tensor::from_vec(dw, w.shape(), dev)?,
+        dw.map(|dw| Tensor::from_vec(dw, w.shape(), dev))
+            .transpose()?,
         db.map(|db| Tensor::from_vec(db, n_out, dev)).transpose()?,
     ))
 }
@@ -209,17 +215,14 @@ impl ParamOp for Dense {
         params: &[&Tensor],
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)> {
-        let (dx, dw, db) = backward::<T>(x, params[0], grad, params.len() == 2)?;
+        let (dx, dw, db) = backward::<T>(x, params[0], grad, params.len() == 2, self.weight_grad)?;
         let db = match (db, params.get(1)) {
             (Some(db), Some(b)) => Some(db.reshape(b.shape())?),
             _ => None,
         };
         Ok((
             dx,
-            [Some(dw)]
-                .into_iter()
-                .chain(params.get(1).map(|_| db))
-                .collect(),
+            [dw].into_iter().chain(params.get(1).map(|_| db)).collect(),
         ))
     }
 }
@@ -234,7 +237,10 @@ pub(crate) fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option
     if !fusable(x) || !w_fits || !b_fits || x.elem_count() == 0 {
         return Ok(None);
     }
-    Ok(Some(WithParams::apply(Dense, x, w, b)?))
+    let op = Dense {
+        weight_grad: w.track_op(),
+    };
+    Ok(Some(WithParams::apply(op, x, w, b)?))
 }
 
 /// `acc += grad^T x` in place (`acc` (n_out, n_in), `grad` (rows, n_out), `x` (rows, n_in)):
@@ -305,7 +311,15 @@ pub(crate) fn dense_backward(
     b: Option<&Tensor>,
     grad: &Tensor,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    WithParams(Dense).gradients(x, (w, b), grad)
+    WithParams(Dense { weight_grad: true }).gradients(x, (w, b), grad)
+}
+
+/// The gradient of [`dense`]'s input `x` (.., n_in) alone, from its output's: a frozen weight's
+/// backward.
+pub(crate) fn dense_backward_input(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let n_out = w.dim(0)?;
+    let g = grad.reshape(((), n_out))?;
+    Ok(dense_input_grad(w, &g)?.reshape(x.shape())?)
 }
 
 #[cfg(test)]

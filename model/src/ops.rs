@@ -79,6 +79,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 pub(crate) struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    lora: Option<Adapter>,
 }
 
 impl Linear {
@@ -86,22 +87,114 @@ impl Linear {
         Linear {
             w: w.get(&format!("{name}.weight")),
             b: w.maybe(&format!("{name}.bias")),
+            lora: w.adapter(name),
         }
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &self.w, self.b.as_ref())
+    /// `x W^T + b`, plus the adapter's update when there is one (its dropout drawn from
+    /// `dropout_seed` in training).
+    pub(crate) fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let y = linear(x, &self.w, self.b.as_ref())?;
+        match &self.lora {
+            None => Ok(y),
+            Some(a) => Ok((y + a.forward(x, dropout_seed)?)?),
+        }
     }
 
     /// The gradient of the input `x` of a fused [`Linear::forward`]; the weight's and bias's go
-    /// to `grads`.
-    pub(crate) fn backward(&self, x: &Tensor, grad: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let (dx, dw, db) = crate::linear::dense_backward(x, &self.w, self.b.as_ref(), grad)?;
-        grads.put(&self.w, dw)?;
-        if let (Some(b), Some(db)) = (&self.b, db) {
-            grads.put(b, db)?;
+    /// to `grads` (a frozen weight's product is skipped), and so do the adapter's.
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        grad: &Tensor,
+        grads: &mut Grads,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let dx = if grads.wants(&self.w) {
+            let (dx, dw, db) = crate::linear::dense_backward(x, &self.w, self.b.as_ref(), grad)?;
+            grads.put(&self.w, dw)?;
+            if let (Some(b), Some(db)) = (&self.b, db) {
+                grads.put(b, db)?;
+            }
+            dx
+        } else {
+            crate::linear::dense_backward_input(x, &self.w, grad)?
+        };
+        match &self.lora {
+            None => Ok(dx),
+            Some(a) => Ok((dx + a.backward(x, grad, grads, dropout_seed)?)?),
         }
-        Ok(dx)
+    }
+}
+
+/// A LoRA adapter on a linear layer: `scale * dropout(x) A^T B^T`.
+#[derive(Debug, Clone)]
+pub(crate) struct Adapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    dropout: f64,
+    /// The dropout site: a stream of its own per adapted module.
+    site: u64,
+}
+
+impl Adapter {
+    pub(crate) fn new(module: &str, a: Tensor, b: Tensor, scale: f64, dropout: f64) -> Adapter {
+        // The high bit keeps these streams apart from the GPT's numbered sites.
+        let site = crate::params::fnv1a(module.as_bytes()) | 1 << 63;
+        Adapter {
+            a,
+            b,
+            scale,
+            dropout,
+            site,
+        }
+    }
+
+    fn dropout(&self, seed: Option<u64>) -> Option<Dropout> {
+        seed.filter(|_| self.dropout > 0.0).map(|seed| Dropout {
+            p: self.dropout,
+            seed,
+            site: self.site,
+        })
+    }
+
+    /// The dropped input and `u = dropout(x) A^T`.
+    fn down(&self, x: &Tensor, seed: Option<u64>) -> Result<(Tensor, Tensor)> {
+        let xd = match self.dropout(seed) {
+            Some(d) => kernels::dropout(x, &d)?,
+            None => x.clone(),
+        };
+        let u = linear(&xd, &self.a, None)?;
+        Ok((xd, u))
+    }
+
+    /// `scale * (u B^T)`, multiplied after the product as PEFT does.
+    fn forward(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+        let (_, u) = self.down(x, seed)?;
+        Ok(linear(&u, &self.b, None)?.affine(self.scale, 0.0)?)
+    }
+
+    /// The adapter's share of the input's gradient; A's and B's go to `grads`. The dropped
+    /// input and `u` are recomputed (r columns: a few percent of the layer's product) rather
+    /// than kept for every layer.
+    fn backward(
+        &self,
+        x: &Tensor,
+        grad: &Tensor,
+        grads: &mut Grads,
+        seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let (xd, u) = self.down(x, seed)?;
+        let dv = grad.affine(self.scale, 0.0)?;
+        let (du, db, _) = crate::linear::dense_backward(&u, &self.b, None, &dv)?;
+        grads.put(&self.b, db)?;
+        let (dxd, da, _) = crate::linear::dense_backward(&xd, &self.a, None, &du)?;
+        grads.put(&self.a, da)?;
+        match self.dropout(seed) {
+            Some(d) => Ok(kernels::dropout_backward(&d, &dxd)?),
+            None => Ok(dxd),
+        }
     }
 }
 

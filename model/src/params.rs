@@ -23,6 +23,22 @@ pub(crate) enum Init {
     Zeros,
     /// Norm gains.
     Ones,
+    /// Uniform(-bound, bound): LoRA's A matrices (PEFT's Kaiming-uniform with a = sqrt(5)).
+    Uniform(f64),
+}
+
+/// What a parameter is to the network: LoRA adapts [`Kind::Linear`] weights only, and
+/// `modules_to_save` finds modules by these names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A token or position table.
+    Embedding,
+    /// A dense layer's weight or bias (not the output head).
+    Linear,
+    /// The untied output head.
+    Head,
+    /// A norm's gain or shift.
+    Norm,
 }
 
 #[derive(Debug, Clone)]
@@ -30,13 +46,30 @@ pub(crate) struct ParamSpec {
     pub(crate) name: String,
     pub(crate) shape: Vec<usize>,
     pub(crate) init: Init,
+    pub(crate) kind: Kind,
+}
+
+impl ParamSpec {
+    /// The module the tensor belongs to: its name without `.weight` / `.bias`.
+    pub(crate) fn module(&self) -> &str {
+        self.name.rsplit_once('.').map_or(&self.name, |(m, _)| m)
+    }
 }
 
 fn spec(name: String, shape: &[usize], init: Init) -> ParamSpec {
+    let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
+    let last = module.rsplit('.').next().unwrap_or(module);
+    let kind = match last {
+        "embed_tokens" | "wte" | "wpe" => Kind::Embedding,
+        "lm_head" => Kind::Head,
+        _ if last.contains("norm") || last.starts_with("ln_") => Kind::Norm,
+        _ => Kind::Linear,
+    };
     ParamSpec {
         name,
         shape: shape.to_vec(),
         init,
+        kind,
     }
 }
 
@@ -167,6 +200,13 @@ fn init_values(spec: &ParamSpec, seed: u64) -> Vec<f32> {
     match spec.init {
         Init::Zeros => vec![0.0; n],
         Init::Ones => vec![1.0; n],
+        Init::Uniform(bound) => {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(fnv1a(spec.name.as_bytes()));
+            let dist = rand_distr::Uniform::new_inclusive(-bound as f32, bound as f32)
+                .expect("a finite bound");
+            (0..n).map(|_| dist.sample(&mut rng)).collect()
+        }
         Init::Normal(std) => {
             let mut v = vec![0f32; n];
             let std = std as f32;

@@ -17,9 +17,9 @@ struct Layer {
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     input_norm: Tensor,
     post_norm: Tensor,
 }
@@ -46,9 +46,9 @@ impl Qwen2 {
                     o: Linear::new(w, &p("self_attn.o_proj")),
                     q_norm: w.maybe(&p("self_attn.q_norm.weight")),
                     k_norm: w.maybe(&p("self_attn.k_norm.weight")),
-                    gate: w.get(&p("mlp.gate_proj.weight")),
-                    up: w.get(&p("mlp.up_proj.weight")),
-                    down: w.get(&p("mlp.down_proj.weight")),
+                    gate: Linear::new(w, &p("mlp.gate_proj")),
+                    up: Linear::new(w, &p("mlp.up_proj")),
+                    down: Linear::new(w, &p("mlp.down_proj")),
                     input_norm: w.get(&p("input_layernorm.weight")),
                     post_norm: w.get(&p("post_attention_layernorm.weight")),
                 }
@@ -78,15 +78,17 @@ impl Qwen2 {
     }
 
     /// Hidden states after the final norm. `mask` is additive (see `ops::segment_mask`); `kv`,
-    /// when given, holds one entry per layer that this call extends.
+    /// when given, holds one entry per layer that this call extends. `dropout_seed: Some(_)` is
+    /// training mode (only LoRA adapters have dropout here).
     pub(crate) fn forward_hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         mask: Option<&ops::Mask>,
         kv: Option<&mut [LayerKv]>,
+        dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
-        self.run(ids, positions, mask, kv, None)
+        self.run(ids, positions, mask, kv, dropout_seed, None)
     }
 
     /// [`Qwen2::forward_hidden`] for training with [`Qwen2::backward`]: the hidden states and
@@ -97,6 +99,7 @@ impl Qwen2 {
         ids: &Tensor,
         positions: &Tensor,
         mask: &ops::Mask,
+        dropout_seed: Option<u64>,
     ) -> Result<Option<(Tensor, Qwen2Trace)>> {
         if !self.cfg.head_dim().is_multiple_of(2) {
             return Ok(None);
@@ -104,11 +107,19 @@ impl Qwen2 {
         let mut tr = Qwen2Trace {
             ids: ids.flatten_all()?,
             mask: mask.clone(),
+            dropout_seed,
             tables: None,
             layers: Vec::with_capacity(self.layers.len()),
             last: None,
         };
-        let hidden = self.run(ids, positions, Some(mask), None, Some(&mut tr))?;
+        let hidden = self.run(
+            ids,
+            positions,
+            Some(mask),
+            None,
+            dropout_seed,
+            Some(&mut tr),
+        )?;
         Ok(Some((hidden, tr)))
     }
 
@@ -118,6 +129,7 @@ impl Qwen2 {
         positions: &Tensor,
         mask: Option<&ops::Mask>,
         mut kv: Option<&mut [LayerKv]>,
+        seed: Option<u64>,
         mut keep: Option<&mut Qwen2Trace>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -131,7 +143,7 @@ impl Qwen2 {
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = kv.as_deref_mut().map(|kv| &mut kv[i]);
             let traced = keep.is_some();
-            let (out, acts) = self.layer(layer, &x, (&cos, &sin), mask, cache, traced)?;
+            let (out, acts) = self.layer(layer, &x, (&cos, &sin), mask, cache, traced, seed)?;
             if let Some(tr) = keep.as_deref_mut() {
                 tr.layers.push(acts);
             }
@@ -147,6 +159,7 @@ impl Qwen2 {
 
     /// A decoder layer's output, and its activations for [`Qwen2::backward`] (`traced`: with
     /// the attention's probabilities kept).
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         l: &Layer,
@@ -155,6 +168,7 @@ impl Qwen2 {
         mask: Option<&ops::Mask>,
         cache: Option<&mut LayerKv>,
         traced: bool,
+        seed: Option<u64>,
     ) -> Result<(Tensor, LayerTrace)> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
@@ -162,9 +176,9 @@ impl Qwen2 {
         let eps = c.rms_norm_eps;
 
         let h = ops::rms_norm(x, &l.input_norm, eps)?;
-        let q_in = l.q.forward(&h)?.reshape((b, t, heads, hd))?;
-        let k_in = l.k.forward(&h)?.reshape((b, t, kv_heads, hd))?;
-        let v = l.v.forward(&h)?.reshape((b, t, kv_heads, hd))?;
+        let q_in = l.q.forward(&h, seed)?.reshape((b, t, heads, hd))?;
+        let k_in = l.k.forward(&h, seed)?.reshape((b, t, kv_heads, hd))?;
+        let v = l.v.forward(&h, seed)?.reshape((b, t, kv_heads, hd))?;
         let (q_pre, k_pre) = match (&l.q_norm, &l.k_norm) {
             (Some(qn), Some(kn)) => (
                 ops::rms_norm(&q_in, qn, eps)?,
@@ -181,13 +195,13 @@ impl Qwen2 {
         };
         let probs = traced.then(ops::Kept::default);
         let y = ops::attention(&q, &k, &v, mask, None, probs.as_ref())?;
-        let mid = (x + l.o.forward(&y)?)?;
+        let mid = (x + l.o.forward(&y, seed)?)?;
 
         let h2 = ops::rms_norm(&mid, &l.post_norm, eps)?;
-        let gate = ops::linear(&h2, &l.gate, None)?;
-        let up = ops::linear(&h2, &l.up, None)?;
+        let gate = l.gate.forward(&h2, seed)?;
+        let up = l.up.forward(&h2, seed)?;
         let m = ops::silu_mul(&gate, &up)?;
-        let out = (&mid + ops::linear(&m, &l.down, None)?)?;
+        let out = (&mid + l.down.forward(&m, seed)?)?;
         let acts = LayerTrace {
             x: x.clone(),
             h,
@@ -223,21 +237,18 @@ impl Qwen2 {
             .last
             .as_ref()
             .expect("the forward pass keeps the final norm's input");
+        let seed = tr.dropout_seed;
         let mut dx = rms(last, &self.norm, grad, grads)?;
         for (l, a) in self.layers.iter().zip(tr.layers).rev() {
             let (b, t, _) = a.x.dims3()?;
-            let dense = |x: &Tensor, w: &Tensor, g: &Tensor, grads: &mut Grads| {
-                let (dx, dw, _) = crate::linear::dense_backward(x, w, None, g)?;
-                grads.put(w, dw)?;
-                Ok::<_, crate::Error>(dx)
-            };
-            let dm = dense(&a.m, &l.down, &dx, grads)?;
+            let dm = l.down.backward(&a.m, &dx, grads, seed)?;
             let (dgate, dup) = kernels::silu_mul_backward(&a.gate, &a.up, &dm)?;
-            let dh2 = (dense(&a.h2, &l.gate, &dgate, grads)? + dense(&a.h2, &l.up, &dup, grads)?)?;
+            let dh2 = (l.gate.backward(&a.h2, &dgate, grads, seed)?
+                + l.up.backward(&a.h2, &dup, grads, seed)?)?;
             // The residual branch's gradient first, as candle's backward adds them.
             dx = (dx + rms(&a.mid, &l.post_norm, &dh2, grads)?)?;
 
-            let dy = l.o.backward(&a.y, &dx, grads)?;
+            let dy = l.o.backward(&a.y, &dx, grads, seed)?;
             let (dq, dk, dv) = ops::attention_backward(
                 (&a.q, &a.k, &a.v),
                 &a.y,
@@ -254,9 +265,9 @@ impl Qwen2 {
                 dk = rms(&a.k_in, kn, &dk, grads)?;
             }
             let dv = dv.transpose(1, 2)?.reshape((b, t, ()))?;
-            let dh_v = l.v.backward(&a.h, &dv, grads)?;
-            let dh_k = l.k.backward(&a.h, &dk.reshape((b, t, ()))?, grads)?;
-            let dh_q = l.q.backward(&a.h, &dq.reshape((b, t, ()))?, grads)?;
+            let dh_v = l.v.backward(&a.h, &dv, grads, seed)?;
+            let dh_k = l.k.backward(&a.h, &dk.reshape((b, t, ()))?, grads, seed)?;
+            let dh_q = l.q.backward(&a.h, &dq.reshape((b, t, ()))?, grads, seed)?;
             // In the order candle's backward meets the three projections.
             let dh = ((dh_v + dh_k)? + dh_q)?;
             dx = (dx + rms(&a.x, &l.input_norm, &dh, grads)?)?;
@@ -272,6 +283,8 @@ pub(crate) struct Qwen2Trace {
     /// Flat token ids (the embedding's gradient adds up at them).
     ids: Tensor,
     mask: ops::Mask,
+    /// The training step's dropout seed (LoRA's dropout masks are drawn again from it).
+    dropout_seed: Option<u64>,
     /// The rope tables at the batch's positions.
     tables: Option<(Tensor, Tensor)>,
     layers: Vec<LayerTrace>,

@@ -288,8 +288,12 @@ pub fn remove_dir(path: &Path) -> Result<()> {
 
 /// Files a checkpoint must hold to resume from, as alternatives (any one of a group will do).
 const RESUME_FILES: &[&[&str]] = &[
-    &["config.json"],
-    &["model.safetensors", "model.safetensors.index.json"],
+    &["config.json", sft_model::lora::ADAPTER_CONFIG_FILE],
+    &[
+        "model.safetensors",
+        "model.safetensors.index.json",
+        sft_model::lora::ADAPTER_WEIGHTS_FILE,
+    ],
     &["tokenizer.json", "char_tokenizer.json"],
     &[OPTIMIZER_FILE],
     &[TRAINER_STATE_FILE],

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use sft_data::{Format, LengthPolicy, TemplateChoice, TrainOn};
+use sft_model::LoraConfig;
 
 use crate::optim::OptimConfig;
 use crate::schedule::ScheduleConfig;
@@ -34,6 +35,8 @@ pub struct TrainConfig {
     /// Acceptance check for `cargo xtask train` (CI): the run fails when it is not met.
     #[serde(default)]
     pub check: CheckSection,
+    /// LoRA: train low-rank adapters on the frozen `model.path` instead of every weight.
+    pub lora: Option<LoraConfig>,
 }
 
 /// Where the weights come from: exactly one of `path` (a checkpoint directory to fine-tune),
@@ -54,6 +57,9 @@ pub struct ModelSection {
     /// dtype of saved weights; default: the checkpoint's own `torch_dtype` for `path` models,
     /// `f32` for fresh ones.
     pub save_dtype: Option<String>,
+    /// An adapter directory (PEFT's files) to continue training on `path`; its
+    /// `adapter_config.json` sets the LoRA settings.
+    pub adapter: Option<PathBuf>,
 }
 
 fn default_dtype() -> String {
@@ -532,6 +538,23 @@ impl TrainConfig {
             _ => {}
         }
         parse_dtype(&m.dtype).map_err(|e| format!("model.dtype: {e}"))?;
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
+        if (self.lora.is_some() || m.adapter.is_some()) && m.path.is_none() {
+            return Err(
+                "lora: LoRA trains adapters on a base checkpoint (model.path); a fresh model \
+                 has no base for the adapter to name"
+                    .into(),
+            );
+        }
+        if m.adapter.is_some() && self.lora.is_some() {
+            return Err(
+                "model.adapter: the adapter's adapter_config.json sets the LoRA settings; \
+                 remove the [lora] section"
+                    .into(),
+            );
+        }
         if let Some(d) = &m.save_dtype {
             parse_dtype(d).map_err(|e| format!("model.save_dtype: {e}"))?;
         }

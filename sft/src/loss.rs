@@ -35,12 +35,15 @@ pub const DEFAULT_CHUNK_ELEMS: usize = 32 << 20;
 /// Cross-entropy of `hidden` (n, h) rows through `head` (vocab, h) against `targets` (n ids).
 /// With `grad_scale = Some(s)`, also returns the gradients of `s * loss_sum`: the trainer passes
 /// `1 / (target tokens in the whole optimizer step)`, which makes the loss a per-token mean over
-/// all gradient-accumulation micro-batches. Inputs are treated as constants (no graph is built).
+/// all gradient-accumulation micro-batches; `head_grad: false` (a frozen head) leaves the head's
+/// gradient, a vocab x hidden product, uncomputed. Inputs are treated as constants (no graph is
+/// built).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     head: &Tensor,
     targets: &[u32],
     grad_scale: Option<f64>,
+    head_grad: bool,
     chunk_elems: usize,
 ) -> Result<CeOutput> {
     let (n, h) = hidden.dims2()?;
@@ -85,7 +88,13 @@ pub fn linear_cross_entropy(
         let (loss, correct) = softmax_ce_in_place(&logits, tgt, grad_scale)?;
         out.loss_sum += loss;
         out.n_correct += correct;
-        if grad_scale.is_some() {
+        if grad_scale.is_some() && !head_grad {
+            let gh = match sft_model::linear_input_grad(&head, &logits)? {
+                Some(gh) => gh,
+                None => logits.matmul(&head)?,
+            };
+            grad_hidden_chunks.push(gh);
+        } else if grad_scale.is_some() {
             // `logits` now holds scale * (softmax - onehot).
             // Through the dense layer's backward where it runs, the head's gradient summed
             // over chunks by `gemm` in place: candle's matmul of the transposed logits made a
@@ -285,7 +294,8 @@ mod tests {
         let (ref_loss, ref_dh, ref_dw) = reference(&hidden, &head, &targets, scale);
         for chunk_elems in [1, v * 2, v * 5, v * n, 1 << 20] {
             let out =
-                linear_cross_entropy(&hidden, &head, &targets, Some(scale), chunk_elems).unwrap();
+                linear_cross_entropy(&hidden, &head, &targets, Some(scale), true, chunk_elems)
+                    .unwrap();
             assert!(
                 (out.loss_sum - ref_loss).abs() < 1e-4,
                 "{} vs {ref_loss}",
@@ -293,6 +303,13 @@ mod tests {
             );
             assert!(max_abs_diff(out.grad_hidden.as_ref().unwrap(), &ref_dh) < 1e-6);
             assert!(max_abs_diff(out.grad_head.as_ref().unwrap(), &ref_dw) < 1e-6);
+            // A frozen head: the same hidden gradient, bit for bit, and no head gradient.
+            let frozen =
+                linear_cross_entropy(&hidden, &head, &targets, Some(scale), false, chunk_elems)
+                    .unwrap();
+            assert!(frozen.grad_head.is_none() && frozen.loss_sum == out.loss_sum);
+            let (a, b) = (frozen.grad_hidden.unwrap(), out.grad_hidden.unwrap());
+            assert_eq!(max_abs_diff(&a, &b), 0.0);
         }
     }
 
@@ -313,13 +330,14 @@ mod tests {
     fn accuracy_and_empty_inputs() {
         let head = Tensor::new(&[[1f32, 0.], [0., 1.], [-1., -1.]], &Device::Cpu).unwrap();
         let hidden = Tensor::new(&[[5f32, 0.], [0., 5.], [5., 0.]], &Device::Cpu).unwrap();
-        let out = linear_cross_entropy(&hidden, &head, &[0, 1, 1], None, 1 << 20).unwrap();
+        let out = linear_cross_entropy(&hidden, &head, &[0, 1, 1], None, true, 1 << 20).unwrap();
         assert_eq!(out.n_correct, 2);
         assert!(out.grad_hidden.is_none());
         let empty = hidden.narrow(0, 0, 0).unwrap();
-        let out = linear_cross_entropy(&empty, &head, &[], Some(1.0), 1 << 20).unwrap();
+        let out = linear_cross_entropy(&empty, &head, &[], Some(1.0), true, 1 << 20).unwrap();
         assert_eq!((out.loss_sum, out.n_targets), (0.0, 0));
-        let err = linear_cross_entropy(&hidden, &head, &[0, 1, 3], None, 1 << 20).unwrap_err();
+        let err =
+            linear_cross_entropy(&hidden, &head, &[0, 1, 3], None, true, 1 << 20).unwrap_err();
         assert!(
             err.to_string().contains("outside the output vocabulary"),
             "{err}"

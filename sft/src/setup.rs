@@ -1,5 +1,7 @@
 //! Building the pieces of a run from its config: device, tokenizer, model, sample prompts.
 
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device};
 use sft_data::{Record, Sample, Template, TemplateOptions};
 use sft_model::generate::{generate, SamplingParams};
@@ -129,7 +131,7 @@ pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
 
 /// The files a data source reads: a file as it is, or a dataset directory's (or cached hub
 /// dataset's) files of the source's split (default `train`) and subset.
-pub fn data_files(source: &crate::config::DataSource) -> Result<Vec<std::path::PathBuf>> {
+pub fn data_files(source: &crate::config::DataSource) -> Result<Vec<PathBuf>> {
     let (path, split, subset) = source.location();
     let path = crate::hub::resolve_dataset(&path)?;
     if path.is_dir() {
@@ -155,7 +157,7 @@ pub fn data_files(source: &crate::config::DataSource) -> Result<Vec<std::path::P
 /// a `.jsonl`, `.json` or `.parquet` file, a dataset directory, or a hub dataset id from the
 /// local cache, each with an optional `:SUBSET/SPLIT`.
 pub fn read_data(
-    spec: &std::path::Path,
+    spec: &Path,
     format: Option<sft_data::Format>,
     policy: sft_data::InvalidPolicy,
 ) -> Result<sft_data::ReadOutcome> {
@@ -223,8 +225,83 @@ pub(crate) fn record_texts(r: &Record) -> Vec<&str> {
     }
 }
 
-/// The model to train: a checkpoint, or a fresh one from a preset and/or an `init` table.
+/// The model to train: a checkpoint, or a fresh one from a preset and/or an `init` table; with
+/// LoRA, adapters on it (`model.adapter`'s, else fresh ones).
 pub fn model(cfg: &TrainConfig, tok: &Tokenizer, dtype: DType, device: &Device) -> Result<Model> {
+    let base = base_model(cfg, tok, dtype, device)?;
+    Ok(match (&cfg.model.adapter, &cfg.lora) {
+        (Some(dir), _) => base.load_adapter(dir)?,
+        (None, Some(lora)) => base.with_lora(lora, cfg.run.seed)?,
+        (None, None) => base,
+    })
+}
+
+/// The model a resumed run continues: the checkpoint's weights, or for LoRA the base of
+/// `model.path` with the checkpoint's adapter.
+pub fn resumed_model(
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model> {
+    if sft_model::lora::is_adapter_dir(dir) {
+        return Ok(base_model(cfg, tok, dtype, device)?.load_adapter(dir)?);
+    }
+    Ok(Model::load(dir, dtype, device)?)
+}
+
+/// The name an adapter gives its base (`base_model_name_or_path`): `model.path` as written.
+pub fn base_name(cfg: &TrainConfig) -> String {
+    cfg.model
+        .path
+        .as_ref()
+        .map_or(String::new(), |p| p.display().to_string())
+}
+
+/// The model an evaluation or generation command runs: a checkpoint, or an adapter directory
+/// on its base (`base`, else the adapter's `base_model_name_or_path`, a directory or a hub id in
+/// the local cache), or `base` with `adapter`.
+pub fn load_for_inference(
+    path: &Path,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model> {
+    let (base, adapter) = match adapter {
+        Some(a) => (Some(path), a),
+        None if sft_model::lora::is_adapter_dir(path) => (None, path),
+        None => return Ok(Model::load(path, dtype, device)?),
+    };
+    let base = match base {
+        Some(b) => crate::hub::resolve_model(b)?,
+        None => adapter_base(adapter)?,
+    };
+    let model = Model::load(&base, dtype, device)?;
+    Ok(model.load_adapter(adapter)?)
+}
+
+/// Where an adapter directory's base checkpoint is: `base_model_name_or_path` as a directory
+/// (as written, or beside the adapter), else as a hub id in the local cache.
+pub fn adapter_base(adapter: &Path) -> Result<PathBuf> {
+    let ac = sft_model::lora::read_adapter_config(adapter)?;
+    let Some(base) = ac.base else {
+        return Err(Error::Config(format!(
+            "{}: base_model_name_or_path is not set; give the base with --base",
+            adapter.join(sft_model::lora::ADAPTER_CONFIG_FILE).display()
+        )));
+    };
+    match sft_model::lora::base_dir(adapter, &base) {
+        Ok(dir) => Ok(dir),
+        Err(not_a_dir) => match crate::hub::HubId::parse(&base) {
+            Some(_) => crate::hub::resolve_model(Path::new(&base)),
+            None => Err(not_a_dir.into()),
+        },
+    }
+}
+
+/// The model without adapters.
+fn base_model(cfg: &TrainConfig, tok: &Tokenizer, dtype: DType, device: &Device) -> Result<Model> {
     if let Some(path) = &cfg.model.path {
         return Ok(Model::load(
             &crate::hub::resolve_model(path)?,

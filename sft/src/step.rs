@@ -203,11 +203,13 @@ fn target_loss(
     let selected = hidden
         .reshape((batch.batch_size * batch.seq_len, width))?
         .index_select(&inp.rows, 0)?;
+    let head_grad = model.param_index(model.lm_head_weight()).is_some();
     let ce = linear_cross_entropy(
         &selected,
         model.lm_head_weight(),
         &inp.targets,
         scale,
+        head_grad,
         DEFAULT_CHUNK_ELEMS,
     )?;
     let own = trace.map(|trace| OwnBackward {
@@ -230,13 +232,9 @@ pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Res
         .take()
         .expect("asked for gradients")
         .to_dtype(selected.dtype())?;
-    let head_id = model.lm_head_weight().id();
-    let head_i = model
-        .params()
-        .iter()
-        .position(|(_, v)| v.as_tensor().id() == head_id)
-        .expect("the output layer is a parameter");
-    let mut head = Some(ce.grad_head.take().expect("asked for gradients"));
+    // A frozen output layer (LoRA) has no slot and no gradient.
+    let head_i = model.param_index(model.lm_head_weight());
+    let mut head = ce.grad_head.take();
     let body = match own {
         Some(OwnBackward { trace, rows, dims }) => {
             // The target rows' gradients in place among all rows (zero elsewhere), as candle's
@@ -252,8 +250,8 @@ pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Res
             // step's first micro-batch it seeds the layer's slot, and a tied embedding's rows
             // are added into it in place (no vocab x hidden buffer for the embedding's own).
             let mut seeds = vec![None; model.params().len()];
-            if acc.is_vacant(head_i) {
-                seeds[head_i] = head.take();
+            if let Some(i) = head_i.filter(|&i| acc.is_vacant(i)) {
+                seeds[i] = head.take();
             }
             model.backward(trace, &all, seeds)?
         }
@@ -267,7 +265,7 @@ pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Res
         }
     };
     for (i, graph) in body.into_iter().enumerate() {
-        if i != head_i {
+        if Some(i) != head_i {
             if let Some(g) = graph {
                 acc.add(i, &g)?;
             }

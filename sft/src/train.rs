@@ -58,7 +58,10 @@ pub enum Event<'a> {
     Started {
         total_steps: u64,
         start_step: u64,
+        /// Trainable scalars.
         n_params: usize,
+        /// Frozen scalars (LoRA's base; 0 in full fine-tuning).
+        n_frozen: usize,
         out_dir: &'a Path,
         /// Where the run computes: `cpu`, `cuda:0`.
         device: String,
@@ -175,7 +178,7 @@ pub fn train(
 
     // 3. Model.
     let model = match resume_dir {
-        Some(dir) => Model::load(dir, dtype, &device)?,
+        Some(dir) => setup::resumed_model(cfg, &tok, dir, dtype, &device)?,
         None => setup::model(cfg, &tok, dtype, &device)?,
     };
     setup::check_vocab(&model, &tok)?;
@@ -414,15 +417,14 @@ pub fn train(
     }
     std::fs::write(out_dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
         .map_err(|e| Error::io(&out_dir, e))?;
-    let n_params = model
-        .params()
-        .iter()
-        .map(|(_, v)| v.as_tensor().elem_count())
-        .sum();
+    let count = |ps: &[(String, candle_core::Var)]| -> usize {
+        ps.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
+    };
     on_event(Event::Started {
         total_steps: state.total_steps,
         start_step: state.step,
-        n_params,
+        n_params: count(model.params()),
+        n_frozen: count(model.frozen()),
         out_dir: &out_dir,
         device: setup::device_name(&device),
     });
@@ -727,7 +729,7 @@ fn save_checkpoint(
 ) -> Result<PathBuf> {
     let path = out_dir.join(checkpoint::checkpoint_name(state.step));
     checkpoint::write_atomically(&path, |d| {
-        model.save(d, model.dtype())?;
+        save_weights(model, d, model.dtype(), cfg)?;
         tok.save(d)?;
         opt.save(&d.join(checkpoint::OPTIMIZER_FILE))?;
         state.write(d)?;
@@ -736,6 +738,21 @@ fn save_checkpoint(
     })?;
     checkpoint::rotate(out_dir, cfg.run.keep_last.max(1))?;
     Ok(path)
+}
+
+/// The model's weights in `dtype`, or with LoRA its adapter (in the training dtype, as PEFT
+/// keeps adapters in full precision).
+fn save_weights(
+    model: &Model,
+    dir: &Path,
+    dtype: candle_core::DType,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    match model.lora() {
+        Some(_) => model.save_adapter(dir, &setup::base_name(cfg))?,
+        None => model.save(dir, dtype)?,
+    }
+    Ok(())
 }
 
 /// What a resumed run changes in the checkpoint's config; an error lists the keys that may not
@@ -886,7 +903,7 @@ fn export(
     state: &TrainerState,
     dir: &Path,
 ) -> Result<()> {
-    model.save(dir, save_dtype)?;
+    save_weights(model, dir, save_dtype, cfg)?;
     tok.save(dir)?;
     state.write(dir)?;
     std::fs::write(dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())

@@ -1,0 +1,685 @@
+//! LoRA: low-rank adapters on a frozen model's linear layers, in PEFT's layout.
+//!
+//! An adapted layer computes `x W^T + b + scale * dropout(x) A^T B^T` with `A` (r, in) and `B`
+//! (out, r); `scale` is `alpha / r` (`alpha / sqrt(r)` with rsLoRA). A starts Kaiming-uniform
+//! and B at zero, as PEFT starts them, so a fresh adapter leaves the model's outputs exactly as
+//! they were. The base weights are frozen; `modules_to_save` names modules trained fully.
+//!
+//! [`plan`] is the one place that tells trainable from frozen parameters: `Model::with_lora`
+//! and `Model::load_adapter` both split the base's parameters by it, and the model's backward
+//! pass computes no weight gradient for a frozen tensor (`backward::Grads::wants`).
+//!
+//! On disk an adapter is PEFT's: `adapter_config.json` and `adapter_model.safetensors`, tensors
+//! named `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, and a module trained fully
+//! stored as `base_model.model.<module>.weight`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{json, Value};
+
+use crate::config::ModelConfig;
+use crate::params::{self, Init, Kind, ParamSpec};
+use crate::{Error, Result};
+
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's prefix of every stored name (`PeftModelForCausalLM.base_model.model`).
+pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
+/// `target_modules` value meaning every linear layer but the output head, as in PEFT.
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// The `[lora]` section of a training config, and what an adapter's `adapter_config.json`
+/// says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank of the adapters.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// The update is scaled by `alpha / r` (`alpha / sqrt(r)` with `use_rslora`).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on an adapter's input, in training only.
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Module names (`q_proj`, `c_attn`, ...: a module matches when its path is the name or ends
+    /// with `.name`), or `"all-linear"`: every linear layer except the output head.
+    #[serde(
+        default = "default_targets",
+        deserialize_with = "one_or_many",
+        serialize_with = "serialize_targets"
+    )]
+    pub target_modules: Vec<String>,
+    /// Modules trained fully (`embed_tokens`, `lm_head`, ...), saved whole in the adapter.
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
+}
+
+fn default_r() -> usize {
+    16
+}
+fn default_alpha() -> f64 {
+    32.0
+}
+fn default_dropout() -> f64 {
+    0.05
+}
+fn default_targets() -> Vec<String> {
+    vec![ALL_LINEAR.into()]
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+fn serialize_targets<S: serde::Serializer>(
+    v: &[String],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        [one] if one == ALL_LINEAR => s.serialize_str(one),
+        _ => v.serialize(s),
+    }
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: default_r(),
+            alpha: default_alpha(),
+            dropout: default_dropout(),
+            use_rslora: false,
+            target_modules: default_targets(),
+            modules_to_save: Vec::new(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor of the low-rank product, as PEFT computes it.
+    pub fn scale(&self) -> f64 {
+        match self.use_rslora {
+            true => self.alpha / (self.r as f64).sqrt(),
+            false => self.alpha / self.r as f64,
+        }
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.r == 0 {
+            return Err("lora.r must be at least 1".into());
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return Err(format!("lora.alpha: {} is out of range", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!(
+                "lora.dropout: {} is out of range [0, 1)",
+                self.dropout
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err("lora.target_modules is empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Which tensors a LoRA configuration trains on one model.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Plan {
+    /// Adapted modules in model order: (module path, out, in).
+    pub(crate) adapted: Vec<(String, usize, usize)>,
+    /// Base parameters trained fully (`modules_to_save`), by name.
+    pub(crate) saved: BTreeSet<String>,
+    /// The short names of the adapted modules (`q_proj`, ...), as `adapter_config.json` lists
+    /// them.
+    pub(crate) targets: BTreeSet<String>,
+    /// A tied output head saved with the embedding: (the embedding's name, `lm_head.weight`).
+    pub(crate) tied_head: Option<(String, String)>,
+}
+
+fn matches(module: &str, name: &str) -> bool {
+    module == name || module.ends_with(&format!(".{name}"))
+}
+
+fn short(module: &str) -> &str {
+    module.rsplit('.').next().unwrap_or(module)
+}
+
+/// What `lora` adapts and trains on a model of `cfg`; an error names the setting at fault.
+pub(crate) fn plan(cfg: &ModelConfig, lora: &LoraConfig) -> std::result::Result<Plan, String> {
+    lora.validate()?;
+    let specs = params::param_specs(cfg);
+    let weight = |s: &&ParamSpec| s.name.ends_with(".weight");
+    let all_linear = lora.target_modules.iter().any(|t| t == ALL_LINEAR);
+    let mut adapted = Vec::new();
+    let mut used: BTreeSet<&str> = BTreeSet::new();
+    for s in specs.iter().filter(weight).filter(|s| s.shape.len() == 2) {
+        let module = s.module();
+        let hit = lora
+            .target_modules
+            .iter()
+            .find(|t| *t != ALL_LINEAR && matches(module, t));
+        if let Some(t) = hit {
+            if s.kind != Kind::Linear {
+                return Err(format!(
+                    "lora.target_modules: {t} ({module}) is not a linear layer; list it in \
+                     lora.modules_to_save to train it fully"
+                ));
+            }
+            used.insert(t);
+        }
+        if s.kind == Kind::Linear && (all_linear || hit.is_some()) {
+            adapted.push((module.to_string(), s.shape[0], s.shape[1]));
+        }
+    }
+    let linear_names: BTreeSet<&str> = specs
+        .iter()
+        .filter(|s| s.kind == Kind::Linear)
+        .map(|s| short(s.module()))
+        .collect();
+    for t in &lora.target_modules {
+        if t != ALL_LINEAR && !used.contains(t.as_str()) {
+            return Err(format!(
+                "lora.target_modules: no module named {t} in this model (linear layers: {})",
+                linear_names.iter().copied().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+
+    let embedding = specs
+        .iter()
+        .find(|s| s.kind == Kind::Embedding)
+        .map(|s| s.name.clone())
+        .expect("every model has a token embedding");
+    let tied = cfg.tie_word_embeddings();
+    let mut saved = BTreeSet::new();
+    let mut tied_head = None;
+    let mut asked_head = false;
+    let mut asked_embedding = false;
+    for m in &lora.modules_to_save {
+        if tied && (m == "lm_head" || matches("lm_head", m)) {
+            asked_head = true;
+            continue;
+        }
+        let found: Vec<&ParamSpec> = specs.iter().filter(|s| matches(s.module(), m)).collect();
+        if found.is_empty() {
+            let names: BTreeSet<&str> = specs.iter().map(|s| short(s.module())).collect();
+            return Err(format!(
+                "lora.modules_to_save: no module named {m} in this model (modules: {})",
+                names.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        for s in found {
+            if adapted.iter().any(|(a, _, _)| a == s.module()) {
+                return Err(format!(
+                    "lora: {} is both adapted (target_modules) and trained fully \
+                     (modules_to_save)",
+                    s.module()
+                ));
+            }
+            asked_embedding |= s.name == embedding;
+            saved.insert(s.name.clone());
+        }
+    }
+    if tied && asked_head != asked_embedding {
+        // The head *is* the embedding: training one trains the other, and PEFT would keep two
+        // separate copies, so the only layout both agree on lists both.
+        return Err(format!(
+            "lora.modules_to_save: this model ties its output head to its embedding; list both \
+             lm_head and {} to train them (one tensor), or neither",
+            short(embedding.rsplit_once('.').map_or(&embedding, |(m, _)| m))
+        ));
+    }
+    if tied && asked_head {
+        tied_head = Some((embedding, "lm_head.weight".to_string()));
+    }
+    let targets = adapted
+        .iter()
+        .map(|(m, _, _)| short(m).to_string())
+        .collect();
+    Ok(Plan {
+        adapted,
+        saved,
+        targets,
+        tied_head,
+    })
+}
+
+pub(crate) fn a_name(module: &str) -> String {
+    format!("{module}.lora_A.weight")
+}
+
+pub(crate) fn b_name(module: &str) -> String {
+    format!("{module}.lora_B.weight")
+}
+
+/// The specs of the adapter tensors, in model order: A then B of each adapted module.
+pub(crate) fn adapter_specs(plan: &Plan, r: usize) -> Vec<ParamSpec> {
+    plan.adapted
+        .iter()
+        .flat_map(|(m, out, inp)| {
+            // PEFT: kaiming_uniform_(A, a=sqrt(5)), whose bound is 1 / sqrt(fan_in).
+            let bound = 1.0 / (*inp as f64).sqrt();
+            [
+                ParamSpec {
+                    name: a_name(m),
+                    shape: vec![r, *inp],
+                    init: Init::Uniform(bound),
+                    kind: Kind::Linear,
+                },
+                ParamSpec {
+                    name: b_name(m),
+                    shape: vec![*out, r],
+                    init: Init::Zeros,
+                    kind: Kind::Linear,
+                },
+            ]
+        })
+        .collect()
+}
+
+/// `adapter_config.json` as PEFT writes it for a causal LM.
+pub(crate) fn adapter_config_json(lora: &LoraConfig, plan: &Plan, base: &str) -> Value {
+    let modules_to_save: Option<Vec<&String>> =
+        (!lora.modules_to_save.is_empty()).then(|| lora.modules_to_save.iter().collect());
+    json!({
+        "alpha_pattern": {},
+        "auto_mapping": null,
+        "base_model_name_or_path": base,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "modules_to_save": modules_to_save,
+        "peft_type": "LORA",
+        "r": lora.r,
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": plan.targets.iter().collect::<Vec<_>>(),
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": lora.use_rslora,
+    })
+}
+
+/// An adapter directory's `adapter_config.json`: the LoRA settings and the base it was made on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    pub lora: LoraConfig,
+    /// `base_model_name_or_path`: a directory or a hub id.
+    pub base: Option<String>,
+}
+
+/// Whether `dir` holds an adapter rather than a full checkpoint.
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.join(ADAPTER_CONFIG_FILE).is_file()
+}
+
+/// Reads `dir/adapter_config.json`, refusing PEFT options this crate does not implement by name.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let bad = |reason: String| Error::Config {
+        path: path.clone(),
+        reason,
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    match get("peft_type").and_then(Value::as_str) {
+        Some("LORA") => {}
+        other => {
+            return Err(bad(format!(
+                "peft_type {other:?}: only LORA adapters are supported"
+            )))
+        }
+    }
+    let unsupported = [
+        (
+            "use_dora",
+            get("use_dora").is_some_and(|v| v != &json!(false)),
+        ),
+        (
+            "fan_in_fan_out",
+            get("fan_in_fan_out").is_some_and(|v| v != &json!(false)),
+        ),
+        ("bias", get("bias").is_some_and(|v| v != &json!("none"))),
+        ("layers_to_transform", get("layers_to_transform").is_some()),
+        (
+            "rank_pattern",
+            get("rank_pattern").is_some_and(|v| v != &json!({})),
+        ),
+        (
+            "alpha_pattern",
+            get("alpha_pattern").is_some_and(|v| v != &json!({})),
+        ),
+        (
+            "trainable_token_indices",
+            get("trainable_token_indices").is_some(),
+        ),
+    ];
+    if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(bad(format!(
+            "{key} = {} is not supported",
+            get(key).cloned().unwrap_or(Value::Null)
+        )));
+    }
+    let num = |k: &str| get(k).and_then(Value::as_f64);
+    let r = match get("r").and_then(Value::as_u64) {
+        Some(r) => r as usize,
+        None => return Err(bad("field r: a positive integer is required".into())),
+    };
+    let strings = |k: &str| -> Result<Vec<String>> {
+        match get(k) {
+            None => Ok(Vec::new()),
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(format!("field {k}: strings expected")))
+                })
+                .collect(),
+            Some(other) => Err(bad(format!("field {k}: {other} is not a list of names"))),
+        }
+    };
+    let target_modules = strings("target_modules")?;
+    if target_modules.len() == 1
+        && target_modules[0] != ALL_LINEAR
+        && get("target_modules").is_some_and(Value::is_string)
+    {
+        // PEFT reads a single string as a regular expression over module paths.
+        return Err(bad(format!(
+            "field target_modules: the regular expression {:?} is not supported; list the module names",
+            target_modules[0]
+        )));
+    }
+    let lora = LoraConfig {
+        r,
+        alpha: num("lora_alpha").unwrap_or(8.0),
+        dropout: num("lora_dropout").unwrap_or(0.0),
+        use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        target_modules,
+        modules_to_save: strings("modules_to_save")?,
+    };
+    lora.validate().map_err(bad)?;
+    Ok(AdapterConfig {
+        lora,
+        base: get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    })
+}
+
+/// Where an adapter's base is: `base_model_name_or_path` as written (absolute, or relative to
+/// the working directory as PEFT reads it), else relative to the adapter directory. An error
+/// names every path it tried.
+pub fn base_dir(adapter_dir: &Path, base: &str) -> Result<PathBuf> {
+    let given = PathBuf::from(base);
+    let beside = adapter_dir.join(base);
+    for p in [&given, &beside] {
+        if p.join(crate::checkpoint::CONFIG_FILE).is_file() {
+            return Ok(p.clone());
+        }
+    }
+    Err(Error::Config {
+        path: adapter_dir.join(ADAPTER_CONFIG_FILE),
+        reason: format!(
+            "base model {base:?} not found: no config.json in {} or {}",
+            given.display(),
+            beside.display()
+        ),
+    })
+}
+
+/// The stored name of each tensor an adapter file holds for `plan`, with the internal name it
+/// loads into: every adapter matrix and fully trained tensor, and a tied head's alias.
+pub(crate) fn stored_names(plan: &Plan, specs: &[ParamSpec]) -> HashMap<String, String> {
+    let mut names: HashMap<String, String> = specs
+        .iter()
+        .map(|s| (format!("{PEFT_PREFIX}{}", s.name), s.name.clone()))
+        .collect();
+    for n in &plan.saved {
+        names.insert(format!("{PEFT_PREFIX}{n}"), n.clone());
+    }
+    if let Some((embed, head)) = &plan.tied_head {
+        names.insert(format!("{PEFT_PREFIX}{head}"), embed.clone());
+    }
+    names
+}
+
+impl crate::Model {
+    /// Adds fresh adapters to a base model (PEFT's initialisation, seeded per tensor name): its
+    /// weights are frozen from then on except those of `modules_to_save`.
+    pub fn with_lora(self, lora: &LoraConfig, seed: u64) -> Result<crate::Model> {
+        self.check_base()?;
+        let plan = plan(&self.cfg, lora).map_err(|reason| Error::Input { reason })?;
+        let specs = adapter_specs(&plan, lora.r);
+        let adapters = params::init_params(&specs, seed, self.dtype, &self.device)?;
+        self.split(lora.clone(), plan, adapters, HashMap::new())
+    }
+
+    /// Adds the adapter stored in `dir` (PEFT's files) to this base model.
+    pub fn load_adapter(self, dir: &Path) -> Result<crate::Model> {
+        self.check_base()?;
+        crate::manifest::check_complete(dir)?;
+        let ac = read_adapter_config(dir)?;
+        let plan = plan(&self.cfg, &ac.lora).map_err(|reason| Error::Config {
+            path: dir.join(ADAPTER_CONFIG_FILE),
+            reason,
+        })?;
+        let specs = adapter_specs(&plan, ac.lora.r);
+        let path = dir.join(ADAPTER_WEIGHTS_FILE);
+        // SAFETY: read-only and only while loading, as in `Model::load`.
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.map_err(|e| {
+                let why = crate::checkpoint::header_problem(&path)
+                    .map_or(String::new(), |p| format!(": {p}"));
+                crate::checkpoint::checkpoint_error(&path, format!("{e}{why}"))
+            })?;
+        let names = stored_names(&plan, &specs);
+        let base_shapes: HashMap<&str, Vec<usize>> = self
+            .params
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.dims().to_vec()))
+            .collect();
+        let shape_of = |internal: &str| -> Vec<usize> {
+            match specs.iter().find(|s| s.name == internal) {
+                Some(s) => s.shape.clone(),
+                None => base_shapes[internal].clone(),
+            }
+        };
+        let mut stored: HashMap<String, candle_core::Var> = HashMap::new();
+        let mut tensors = st.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in &tensors {
+            let Some(internal) = names.get(name) else {
+                return Err(Error::UnexpectedTensor {
+                    name: name.clone(),
+                    path: path.clone(),
+                });
+            };
+            let expected = shape_of(internal);
+            if view.shape() != expected.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    path: path.clone(),
+                    expected,
+                    found: view.shape().to_vec(),
+                });
+            }
+            let var = crate::checkpoint::view_to_var(view, self.dtype, &self.device)?;
+            if let Some(prev) = stored.get(internal) {
+                // A tied head stored beside its embedding must be the same tensor.
+                let diff = (prev.as_tensor() - var.as_tensor())?.abs()?.max_all()?;
+                if diff.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? != 0.0 {
+                    return Err(crate::checkpoint::checkpoint_error(
+                        &path,
+                        format!("{name} differs from {internal}, which the model ties it to"),
+                    ));
+                }
+            }
+            stored.insert(internal.clone(), var);
+        }
+        let required = specs
+            .iter()
+            .map(|s| s.name.clone())
+            .chain(plan.saved.iter().cloned());
+        for internal in required {
+            if !stored.contains_key(&internal) {
+                return Err(Error::MissingTensor {
+                    name: format!("{PEFT_PREFIX}{internal}"),
+                    path: path.clone(),
+                });
+            }
+        }
+        let adapters = specs
+            .iter()
+            .map(|s| (s.name.clone(), stored.remove(&s.name).expect("checked")))
+            .collect();
+        self.split(ac.lora, plan, adapters, stored)
+    }
+
+    /// Whether this is a plain model (adapters go on a base, not on another adapter).
+    fn check_base(&self) -> Result<()> {
+        match self.lora {
+            Some(_) => {
+                crate::input_error("the model already carries LoRA adapters (merge them first)")
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Re-assembles a base model with adapters: the base's tensors frozen, except those of
+    /// `plan.saved` (their values from `replace` when it has them), each module's A and B after
+    /// its weight.
+    fn split(
+        self,
+        config: LoraConfig,
+        plan: Plan,
+        adapters: Vec<(String, candle_core::Var)>,
+        mut replace: HashMap<String, candle_core::Var>,
+    ) -> Result<crate::Model> {
+        let mut adapters: HashMap<String, candle_core::Var> = adapters.into_iter().collect();
+        let adapted: BTreeSet<&str> = plan.adapted.iter().map(|(m, _, _)| m.as_str()).collect();
+        let (mut params, mut frozen) = (Vec::new(), Vec::new());
+        for (name, var) in self.params {
+            let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
+            let takes_adapter = name.ends_with(".weight") && adapted.contains(module);
+            if plan.saved.contains(&name) {
+                let var = replace.remove(&name).unwrap_or(var);
+                params.push((name.clone(), var));
+            } else {
+                frozen.push((name.clone(), var));
+            }
+            if takes_adapter {
+                for n in [a_name(module), b_name(module)] {
+                    let v = adapters.remove(&n).expect("an adapter per adapted module");
+                    params.push((n, v));
+                }
+            }
+        }
+        debug_assert!(adapters.is_empty() && replace.is_empty());
+        let parts = crate::Parts {
+            params,
+            frozen,
+            lora: Some(crate::Adapters { config, plan }),
+        };
+        crate::Model::assemble(self.cfg, parts, self.dtype, &self.device, false, None)
+    }
+
+    /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (PEFT's format, the
+    /// model's dtype), naming `base` as `base_model_name_or_path`. Tokenizer files are the
+    /// caller's business.
+    pub fn save_adapter(&self, dir: &Path, base: &str) -> Result<()> {
+        let Some(ad) = &self.lora else {
+            return crate::input_error("save_adapter: the model has no LoRA adapters");
+        };
+        std::fs::create_dir_all(dir).map_err(crate::checkpoint::io_error(dir))?;
+        let config = adapter_config_json(&ad.config, &ad.plan, base);
+        crate::checkpoint::write_json(&dir.join(ADAPTER_CONFIG_FILE), &config)?;
+        let mut tensors: Vec<(String, candle_core::Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, v)| (format!("{PEFT_PREFIX}{n}"), v.as_detached_tensor()))
+            .collect();
+        if let Some((embed, head)) = &ad.plan.tied_head {
+            let (_, v) = self
+                .params
+                .iter()
+                .find(|(n, _)| n == embed)
+                .expect("a saved tied embedding is trainable");
+            tensors.push((format!("{PEFT_PREFIX}{head}"), v.as_detached_tensor()));
+        }
+        let named: Vec<(&str, candle_core::Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
+        let path = dir.join(ADAPTER_WEIGHTS_FILE);
+        let tmp = dir.join(format!("{ADAPTER_WEIGHTS_FILE}.tmp"));
+        let written = crate::checkpoint::write_safetensors(&tmp, &named, self.dtype);
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
+        std::fs::rename(&tmp, &path).map_err(crate::checkpoint::io_error(&path))
+    }
+
+    /// A plain model with each adapter's `scale * B A` added to its weight (PEFT's
+    /// `merge_and_unload`), sharing nothing with this one. A model without adapters is copied.
+    pub fn merged(&self) -> Result<crate::Model> {
+        let by_name: HashMap<&str, &candle_core::Var> = self
+            .params
+            .iter()
+            .chain(&self.frozen)
+            .map(|(n, v)| (n.as_str(), v))
+            .collect();
+        let scale = self.lora.as_ref().map(|l| l.config.scale());
+        let mut params = Vec::new();
+        for spec in params::param_specs(&self.cfg) {
+            let w = by_name[spec.name.as_str()].as_tensor();
+            let module = spec.module();
+            let t = match (scale, by_name.get(a_name(module).as_str())) {
+                (Some(scale), Some(a)) if spec.name.ends_with(".weight") => {
+                    let b = by_name[b_name(module).as_str()].as_tensor();
+                    let delta = b.matmul(a.as_tensor())?.affine(scale, 0.0)?;
+                    (w + delta.to_dtype(w.dtype())?)?
+                }
+                _ => w.copy()?,
+            };
+            params.push((spec.name.clone(), candle_core::Var::from_tensor(&t)?));
+        }
+        crate::Model::assemble(
+            self.cfg.clone(),
+            crate::Parts::full(params),
+            self.dtype,
+            &self.device,
+            false,
+            None,
+        )
+    }
+}
