@@ -21,6 +21,8 @@ pub(crate) struct Args {
     /// The checkpoint directory to chat with.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    adapter: common::AdapterArg,
     /// A system message for the conversation.
     #[arg(long)]
     system: Option<String>,
@@ -33,7 +35,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let ck = common::open(&args.model, &args.template)?;
+    let ck = common::open(&args.model, &args.adapter, &args.template)?;
     let params = args.sampling.params(ck.template.stop_ids().to_vec())?;
     let interactive = std::io::stdin().is_terminal();
     let mut system = args.system.clone();

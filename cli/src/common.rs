@@ -27,14 +27,54 @@ pub(crate) struct TemplateArgs {
     pub chat_template: Option<PathBuf>,
 }
 
-pub(crate) fn open(dir: &Path, t: &TemplateArgs) -> anyhow::Result<Checkpoint> {
+/// A LoRA adapter to run on the `--model` checkpoint.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct AdapterArg {
+    /// A LoRA adapter directory (PEFT's files) applied to `--model`, its base. `--model` may
+    /// also name an adapter directory alone: its `base_model_name_or_path` is the base.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+/// Opens `dir` for inference: a checkpoint, an adapter directory on its base, or (with
+/// `adapter`) a base and an adapter. The tokenizer is the adapter's when it has one, else the
+/// base's.
+pub(crate) fn open(
+    dir: &Path,
+    adapter: &AdapterArg,
+    t: &TemplateArgs,
+) -> anyhow::Result<Checkpoint> {
     // A hub id (`Qwen/Qwen2.5-0.5B-Instruct`) names its snapshot in the local HF cache.
     let dir = &sft::hub::resolve_model(dir)?;
     // A checkpoint cut short says what it lacks, before anything tries to read the missing part.
     sft_model::manifest::check_complete(dir)?;
-    let tok = Tokenizer::from_path(dir)?;
-    let model = Model::load(dir, DType::F32, &sft::setup::device()?)
-        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    let adapter = adapter.adapter.as_deref();
+    if let Some(a) = adapter {
+        sft_model::manifest::check_complete(a)?;
+    }
+    let has_tokenizer = |d: &Path| {
+        ["tokenizer.json", "char_tokenizer.json"]
+            .iter()
+            .any(|f| d.join(f).is_file())
+    };
+    let tok_dir = match adapter {
+        Some(a) if has_tokenizer(a) => a.to_path_buf(),
+        Some(_) => dir.clone(),
+        None if sft_model::lora::is_adapter_dir(dir) && !has_tokenizer(dir) => {
+            sft::setup::adapter_base(dir)?
+        }
+        None => dir.clone(),
+    };
+    let tok = Tokenizer::from_path(&tok_dir)?;
+    let model = sft::setup::load_for_inference(dir, adapter, DType::F32, &sft::setup::device()?)
+        .with_context(|| match adapter {
+            Some(a) => format!(
+                "loading the model in {} with the adapter in {}",
+                dir.display(),
+                a.display()
+            ),
+            None => format!("loading the model in {}", dir.display()),
+        })?;
     sft::setup::check_vocab(&model, &tok)?;
     let chat_template = match &t.chat_template {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| p.display().to_string())?),

@@ -20,6 +20,8 @@ pub(crate) struct Args {
     /// The checkpoint directory to evaluate.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    adapter: common::AdapterArg,
     /// The JSONL file to evaluate on.
     #[arg(long)]
     data: PathBuf,
@@ -48,7 +50,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let ck = common::open(&args.model, &args.template)?;
+    let ck = common::open(&args.model, &args.adapter, &args.template)?;
     let mut read = sft::setup::read_data(&args.data, args.format, InvalidPolicy::Error)?;
     if let Some(n) = args.limit {
         if read.records.len() > n {

@@ -32,6 +32,8 @@ pub(crate) struct Args {
     /// The checkpoint directory to generate with.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    adapter: common::AdapterArg,
     /// Raw text to continue.
     #[arg(long)]
     prompt: Option<String>,
@@ -121,7 +123,7 @@ fn prompt(args: &Args) -> anyhow::Result<Input> {
 type Output = (Vec<u32>, String, bool);
 
 fn generate_with(dir: &Path, input: &Input, args: &Args) -> anyhow::Result<Vec<Output>> {
-    let ck = common::open(dir, &args.template)?;
+    let ck = common::open(dir, &args.adapter, &args.template)?;
     let ids = match input {
         Input::Text(t) => ck.tok.encode(t)?,
         Input::Prompt(p) => p.ids(&ck.template, &ck.tok)?,

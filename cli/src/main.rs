@@ -13,6 +13,7 @@ mod common;
 mod demo;
 mod eval;
 mod generate;
+mod merge;
 mod quality;
 mod render;
 mod tokenize;
@@ -48,6 +49,8 @@ enum Command {
     Generate(generate::Args),
     /// Multi-turn chat with a checkpoint in the terminal (or scripted through stdin).
     Chat(chat::Args),
+    /// Fold a LoRA adapter into its base: a plain checkpoint `transformers` loads.
+    Merge(merge::Args),
     /// Style compliance of generated poems, and author conditioning.
     EvalPoems(quality::PoemArgs),
     /// Exact-match accuracy and stop rate of greedy answers to chat records.
@@ -96,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => on_pool(args.threads.threads, || eval::run(args)),
         Command::Generate(args) => on_pool(args.threads.threads, || generate::run(args)),
         Command::Chat(args) => on_pool(args.threads.threads, || chat::run(args)),
+        Command::Merge(args) => merge::run(args),
         Command::EvalPoems(args) => on_pool(args.threads.threads, || quality::poems(args)),
         Command::EvalAnswers(args) => on_pool(args.threads.threads, || quality::answers(args)),
     }

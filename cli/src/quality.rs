@@ -30,6 +30,8 @@ pub(crate) struct PoemArgs {
     pub(crate) threads: crate::Threads,
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    adapter: common::AdapterArg,
     /// Poem records: the ci patterns to check against and the poems for author conditioning.
     #[arg(long)]
     data: PathBuf,
@@ -65,6 +67,7 @@ fn poems_step(records: &[sft_data::Record], n: usize) -> Option<usize> {
 pub(crate) fn poems(args: PoemArgs) -> anyhow::Result<()> {
     let ck = common::open(
         &args.model,
+        &args.adapter,
         &TemplateArgs {
             template: sft_data::TemplateChoice::Auto,
             chat_template: None,
@@ -162,6 +165,8 @@ pub(crate) struct AnswerArgs {
     pub(crate) threads: crate::Threads,
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    adapter: common::AdapterArg,
     /// Chat records whose last assistant turn is the reference answer.
     #[arg(long)]
     data: PathBuf,
@@ -177,7 +182,7 @@ pub(crate) struct AnswerArgs {
 }
 
 pub(crate) fn answers(args: AnswerArgs) -> anyhow::Result<()> {
-    let ck = common::open(&args.model, &args.template)?;
+    let ck = common::open(&args.model, &args.adapter, &args.template)?;
     let read = sft::setup::read_data(&args.data, None, InvalidPolicy::Error)?;
     let r = answer_accuracy(
         &ck.model,

@@ -357,20 +357,20 @@ pub fn save_dtype(cfg: &TrainConfig, model: &Model) -> Result<DType> {
         return parse_dtype(d).map_err(Error::Config);
     }
     if let Some(path) = &cfg.model.path {
-        let path = crate::hub::resolve_model(path)?;
-        let text = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        if let Some(d) = v
-            .get("torch_dtype")
-            .or(v.get("dtype"))
-            .and_then(|d| d.as_str())
-        {
-            if let Ok(d) = parse_dtype(d) {
-                return Ok(d);
-            }
+        if let Some(d) = checkpoint_dtype(&crate::hub::resolve_model(path)?) {
+            return Ok(d);
         }
     }
     Ok(model.dtype())
+}
+
+/// The dtype a checkpoint's `config.json` says its weights are in (`torch_dtype`, or
+/// `transformers` 5's `dtype`), when it says one this crate knows.
+pub fn checkpoint_dtype(dir: &Path) -> Option<DType> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let d = v.get("torch_dtype").or(v.get("dtype"))?.as_str()?;
+    parse_dtype(d).ok()
 }
 
 /// Generations for the configured sample prompts: `(prompt as text, generated text)`.
