@@ -110,6 +110,23 @@ impl Linear {
         grads: &mut Grads,
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
+        sum_in_order(self.backward_terms(x, grad, grads, dropout_seed)?)
+    }
+
+    /// [`Linear::backward`]'s input gradient as its terms, in the order candle's backward adds
+    /// them (the adapter's, created last, first): a caller whose input feeds several layers
+    /// adds all their terms in one running sum, as candle does, for the same bits.
+    pub(crate) fn backward_terms(
+        &self,
+        x: &Tensor,
+        grad: &Tensor,
+        grads: &mut Grads,
+        dropout_seed: Option<u64>,
+    ) -> Result<Vec<Tensor>> {
+        let adapter = match &self.lora {
+            Some(a) => Some(a.backward(x, grad, grads, dropout_seed)?),
+            None => None,
+        };
         let dx = if grads.wants(&self.w) {
             let (dx, dw, db) = crate::linear::dense_backward(x, &self.w, self.b.as_ref(), grad)?;
             grads.put(&self.w, dw)?;
@@ -120,11 +137,15 @@ impl Linear {
         } else {
             crate::linear::dense_backward_input(x, &self.w, grad)?
         };
-        match &self.lora {
-            None => Ok(dx),
-            Some(a) => Ok((dx + a.backward(x, grad, grads, dropout_seed)?)?),
-        }
+        Ok(adapter.into_iter().chain([dx]).collect())
     }
+}
+
+/// `((t0 + t1) + t2) + ...`: a gradient's terms added one at a time, in the given order.
+pub(crate) fn sum_in_order(terms: impl IntoIterator<Item = Tensor>) -> Result<Tensor> {
+    let mut terms = terms.into_iter();
+    let first = terms.next().expect("at least one term");
+    terms.try_fold(first, |acc, t| Ok((acc + t)?))
 }
 
 /// A LoRA adapter on a linear layer: `scale * dropout(x) A^T B^T`.

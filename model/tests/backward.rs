@@ -20,6 +20,36 @@ fn models(dtype: DType) -> Vec<(String, Model)> {
     out.push(("gpt-tied-bias".into(), gpt(true, true, 0.0, dtype)));
     out.push(("gpt-untied-nobias".into(), gpt(false, false, 0.0, dtype)));
     out.push(("gpt-dropout".into(), gpt(true, true, 0.3, dtype)));
+    // LoRA: frozen bases, adapters with dropout, fully trained modules (a tied pair included).
+    let lora = |m: Model, cfg| with_lora(m, &cfg);
+    out.push((
+        "qwen2-untied+lora".into(),
+        lora(
+            load("qwen2-untied", dtype),
+            lora_config(0.2, &["all-linear"], &["lm_head"]),
+        ),
+    ));
+    let mut rs = lora_config(
+        0.0,
+        &["q_proj", "v_proj", "down_proj"],
+        &["embed_tokens", "lm_head"],
+    );
+    rs.use_rslora = true;
+    out.push(("qwen3+rslora".into(), lora(load("qwen3", dtype), rs)));
+    out.push((
+        "llama-bias+lora".into(),
+        lora(
+            load("llama-bias", dtype),
+            lora_config(0.1, &["o_proj", "up_proj"], &["model.norm"]),
+        ),
+    ));
+    out.push((
+        "gpt-dropout+lora".into(),
+        lora(
+            gpt(true, true, 0.3, dtype),
+            lora_config(0.1, &["c_attn", "c_proj"], &[]),
+        ),
+    ));
     out
 }
 

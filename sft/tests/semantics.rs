@@ -2,7 +2,9 @@
 //! - a PyTorch/transformers reference trajectory (3 steps, accumulation, clipping, AdamW);
 //! - gradients are identical for batch 8 x accumulation 1, batch 1 x accumulation 8, and packed;
 //! - a micro-batch without targets contributes zero, never NaN;
-//! - a half-precision step (the composed ops a GPU runs) tracks the f32 one.
+//! - a half-precision step (the composed ops a GPU runs) tracks the f32 one;
+//! - LoRA: all of the above hold for adapters; a fresh adapter's loss is the base's, bit for bit;
+//!   frozen weights are bit-identical after training.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use sft::step::{accumulate_micro_batch, GradAccumulator};
 use sft::{AdamW, OptimConfig};
 use sft_data::{collate, pack_bins, Rendered};
-use sft_model::Model;
+use sft_model::{LoraConfig, Model};
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
@@ -50,6 +52,45 @@ fn load(name: &str) -> Model {
 
 fn load_as(name: &str, dtype: DType) -> Model {
     Model::load(&data_dir().join("models").join(name), dtype, &Device::Cpu).unwrap()
+}
+
+/// LoRA on every linear layer (rank 4, no dropout) plus `save`, with B made non-zero so that A
+/// has a gradient.
+fn lora(model: Model, save: &[&str]) -> Model {
+    let cfg = LoraConfig {
+        r: 4,
+        dropout: 0.0,
+        modules_to_save: save.iter().map(|s| s.to_string()).collect(),
+        ..LoraConfig::default()
+    };
+    let model = model.with_lora(&cfg, 7).unwrap();
+    for (i, (name, var)) in model.params().iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let n = var.elem_count();
+            let v: Vec<f32> = (0..n).map(|j| 0.1 * ((i * 131 + j) as f32).sin()).collect();
+            let v = Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap();
+            var.set(&v.to_dtype(var.dtype()).unwrap()).unwrap();
+        }
+    }
+    model
+}
+
+/// Every model the batch-shape tests run: the fixtures, fully and with LoRA.
+fn fine_tuned(dtype: DType) -> Vec<(String, Model)> {
+    let mut out = Vec::new();
+    for name in ["qwen2-tied", "qwen2-untied", "qwen3"] {
+        out.push((name.to_string(), load_as(name, dtype)));
+    }
+    out.push((
+        "qwen2-untied+lora".into(),
+        lora(load_as("qwen2-untied", dtype), &["lm_head"]),
+    ));
+    out.push((
+        "qwen2-tied+lora".into(),
+        lora(load_as("qwen2-tied", dtype), &["embed_tokens", "lm_head"]),
+    ));
+    out.push(("qwen3+lora".into(), lora(load_as("qwen3", dtype), &[])));
+    out
 }
 
 #[test]
@@ -182,8 +223,7 @@ fn max_diff(a: &[Tensor], b: &[Tensor]) -> f32 {
 
 #[test]
 fn batch_shape_and_packing_do_not_change_gradients() {
-    for name in ["qwen2-tied", "qwen2-untied", "qwen3"] {
-        let model = load(name);
+    for (name, model) in fine_tuned(DType::F32) {
         let samples = eight_samples();
         let refs: Vec<&Rendered> = samples.iter().collect();
         let one_batch = grads_for(&model, &[refs.iter().map(|&r| vec![r]).collect()]);
@@ -200,8 +240,14 @@ fn batch_shape_and_packing_do_not_change_gradients() {
             .map(|bin| bin.iter().map(|&i| &samples[i]).collect())
             .collect();
         let packed = grads_for(&model, &[packed_rows]);
-        let d1 = max_diff(&one_batch, &accumulated);
-        let d2 = max_diff(&one_batch, &packed);
+        // LoRA's gradients are larger (scale alpha / r = 8, B not zero): to f32's rounding of
+        // the sums over micro-batches, relative to the largest.
+        let scale = match name.ends_with("+lora") {
+            true => 10.0 * one_batch.iter().map(max_abs).fold(0.0, f32::max),
+            false => 1.0,
+        };
+        let d1 = max_diff(&one_batch, &accumulated) / scale;
+        let d2 = max_diff(&one_batch, &packed) / scale;
         assert!(d1 < 1e-6, "{name}: batch 8 x 1 vs 1 x 8 differ by {d1}");
         assert!(d2 < 1e-6, "{name}: padded vs packed differ by {d2}");
     }
@@ -219,6 +265,57 @@ fn a_micro_batch_without_targets_contributes_nothing() {
     assert!(grads.is_empty());
 }
 
+/// A fresh adapter starts at the base model's loss exactly; training moves the adapters and
+/// the modules to save, and leaves every frozen weight bit-identical.
+#[test]
+fn lora_starts_at_the_base_and_leaves_it_unchanged() {
+    let samples = eight_samples();
+    let rows: Vec<Vec<&Rendered>> = samples.iter().map(|r| vec![r]).collect();
+    let batch = collate(&rows, 0, None);
+    for (name, save) in [("qwen2-tied", vec![]), ("qwen2-untied", vec!["lm_head"])] {
+        let base = sft::step::evaluate_batch(&load(name).detached(), &batch).unwrap();
+        let cfg = LoraConfig {
+            modules_to_save: save.iter().map(|s| s.to_string()).collect(),
+            ..LoraConfig::default()
+        };
+        let model = load(name).with_lora(&cfg, 3).unwrap();
+        let fresh = sft::step::evaluate_batch(&model.detached(), &batch).unwrap();
+        assert_eq!(fresh.loss_sum.to_bits(), base.loss_sum.to_bits(), "{name}");
+
+        let frozen: Vec<(String, Tensor)> = model
+            .frozen()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+            .collect();
+        let trained: Vec<Tensor> = model
+            .params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy().unwrap())
+            .collect();
+        let mut opt = AdamW::new(model.params(), &OptimConfig::default()).unwrap();
+        for step in 0..3u64 {
+            let mut grads = GradAccumulator::new(model.params().len());
+            let n = batch.n_targets as f64;
+            accumulate_micro_batch(&model, &batch, 1.0 / n, Some(step), &mut grads).unwrap();
+            opt.step(&grads.take(), 1e-3).unwrap();
+        }
+        for ((n, v), before) in model.frozen().iter().zip(&frozen) {
+            let same = (v.as_tensor() - &before.1).unwrap();
+            assert_eq!(max_abs(&same), 0.0, "{name}: frozen {n} changed");
+            assert_eq!(n, &before.0);
+        }
+        for ((n, v), before) in model.params().iter().zip(&trained) {
+            let moved = max_abs(&(v.as_tensor() - before).unwrap());
+            assert!(moved > 1e-4, "{name}: {n} did not train");
+        }
+        let after = sft::step::evaluate_batch(&model.detached(), &batch).unwrap();
+        assert!(
+            after.loss_sum < base.loss_sum,
+            "{name}: LoRA lowered the loss"
+        );
+    }
+}
+
 /// bf16 and f16 take the composed candle ops (the fused kernels are f32/f64 on the CPU), which
 /// are what a CUDA build runs: a packed step there must give f32's gradients to the precision's
 /// rounding, and AdamW must update the half-precision weights in place of their dtype.
@@ -230,8 +327,12 @@ fn half_precision_steps_track_f32() {
         .iter()
         .map(|bin| bin.iter().map(|&i| &samples[i]).collect())
         .collect();
-    for name in ["qwen2-untied", "qwen3"] {
-        let reference = grads_for(&load(name), std::slice::from_ref(&rows));
+    for name in ["qwen2-untied", "qwen3", "qwen3+lora"] {
+        let load_as = |name: &str, dtype| match name.strip_suffix("+lora") {
+            Some(base) => lora(load_as(base, dtype), &[]),
+            None => load_as(name, dtype),
+        };
+        let reference = grads_for(&load_as(name, DType::F32), std::slice::from_ref(&rows));
         let scale = reference.iter().map(max_abs).fold(0.0, f32::max);
         for (dtype, tolerance) in [(DType::BF16, 0.15), (DType::F16, 0.02)] {
             let model = load_as(name, dtype);

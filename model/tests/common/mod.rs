@@ -133,3 +133,36 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// `model` with fresh LoRA adapters whose B matrices are made non-zero (PEFT starts them at
+/// zero, which would leave A without a gradient and the adapters without an effect).
+pub fn with_lora(model: Model, lora: &sft_model::LoraConfig) -> Model {
+    let model = model.with_lora(lora, 9).unwrap();
+    for (i, (name, var)) in model.params().iter().enumerate() {
+        if !name.ends_with("lora_B.weight") {
+            continue;
+        }
+        let n = var.elem_count();
+        let noise: Vec<f64> = (0..n)
+            .map(|j| 0.2 * (((i * 7919 + j * 104_729) as f64) * 0.37).sin())
+            .collect();
+        let noise = Tensor::from_vec(noise, var.shape(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(var.dtype())
+            .unwrap();
+        var.set(&noise).unwrap();
+    }
+    model
+}
+
+/// A LoRA configuration for the tests: rank 4, alpha 8, the given dropout and targets.
+pub fn lora_config(dropout: f64, targets: &[&str], save: &[&str]) -> sft_model::LoraConfig {
+    sft_model::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        use_rslora: false,
+        target_modules: targets.iter().map(|s| s.to_string()).collect(),
+        modules_to_save: save.iter().map(|s| s.to_string()).collect(),
+    }
+}
