@@ -533,6 +533,8 @@ impl crate::Model {
                 });
             }
             let var = crate::checkpoint::view_to_var(view, self.dtype, &self.device)?;
+            // SAFETY: the view comes from the file's read-only mapping (`MmapedSafetensors`).
+            unsafe { crate::checkpoint::release_pages(view.data()) };
             if let Some(prev) = stored.get(internal) {
                 // A tied head stored beside its embedding must be the same tensor.
                 let diff = (prev.as_tensor() - var.as_tensor())?.abs()?.max_all()?;
