@@ -37,12 +37,18 @@ pub struct BenchResult {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+    /// Every scalar of the model (the frozen base included).
     pub params: usize,
+    /// The scalars that train (all of them without LoRA).
+    pub trainable_params: usize,
+    /// Whether LoRA adapters trained on a frozen base.
+    pub lora: bool,
     pub batch_size: usize,
     pub seq_len: usize,
     pub threads: usize,
     /// Model FLOPs per step: 6 * params * tokens plus attention (6 * layers * seq * hidden per
-    /// token, causal half of it counted).
+    /// token, causal half of it counted); with LoRA, a frozen weight counts 4 (its forward and
+    /// its input's gradient; no weight gradient).
     pub flops_per_step: f64,
     pub gflops_per_s: f64,
     /// Where the step ran (`cpu`, `cuda:0`) and in which dtype (`f32`, `bf16`).
@@ -83,7 +89,9 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         let batch = collate(&rows, 0, None);
         dev.synchronize()?;
         let t0 = Instant::now();
-        let dropout_seed = opts.dropout.then(|| opts.seed.wrapping_add(step as u64));
+        // LoRA's dropout is on whenever training is, as in `sft train`.
+        let training = opts.dropout || model.lora().is_some();
+        let dropout_seed = training.then(|| opts.seed.wrapping_add(step as u64));
         let f = forward_loss(model, &batch, 1.0 / batch.n_targets as f64, dropout_seed)?
             .expect("the benchmark batch has targets");
         dev.synchronize()?;
@@ -101,15 +109,14 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
             total.push((t3 - t0).as_secs_f64());
         }
     }
-    let params: usize = model
-        .params()
-        .iter()
-        .map(|(_, v)| v.as_tensor().elem_count())
-        .sum();
+    let count = |ps: &[(String, candle_core::Var)]| -> usize {
+        ps.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
+    };
+    let (trainable, frozen) = (count(model.params()), count(model.frozen()));
     let tokens = (opts.batch_size * opts.seq_len) as f64;
     let cfg = model.config();
     let attention = 6.0 * cfg.num_layers() as f64 * opts.seq_len as f64 * cfg.hidden_size() as f64;
-    let flops = (6.0 * params as f64 + attention) * tokens;
+    let flops = (6.0 * trainable as f64 + 4.0 * frozen as f64 + attention) * tokens;
     let step = median(&mut total);
     Ok(BenchResult {
         tokens_per_s: tokens / step,
@@ -118,7 +125,9 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         forward_s: median(&mut fwd),
         backward_s: median(&mut bwd),
         optimizer_s: median(&mut optim),
-        params,
+        params: trainable + frozen,
+        trainable_params: trainable,
+        lora: model.lora().is_some(),
         batch_size: opts.batch_size,
         seq_len: opts.seq_len,
         threads: candle_core::utils::get_num_threads(),
@@ -126,7 +135,11 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         gflops_per_s: flops / step / 1e9,
         device: crate::setup::device_name(dev),
         dtype: crate::config::dtype_name(model.dtype()),
-        dropout: if opts.dropout { cfg.dropout() } else { 0.0 },
+        dropout: match (model.lora(), opts.dropout) {
+            (Some(l), _) => l.dropout,
+            (None, true) => cfg.dropout(),
+            (None, false) => 0.0,
+        },
     })
 }
 

@@ -22,7 +22,8 @@ pub(crate) struct Args {
     /// Also run the PyTorch peer and print our/their ratios.
     #[arg(long)]
     peer: bool,
-    /// Training configurations to run (a, b, c, c-dropout, d; see `CONFIGS`); empty for none.
+    /// Training configurations to run (a, b, c, c-dropout, d, e, e-lora; see `CONFIGS`); empty
+    /// for none.
     #[arg(long, value_delimiter = ',', default_value = "a,b,c,c-dropout,d")]
     configs: Vec<String>,
     /// Compute threads for both sides (default: available cores).
@@ -64,6 +65,8 @@ struct BenchConfig {
     base: Option<&'static str>,
     /// Steps with the model's dropout, on both sides (nanopoet trains with 0.1).
     dropout: bool,
+    /// LoRA r = 16 on every linear layer (alpha 32, dropout 0.05), on both sides (PEFT's).
+    lora: bool,
 }
 
 impl BenchConfig {
@@ -84,6 +87,7 @@ const CONFIGS: &[BenchConfig] = &[
         single_step: false,
         base: None,
         dropout: false,
+        lora: false,
     },
     BenchConfig {
         name: "b",
@@ -96,6 +100,7 @@ const CONFIGS: &[BenchConfig] = &[
         single_step: false,
         base: None,
         dropout: false,
+        lora: false,
     },
     BenchConfig {
         name: "c",
@@ -108,6 +113,7 @@ const CONFIGS: &[BenchConfig] = &[
         single_step: false,
         base: None,
         dropout: false,
+        lora: false,
     },
     BenchConfig {
         name: "c-dropout",
@@ -120,6 +126,7 @@ const CONFIGS: &[BenchConfig] = &[
         single_step: false,
         base: Some("c"),
         dropout: true,
+        lora: false,
     },
     BenchConfig {
         name: "d",
@@ -132,6 +139,33 @@ const CONFIGS: &[BenchConfig] = &[
         single_step: true,
         base: None,
         dropout: false,
+        lora: false,
+    },
+    BenchConfig {
+        name: "e",
+        what: "Qwen2.5-0.5B shape, full fine-tuning, 1x512",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 512,
+        single_step: false,
+        base: Some("d"),
+        dropout: false,
+        lora: false,
+    },
+    BenchConfig {
+        name: "e-lora",
+        what: "the same with LoRA r=16 on every linear layer",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 512,
+        single_step: false,
+        base: Some("d"),
+        dropout: false,
+        lora: true,
     },
 ];
 
@@ -181,10 +215,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     );
     // `--configs=` (empty) runs none: only the data, packing and generation benches.
     for name in args.configs.iter().filter(|n| !n.is_empty()) {
-        let cfg = CONFIGS
-            .iter()
-            .find(|c| c.name == name)
-            .with_context(|| format!("unknown config {name:?} (a, b, c, c-dropout, d)"))?;
+        let cfg = CONFIGS.iter().find(|c| c.name == name).with_context(|| {
+            let known: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
+            format!("unknown config {name:?} ({})", known.join(", "))
+        })?;
         let model = dir.join("models").join(cfg.base());
         if !model.join("model.safetensors").is_file() {
             eprintln!("initialising {} ({})", model.display(), cfg.what);
@@ -213,6 +247,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                         .args(["--warmup", &warmup.to_string()])
                         .args(["--threads", &threads.to_string()])
                         .args(["--device", device, "--dtype", dtype])
+                        .args(cfg.lora.then_some("--lora"))
                         // The peer's (c) defaults to nanopoet's dropout; ours to none.
                         .args(if cfg.base() == "c" && !cfg.dropout {
                             &["--dropout", "0"][..]
@@ -255,6 +290,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         md,
         "\nspeed ratio = sft tokens/s / PyTorch tokens/s (above 1: sft is faster); RSS ratio = sft / PyTorch (below 1: sft uses less).\n"
     );
+    lora_vs_full(&results, &mut md);
     // One thread against all of them, on the configurations that ran: candle's matmul threading
     // does not always pay on two cores.
     if threads > 1 && !args.cuda {
@@ -296,6 +332,36 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// LoRA against full fine-tuning of the same model and batch (configurations `e-lora` and
+/// `e`), on each side that ran both: the targets are RSS <= 40% and tokens/s >= 1.4x.
+fn lora_vs_full(results: &[Value], md: &mut String) {
+    let find = |name: &str| results.iter().find(|r| r["config"] == name);
+    let (Some(full), Some(lora)) = (find("e"), find("e-lora")) else {
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "| LoRA r=16 vs full fine-tuning (e-lora / e) | tokens/s | peak RSS |\n|---|---|---|"
+    );
+    for side in ["sft", "pytorch"] {
+        let f = |v: &Value, k: &str| v[side][k].as_f64();
+        if let (Some(ft), Some(lt), Some(fr), Some(lr)) = (
+            f(full, "tokens_per_s"),
+            f(lora, "tokens_per_s"),
+            f(full, "peak_rss_mib"),
+            f(lora, "peak_rss_mib"),
+        ) {
+            let _ = writeln!(
+                md,
+                "| {side} | {:.2}x ({lt:.1} vs {ft:.1}) | {:.0}% ({lr:.0} vs {fr:.0} MiB) |",
+                lt / ft,
+                100.0 * lr / fr
+            );
+        }
+    }
+    md.push('\n');
+}
+
 /// `sft bench train --json` on one configuration.
 fn sft_bench_train(
     sft: &Path,
@@ -315,7 +381,8 @@ fn sft_bench_train(
             .args(["--steps", &steps.to_string()])
             .args(["--warmup", &warmup.to_string()])
             .args(["--threads", &threads.to_string()])
-            .args(cfg.dropout.then_some("--dropout")),
+            .args(cfg.dropout.then_some("--dropout"))
+            .args(cfg.lora.then_some("--lora")),
     )
 }
 
