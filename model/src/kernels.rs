@@ -1085,7 +1085,7 @@ fn residual_dropout_fwd<T: Real>(d: &Dropout, x: &[T], h: &[T]) -> Vec<T> {
 }
 
 /// `g` times the mask: the gradient of `h`.
-fn dropout_mask_mul<T: Real>(d: &Dropout, g: &[T]) -> Vec<T> {
+pub(crate) fn dropout_mask_mul<T: Real>(d: &Dropout, g: &[T]) -> Vec<T> {
     fill_chunks(g.len(), |at, out| {
         let mut words = d.words();
         let mut m = [T::ZERO; DRAW_BLOCK];

@@ -13,7 +13,9 @@ use gemm::Parallelism;
 use crate::kernels::{
     column_sums, cpu, fusable, matmul, slice_of, written_by, Element, Input, ParamOp, WithParams,
 };
+use crate::ops::Dropout;
 use crate::Result;
+use rayon::prelude::*;
 
 /// Split every product over the current pool, as candle's matmul does.
 fn parallelism() -> Parallelism {
@@ -320,6 +322,262 @@ pub(crate) fn dense_backward_input(x: &Tensor, w: &Tensor, grad: &Tensor) -> Res
     let n_out = w.dim(0)?;
     let g = grad.reshape(((), n_out))?;
     Ok(dense_input_grad(w, &g)?.reshape(x.shape())?)
+}
+
+/// A frozen dense layer and its LoRA adapter as one op over (x, A, B):
+/// `x W^T + b + scale * dropout(x) A^T B^T`, the base weight and bias held by the op (they take
+/// no gradient). Composed it was a product, a scaling, an addition and their buffers for every
+/// adapted layer (each a pass over the layer's whole output), and in backward the same again:
+/// here the update is accumulated into the layer's output by `gemm` itself (its `beta` is the
+/// scale), and backward accumulates the adapter's share of the input gradient likewise. The
+/// dropped input and `u = dropout(x) A^T` are recomputed in backward, not kept.
+pub(crate) struct LoraDense {
+    pub(crate) w: Tensor,
+    pub(crate) b: Option<Tensor>,
+    pub(crate) scale: f64,
+    pub(crate) dropout: Option<Dropout>,
+}
+
+/// (rows, n_in, n_out, r) of `x` (.., n_in), `w` (n_out, n_in), `a` (r, n_in), `b` (n_out, r).
+fn lora_dims(
+    x: &Layout,
+    w: &Layout,
+    a: &Layout,
+    b: &Layout,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (rows, n_in, n_out) = dims(x, w)?;
+    match (a.dims(), b.dims()) {
+        (&[r, a_in], &[b_out, r2]) if a_in == n_in && b_out == n_out && r2 == r => {
+            Ok((rows, n_in, n_out, r))
+        }
+        _ => candle_core::bail!(
+            "lora: A {:?} and B {:?} do not fit the weight {:?}",
+            a.dims(),
+            b.dims(),
+            w.dims()
+        ),
+    }
+}
+
+impl LoraDense {
+    /// Whether the fused op runs on these operands (CPU f32/f64, matching dtypes and shapes);
+    /// the caller composes the layer otherwise.
+    pub(crate) fn fits(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> bool {
+        let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
+        let n_in = x.dims().last().copied().unwrap_or(0);
+        fusable(x)
+            && x.elem_count() > 0
+            && [&self.w, a, b].into_iter().all(same)
+            && self.b.as_ref().is_none_or(same)
+            && matches!(self.w.dims(), &[_, i] if i == n_in)
+    }
+
+    fn dropped<'a, T: Element>(&self, x: &'a [T]) -> std::borrow::Cow<'a, [T]> {
+        match &self.dropout {
+            Some(d) => std::borrow::Cow::Owned(crate::kernels::dropout_mask_mul(d, x)),
+            None => std::borrow::Cow::Borrowed(x),
+        }
+    }
+
+    /// `u = dropout(x) A^T`, (rows, r), and the dropped input.
+    fn down<'a, T: Element>(
+        &self,
+        xv: &'a [T],
+        av: &[T],
+        (rows, n_in, r): (usize, usize, usize),
+    ) -> (std::borrow::Cow<'a, [T]>, Vec<T>) {
+        let xd = self.dropped(xv);
+        // SAFETY: a product that does not accumulate writes every element; xd is rows x n_in,
+        // A r x n_in, both contiguous.
+        let u = unsafe {
+            written_by(rows * r, |u| {
+                matmul(
+                    (rows, r, n_in),
+                    (u, r, 1),
+                    false,
+                    (xd.as_ptr(), n_in, 1),
+                    (av.as_ptr(), 1, n_in),
+                    T::of(1.0),
+                    parallelism(),
+                )
+            })
+        };
+        (xd, u)
+    }
+}
+
+impl ParamOp for LoraDense {
+    const NAME: &'static str = "sft-lora-dense";
+
+    fn forward<T: Element>(
+        &self,
+        x: Input<'_>,
+        params: &[Input<'_>],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (params[0], params[1]);
+        let (ws, wl) = self.w.storage_and_layout();
+        let (rows, n_in, n_out, r) = lora_dims(x.1, wl, a.1, b.1)?;
+        let wv = slice_of::<T>(cpu(&ws)?, wl, "lora: the weight")?;
+        let xv = slice_of::<T>(x.0, x.1, "lora: the input")?;
+        let (av, bv) = (
+            slice_of::<T>(a.0, a.1, "lora: A")?,
+            slice_of::<T>(b.0, b.1, "lora: B")?,
+        );
+        let base = |y: *mut T, accumulate: bool| {
+            // SAFETY: y has room for rows x n_out; x, w contiguous with the dims checked.
+            unsafe {
+                matmul(
+                    (rows, n_out, n_in),
+                    (y, n_out, 1),
+                    accumulate,
+                    (xv.as_ptr(), n_in, 1),
+                    (wv.as_ptr(), 1, n_in),
+                    T::of(1.0),
+                    parallelism(),
+                )
+            }
+        };
+        let mut y = match &self.b {
+            Some(bias) => {
+                let (bs, bl) = bias.storage_and_layout();
+                let mut y = slice_of::<T>(cpu(&bs)?, bl, "lora: the bias")?.repeat(rows);
+                base(y.as_mut_ptr(), true);
+                y
+            }
+            // SAFETY: a product that does not accumulate writes every element.
+            None => unsafe { written_by(rows * n_out, |y| base(y, false)) },
+        };
+        let (_, u) = self.down(xv, av, (rows, n_in, r));
+        // SAFETY: y is rows x n_out, u rows x r, B n_out x r, all contiguous.
+        unsafe {
+            matmul(
+                (rows, n_out, r),
+                (y.as_mut_ptr(), n_out, 1),
+                true,
+                (u.as_ptr(), r, 1),
+                (bv.as_ptr(), 1, r),
+                T::of(self.scale),
+                parallelism(),
+            )
+        };
+        let mut shape = x.1.dims().to_vec();
+        *shape.last_mut().expect("dims checked") = n_out;
+        Ok((T::storage(y), Shape::from(shape)))
+    }
+
+    fn backward<T: Element>(
+        &self,
+        x: &Tensor,
+        params: &[&Tensor],
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)> {
+        let (a, b) = (params[0], params[1]);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = self.w.storage_and_layout();
+        let (a_s, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (rows, n_in, n_out, r) = lora_dims(xl, wl, al, bl)?;
+        let xv = slice_of::<T>(cpu(&xs)?, xl, "lora: the input")?;
+        let wv = slice_of::<T>(cpu(&ws)?, wl, "lora: the weight")?;
+        let av = slice_of::<T>(cpu(&a_s)?, al, "lora: A")?;
+        let bv = slice_of::<T>(cpu(&bs)?, bl, "lora: B")?;
+        let g = slice_of::<T>(cpu(&gs)?, gl, "lora: the gradient")?;
+        let scale = T::of(self.scale);
+        let mut dx = input_grad(g, wv, (rows, n_in, n_out));
+        let (xd, u) = self.down(xv, av, (rows, n_in, r));
+        // SAFETY (each product): the operands are contiguous with the dims given, and a product
+        // that does not accumulate writes every element of its output.
+        // du = scale * g B, (rows, r).
+        let du = unsafe {
+            written_by(rows * r, |du| {
+                matmul(
+                    (rows, r, n_out),
+                    (du, r, 1),
+                    false,
+                    (g.as_ptr(), n_out, 1),
+                    (bv.as_ptr(), r, 1),
+                    scale,
+                    parallelism(),
+                )
+            })
+        };
+        // dB = scale * g^T u, (n_out, r).
+        let db = unsafe {
+            written_by(n_out * r, |db| {
+                matmul(
+                    (n_out, r, rows),
+                    (db, r, 1),
+                    false,
+                    (g.as_ptr(), 1, n_out),
+                    (u.as_ptr(), r, 1),
+                    scale,
+                    parallelism(),
+                )
+            })
+        };
+        // dA = du^T dropout(x), (r, n_in).
+        let da = unsafe {
+            written_by(r * n_in, |da| {
+                matmul(
+                    (r, n_in, rows),
+                    (da, n_in, 1),
+                    false,
+                    (du.as_ptr(), 1, r),
+                    (xd.as_ptr(), n_in, 1),
+                    T::of(1.0),
+                    parallelism(),
+                )
+            })
+        };
+        // dx += mask * (du A): straight into dx without dropout.
+        let lora_input_grad = |dst: *mut T, accumulate: bool| unsafe {
+            matmul(
+                (rows, n_in, r),
+                (dst, n_in, 1),
+                accumulate,
+                (du.as_ptr(), r, 1),
+                (av.as_ptr(), n_in, 1),
+                T::of(1.0),
+                parallelism(),
+            )
+        };
+        match &self.dropout {
+            None => lora_input_grad(dx.as_mut_ptr(), true),
+            Some(d) => {
+                let t = unsafe { written_by(rows * n_in, |t| lora_input_grad(t, false)) };
+                let t = crate::kernels::dropout_mask_mul(d, &t);
+                dx.par_iter_mut()
+                    .zip(t.par_iter())
+                    .for_each(|(dx, &t)| *dx = *dx + t);
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            vec![
+                Some(Tensor::from_vec(da, a.shape(), dev)?),
+                Some(Tensor::from_vec(db, b.shape(), dev)?),
+            ],
+        ))
+    }
+}
+
+/// [`LoraDense`] on `x`: candle's op, whose backward gives A and B their gradients.
+pub(crate) fn lora_dense(op: LoraDense, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    WithParams::apply(op, x, a, Some(b))
+}
+
+/// The gradients of [`lora_dense`]'s input, A and B, from its output's.
+pub(crate) fn lora_dense_backward(
+    op: LoraDense,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dx, da, db) = WithParams(op).gradients(x, (a, Some(b)), grad)?;
+    Ok((dx, da, db.expect("B has a gradient")))
 }
 
 #[cfg(test)]

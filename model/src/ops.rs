@@ -94,6 +94,9 @@ impl Linear {
     /// `x W^T + b`, plus the adapter's update when there is one (its dropout drawn from
     /// `dropout_seed` in training).
     pub(crate) fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        if let Some((op, a)) = self.fused(x, dropout_seed) {
+            return crate::linear::lora_dense(op, x, &a.a, &a.b);
+        }
         let y = linear(x, &self.w, self.b.as_ref())?;
         match &self.lora {
             None => Ok(y),
@@ -123,6 +126,14 @@ impl Linear {
         grads: &mut Grads,
         dropout_seed: Option<u64>,
     ) -> Result<Vec<Tensor>> {
+        if let Some((op, a)) = self.fused(x, dropout_seed) {
+            // The base weight of an adapted layer is frozen (`lora::plan`).
+            debug_assert!(!grads.wants(&self.w));
+            let (dx, da, db) = crate::linear::lora_dense_backward(op, x, &a.a, &a.b, grad)?;
+            grads.put(&a.a, da)?;
+            grads.put(&a.b, db)?;
+            return Ok(vec![dx]);
+        }
         let adapter = match &self.lora {
             Some(a) => Some(a.backward(x, grad, grads, dropout_seed)?),
             None => None,
@@ -138,6 +149,20 @@ impl Linear {
             crate::linear::dense_backward_input(x, &self.w, grad)?
         };
         Ok(adapter.into_iter().chain([dx]).collect())
+    }
+}
+
+impl Linear {
+    /// The fused layer-and-adapter op where it runs (an adapter, CPU f32/f64).
+    fn fused(&self, x: &Tensor, seed: Option<u64>) -> Option<(crate::linear::LoraDense, &Adapter)> {
+        let a = self.lora.as_ref()?;
+        let op = crate::linear::LoraDense {
+            w: self.w.clone(),
+            b: self.b.clone(),
+            scale: a.scale,
+            dropout: a.dropout(seed),
+        };
+        op.fits(x, &a.a, &a.b).then_some((op, a))
     }
 }
 

@@ -205,8 +205,9 @@ impl Qwen2 {
         let acts = LayerTrace {
             x: x.clone(),
             h,
-            q_in,
-            k_in,
+            // Only the q/k norms' backward reads them (Qwen3); kept otherwise they would hold
+            // the projections' outputs (50 MB of a 0.5B model's 512-token step).
+            qk_in: l.q_norm.is_some().then_some((q_in, k_in)),
             q,
             k,
             v,
@@ -216,7 +217,6 @@ impl Qwen2 {
             h2,
             gate,
             up,
-            m,
         };
         Ok((out, acts))
     }
@@ -241,7 +241,11 @@ impl Qwen2 {
         let mut dx = rms(last, &self.norm, grad, grads)?;
         for (l, a) in self.layers.iter().zip(tr.layers).rev() {
             let (b, t, _) = a.x.dims3()?;
-            let dm = l.down.backward(&a.m, &dx, grads, seed)?;
+            // The down projection's input, recomputed (the same bits) rather than kept: for the
+            // 0.5B model it was 240 MB of a 512-token step's activations.
+            let m = ops::silu_mul(&a.gate, &a.up)?;
+            let dm = l.down.backward(&m, &dx, grads, seed)?;
+            drop(m);
             let (dgate, dup) = kernels::silu_mul_backward(&a.gate, &a.up, &dm)?;
             let dh2_up = l.up.backward_terms(&a.h2, &dup, grads, seed)?;
             let dh2_gate = l.gate.backward_terms(&a.h2, &dgate, grads, seed)?;
@@ -261,9 +265,9 @@ impl Qwen2 {
             // Undo the heads-first layouts: rope's backward for q and k, a transpose for v.
             let mut dq = kernels::rope_backward(&dq, cos, sin)?;
             let mut dk = kernels::rope_backward(&dk, cos, sin)?;
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                dq = rms(&a.q_in, qn, &dq, grads)?;
-                dk = rms(&a.k_in, kn, &dk, grads)?;
+            if let (Some(qn), Some(kn), Some((q_in, k_in))) = (&l.q_norm, &l.k_norm, &a.qk_in) {
+                dq = rms(q_in, qn, &dq, grads)?;
+                dk = rms(k_in, kn, &dk, grads)?;
             }
             let dv = dv.transpose(1, 2)?.reshape((b, t, ()))?;
             let dh_v = l.v.backward_terms(&a.h, &dv, grads, seed)?;
@@ -300,9 +304,8 @@ pub(crate) struct Qwen2Trace {
 struct LayerTrace {
     x: Tensor,
     h: Tensor,
-    /// q and k before their norms (Qwen3) and rope, (b, t, heads, head_dim).
-    q_in: Tensor,
-    k_in: Tensor,
+    /// q and k before their norms and rope, (b, t, heads, head_dim), with q/k norms (Qwen3).
+    qk_in: Option<(Tensor, Tensor)>,
     /// q, k and v as attention read them, heads first.
     q: Tensor,
     k: Tensor,
@@ -314,5 +317,4 @@ struct LayerTrace {
     h2: Tensor,
     gate: Tensor,
     up: Tensor,
-    m: Tensor,
 }
