@@ -549,7 +549,7 @@ impl ParamOp for LoraDense {
                 let t = crate::kernels::dropout_mask_mul(d, &t);
                 dx.par_iter_mut()
                     .zip(t.par_iter())
-                    .for_each(|(dx, &t)| *dx = *dx + t);
+                    .for_each(|(dx, &t)| *dx = std::ops::Add::add(*dx, t));
             }
         }
         let dev = x.device();
