@@ -357,30 +357,34 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             )))
         }
     }
-    let unsupported = [
-        (
-            "use_dora",
-            get("use_dora").is_some_and(|v| v != &json!(false)),
-        ),
-        (
-            "fan_in_fan_out",
-            get("fan_in_fan_out").is_some_and(|v| v != &json!(false)),
-        ),
-        ("bias", get("bias").is_some_and(|v| v != &json!("none"))),
-        ("layers_to_transform", get("layers_to_transform").is_some()),
-        (
-            "rank_pattern",
-            get("rank_pattern").is_some_and(|v| v != &json!({})),
-        ),
-        (
-            "alpha_pattern",
-            get("alpha_pattern").is_some_and(|v| v != &json!({})),
-        ),
-        (
-            "trainable_token_indices",
-            get("trainable_token_indices").is_some(),
-        ),
-    ];
+    // Options that change what the adapter computes or where it applies: set to anything but
+    // their off value (null, false, {}, []), they are refused rather than ignored.
+    let off = |v: &Value| match v {
+        Value::Bool(b) => !b,
+        Value::Object(o) => o.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    };
+    let mut unsupported: Vec<(&str, bool)> = [
+        "use_dora",
+        "fan_in_fan_out",
+        "lora_bias",
+        "layers_to_transform",
+        "rank_pattern",
+        "alpha_pattern",
+        "trainable_token_indices",
+        "exclude_modules",
+        "target_parameters",
+        "layer_replication",
+        "alora_invocation_tokens",
+        "use_qalora",
+        "use_bdlora",
+        "arrow_config",
+    ]
+    .into_iter()
+    .map(|k| (k, get(k).is_some_and(|v| !off(v))))
+    .collect();
+    unsupported.push(("bias", get("bias").is_some_and(|v| v != &json!("none"))));
     if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
         return Err(bad(format!(
             "{key} = {} is not supported",

@@ -250,3 +250,80 @@ fn a_broken_adapter_names_its_file_and_tensor() {
         "{e}"
     );
 }
+
+/// Max |ours - PEFT's| over the real (unpadded) positions of the golden batch.
+fn worst_vs(model: &Model, g: &serde_json::Value, key: &str, entry: &serde_json::Value) -> f32 {
+    let input: Vec<Vec<u32>> = serde_json::from_value(g["input_ids"].clone()).unwrap();
+    let attention: Vec<Vec<u32>> = serde_json::from_value(g["attention_mask"].clone()).unwrap();
+    let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(entry[key].clone()).unwrap();
+    let (b, t) = (input.len(), input[0].len());
+    let segments = ids(&attention);
+    let got: Vec<Vec<Vec<f32>>> = model
+        .detached()
+        .forward(
+            &ids(&input),
+            &positions(b, t),
+            &AttentionMask::Segments(&segments),
+            None,
+        )
+        .unwrap()
+        .to_vec3()
+        .unwrap();
+    let mut worst = 0f32;
+    for r in 0..b {
+        for i in (0..t).filter(|&i| attention[r][i] == 1) {
+            for (x, y) in got[r][i].iter().zip(&want[r][i]) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    worst
+}
+
+/// Adapters PEFT made (all-linear with a saved head; rsLoRA on three modules) and adapters `sft`
+/// trained (tests/data/models/lora/), loaded here: PEFT's logits, and `merged` gives
+/// `merge_and_unload`'s (`tests/data/scripts/golden_lora.py`).
+#[test]
+fn adapters_give_pefts_logits_both_ways() {
+    let g = golden("lora");
+    let mut seen = Vec::new();
+    for side in ["peft", "sft"] {
+        for entry in g[side].as_array().unwrap() {
+            let (base, adapter) = (
+                entry["base"].as_str().unwrap(),
+                entry["adapter"].as_str().unwrap(),
+            );
+            let model = load(base, DType::F32)
+                .load_adapter(&fixture(adapter))
+                .unwrap_or_else(|e| panic!("{adapter}: {e}"));
+            let d = worst_vs(&model, &g, "logits", entry);
+            assert!(d <= 1e-4, "{adapter}: max |logits - PEFT| = {d}");
+            let merged = model.merged().unwrap();
+            let d = worst_vs(&merged, &g, "merged_logits", entry);
+            assert!(d <= 1e-4, "{adapter}: merged, max |logits - PEFT| = {d}");
+            // And the adapter does change the model (a loader that skipped it would fail here).
+            let plain = worst_vs(&load(base, DType::F32), &g, "logits", entry);
+            assert!(plain > 1e-2, "{adapter}: the base alone is within {plain}");
+            seen.push(adapter.to_string());
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "qwen2-untied-lora-peft",
+            "qwen3-lora-peft",
+            "qwen2-tied-lora-sft",
+            "qwen2-untied-lora-sft"
+        ]
+    );
+    // The PEFT-made adapter's base is found from its own adapter_config.json ("../qwen2-untied").
+    let base = sft_model::lora::base_dir(
+        &fixture("qwen2-untied-lora-peft"),
+        &read_adapter_config(&fixture("qwen2-untied-lora-peft"))
+            .unwrap()
+            .base
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(base.ends_with("../qwen2-untied"));
+}

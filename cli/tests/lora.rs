@@ -1,0 +1,273 @@
+//! LoRA through the command line: `sft train` with `[lora]` writes PEFT's files (and only the
+//! adapter), resumes to the same bytes, continues from an adapter (`model.adapter`); `sft eval`
+//! takes the adapter alone or with `--adapter`; `sft merge` writes a checkpoint that gives PEFT's
+//! `merge_and_unload` logits; a missing base is an error naming the paths it tried.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use sft_model::{AttentionMask, Model};
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
+}
+
+fn sft() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sft"));
+    c.env_remove("RUST_BACKTRACE");
+    c
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// stdout and stderr of a run that succeeded (progress lines go to stderr).
+fn ok_all(out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out) + &err
+}
+
+fn fails(out: Output) -> String {
+    assert!(!out.status.success(), "expected a failure");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sft-lora-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The fixture's training config (tests/data/models/lora/) on `base`, into `dir/out`.
+fn config(dir: &Path, base: &str, extra: &str) -> PathBuf {
+    let text = std::fs::read_to_string(data_dir().join("models/lora/train-sft-adapter.toml"))
+        .unwrap()
+        .replace(
+            "path = \"tests/data/models/qwen2-tied\"",
+            &format!("path = {:?}", data_dir().join("models").join(base)),
+        )
+        .replace(
+            "train = [\"tests/data/jsonl/mixed.jsonl\"]",
+            &format!("train = [{:?}]", data_dir().join("jsonl/mixed.jsonl")),
+        )
+        .replace(
+            "out_dir = \"runs/lora-fixture\"",
+            &format!("out_dir = {:?}", dir.join("out")),
+        )
+        .replace("save_every = 100", "save_every = 3")
+        + extra;
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn train_resume_eval_merge_an_adapter() {
+    let dir = scratch("train");
+    let cfg = config(&dir, "qwen2-untied", "");
+    let out = ok_all(
+        sft()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap(),
+    );
+    assert!(out.contains("LoRA:"), "{out}");
+    let last = dir.join("out/final");
+    // The adapter and the tokenizer, not a copy of the base.
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "char_tokenizer.json",
+    ] {
+        assert!(last.join(f).is_file(), "{f}");
+    }
+    assert!(!last.join("model.safetensors").exists() && !last.join("config.json").exists());
+    let adapter = std::fs::read(last.join("adapter_model.safetensors")).unwrap();
+
+    // Resumed from step 3 of 6: the same adapter, byte for byte.
+    std::fs::remove_dir_all(dir.join("out/checkpoint-000006")).unwrap();
+    ok(sft()
+        .args(["train", "--resume"])
+        .arg(dir.join("out/checkpoint-000003"))
+        .output()
+        .unwrap());
+    assert!(std::fs::read(last.join("adapter_model.safetensors")).unwrap() == adapter);
+
+    // eval: the adapter directory alone (base from base_model_name_or_path) and with --adapter.
+    let data = data_dir().join("jsonl/mixed.jsonl");
+    let eval = |args: &[&Path]| {
+        let mut c = sft();
+        c.args(["eval", "--json", "--data"])
+            .arg(&data)
+            .arg("--model");
+        c.arg(args[0]);
+        if let Some(a) = args.get(1) {
+            c.arg("--adapter").arg(a);
+        }
+        let v: serde_json::Value = serde_json::from_str(ok(c.output().unwrap()).trim()).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let base = data_dir().join("models/qwen2-untied");
+    let alone = eval(&[&last]);
+    assert_eq!(alone, eval(&[&base, &last]));
+
+    // merge: a plain checkpoint with the same loss.
+    let merged = dir.join("merged");
+    ok(sft()
+        .args(["merge", "--adapter"])
+        .arg(&last)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap());
+    assert!(merged.join("model.safetensors").is_file() && merged.join("config.json").is_file());
+    let m = eval(&[&merged]);
+    assert!((m - alone).abs() < 1e-4, "merged {m} vs adapter {alone}");
+    // Into a directory that is not empty: refused.
+    let again = fails(
+        sft()
+            .args(["merge", "--adapter"])
+            .arg(&last)
+            .arg("--out")
+            .arg(&merged)
+            .output()
+            .unwrap(),
+    );
+    assert!(again.contains("not empty"), "{again}");
+
+    // Continue training the adapter: model.adapter, a new run.
+    let more = scratch("continue");
+    let cfg = config(&more, "qwen2-untied", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace(
+        "[lora]\nr = 4\nalpha = 8\ndropout = 0.1\ntarget_modules = \"all-linear\"\n",
+        "",
+    );
+    let text = text.replacen("[model]\n", &format!("[model]\nadapter = {:?}\n", last), 1);
+    std::fs::write(&cfg, text).unwrap();
+    let out = ok_all(
+        sft()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap(),
+    );
+    assert!(out.contains("LoRA:"), "{out}");
+    let continued = more.join("out/final/adapter_model.safetensors");
+    assert!(std::fs::read(continued).unwrap() != adapter);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&more);
+}
+
+/// `sft merge` of the committed sft-made adapter gives PEFT's `merge_and_unload` logits
+/// (tests/data/models/lora.golden.json); `transformers` reads what `sft merge` writes as it
+/// reads every `sft` export (the model goldens).
+#[test]
+fn merge_gives_pefts_merged_logits() {
+    let dir = scratch("merge");
+    let out = dir.join("merged");
+    ok(sft()
+        .args(["merge", "--adapter"])
+        .arg(data_dir().join("models/qwen2-untied-lora-sft"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap());
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data_dir().join("models/lora.golden.json")).unwrap(),
+    )
+    .unwrap();
+    let entry = g["sft"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["adapter"] == "qwen2-untied-lora-sft")
+        .unwrap();
+    let input: Vec<Vec<u32>> = serde_json::from_value(g["input_ids"].clone()).unwrap();
+    let attention: Vec<Vec<u32>> = serde_json::from_value(g["attention_mask"].clone()).unwrap();
+    let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(entry["merged_logits"].clone()).unwrap();
+    let model = Model::load(&out, DType::F32, &Device::Cpu).unwrap();
+    let (b, t) = (input.len(), input[0].len());
+    let pos: Vec<Vec<u32>> = vec![(0..t as u32).collect(); b];
+    let seg = Tensor::new(attention.clone(), &Device::Cpu).unwrap();
+    let got: Vec<Vec<Vec<f32>>> = model
+        .forward(
+            &Tensor::new(input, &Device::Cpu).unwrap(),
+            &Tensor::new(pos, &Device::Cpu).unwrap(),
+            &AttentionMask::Segments(&seg),
+            None,
+        )
+        .unwrap()
+        .to_vec3()
+        .unwrap();
+    let mut worst = 0f32;
+    for r in 0..b {
+        for i in (0..t).filter(|&i| attention[r][i] == 1) {
+            for (x, y) in got[r][i].iter().zip(&want[r][i]) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    assert!(
+        worst <= 1e-4,
+        "max |sft merge - PEFT merge_and_unload| = {worst}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_missing_base_or_a_bad_lora_setting_is_named() {
+    let dir = scratch("missing");
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "char_tokenizer.json",
+    ] {
+        std::fs::copy(
+            data_dir().join("models/qwen2-tied-lora-sft").join(f),
+            adapter.join(f),
+        )
+        .unwrap();
+    }
+    let err = fails(
+        sft()
+            .args(["eval", "--data"])
+            .arg(data_dir().join("jsonl/mixed.jsonl"))
+            .arg("--model")
+            .arg(&adapter)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("base model \"../qwen2-tied\" not found")
+            && err.contains("adapter_config.json"),
+        "{err}"
+    );
+
+    let cfg = config(&dir, "qwen2-tied", "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "target_modules = \"all-linear\"",
+        "target_modules = [\"c_attn\"]",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let err = fails(
+        sft()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("no module named c_attn"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
