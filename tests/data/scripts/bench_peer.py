@@ -1,12 +1,13 @@
 """The PyTorch peer of `sft bench train`, run by `cargo xtask bench --peer`.
 
     python bench_peer.py --config {a,b,c,d} --threads N --steps S --warmup W \
-        [--batch-size B] [--seq-len L] [--dropout P] [--device cpu|cuda] [--dtype f32|bf16]
+        [--batch-size B] [--seq-len L] [--dropout P] [--device cpu|cuda] [--dtype f32|bf16] \
+        [--lora [--lora-r R] [--lora-alpha A] [--lora-dropout P]]
 
 prints exactly one line of JSON on stdout, with the keys `sft bench train --json` prints
 (tokens_per_s, step_s_median, peak_rss_mib, forward_s, backward_s, optimizer_s, params,
-batch_size, seq_len, threads, device, dtype) plus "config" and "peak_device_mib" (CUDA's peak
-allocation, null on the CPU); anything else goes to stderr. Times are medians over
+batch_size, seq_len, threads, device, dtype, lora, trainable_params) plus "config" and
+"peak_device_mib" (CUDA's peak allocation, null on the CPU); anything else goes to stderr. Times are medians over
 the timed steps (the upper median for an even count, as ours); tokens_per_s = batch * seq_len /
 step_s_median; peak_rss_mib is getrusage(RUSAGE_SELF).ru_maxrss / 1024.
 
@@ -24,7 +25,12 @@ Configurations (default batch x seq):
   d  Qwen2.5-0.5B shape (h896 i4864 24L 14H/2KV, vocab 151,936, tied); one step     1x256
      (steps 1, warmup 0 unless given)
 
-Environment: torch and transformers from PyPI, e.g.
+--lora (Qwen2 configurations): PEFT's `get_peft_model` with LoraConfig(r, lora_alpha,
+lora_dropout, target_modules="all-linear") (defaults 16, 32, 0.05: `sft bench train --lora`'s), the
+base frozen; AdamW and clipping over the trainable parameters only. "params" stays the model's
+total; "trainable_params" counts the adapters.
+
+Environment: torch, transformers and (for --lora) peft from PyPI, e.g.
     python3 -m venv target/bench-venv && target/bench-venv/bin/pip install torch transformers
 (`cargo xtask bench --peer` creates that environment itself when it is missing). Written against
 torch 2.x and transformers 5.x (checked with torch 2.15 and transformers 5.23).
@@ -161,6 +167,8 @@ def run(a):
             sys.exit(f"--seq-len {seq} exceeds the block size {cfg['block_size']}")
     elif a.dropout is not None:
         sys.exit("--dropout applies to config c only")
+    if a.lora and kind == "gpt":
+        sys.exit("--lora applies to the Qwen2 configurations (a, b, d)")
 
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
@@ -169,6 +177,12 @@ def run(a):
     dev = torch.device(a.device)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     model = build(kind, cfg).to(device=dev, dtype=dtype).train()
+    n_total = sum(p.numel() for p in model.parameters())
+    if a.lora:
+        from peft import LoraConfig, get_peft_model
+        lora = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora).train()
 
     def sync():
         # CUDA queues kernels and returns: a phase ends when the device has done its work.
@@ -176,7 +190,7 @@ def run(a):
             torch.cuda.synchronize(dev)
 
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights counted once
-    n_params = sum(p.numel() for p in params)
+    n_params = sum(p.numel() for p in params)  # trainable
     print(f"bench_peer: config {a.config}: {n_params:,} parameters, batch {batch} x seq {seq}, "
           f"{a.threads} threads, {a.dtype} on {a.device}, torch {torch.__version__}", file=sys.stderr)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
@@ -221,7 +235,9 @@ def run(a):
         "forward_s": median(fwd),
         "backward_s": median(bwd),
         "optimizer_s": median(optim),
-        "params": n_params,
+        "params": n_total,
+        "trainable_params": n_params,
+        "lora": a.lora,
         "batch_size": batch,
         "seq_len": seq,
         "threads": a.threads,
@@ -247,6 +263,11 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
                     help="weights and activations (bf16: the GPU benchmark's)")
+    ap.add_argument("--lora", action="store_true",
+                    help="PEFT LoRA on every linear layer (Qwen2 configurations)")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
+    ap.add_argument("--lora-dropout", type=float, default=0.05)
     a = ap.parse_args()
     out = sys.stdout
     # Whatever a library prints goes to stderr: stdout carries the one JSON line only.
