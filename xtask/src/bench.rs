@@ -33,7 +33,8 @@ pub(crate) struct Args {
     steps: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Python with torch and transformers (default: `target/bench-venv`, created when missing).
+    /// Python with torch, transformers and peft (default: `target/bench-venv`, created when
+    /// missing).
     #[arg(long)]
     python: Option<PathBuf>,
     #[arg(long)]
@@ -689,8 +690,9 @@ fn generation(
     Ok(())
 }
 
-/// A Python with torch and transformers: `--python`, else `target/bench-venv` (created with pip
-/// from PyPI the first time).
+/// A Python with torch, transformers and peft (the LoRA configurations' peer, and
+/// `golden_lora.py`): `--python`, else `target/bench-venv` (created or completed with pip from
+/// PyPI the first time).
 fn peer_python(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.to_owned());
@@ -699,7 +701,7 @@ fn peer_python(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     let python = venv.join("bin/python");
     let ok = |py: &Path| {
         Command::new(py)
-            .args(["-c", "import torch, transformers"])
+            .args(["-c", "import torch, transformers, peft"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -707,23 +709,33 @@ fn peer_python(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         return Ok(python);
     }
     eprintln!(
-        "creating {} with torch and transformers (once)",
+        "installing torch, transformers and peft into {} (once)",
         venv.display()
     );
-    let status = Command::new("python3")
-        .arg("-m")
-        .arg("venv")
-        .arg(&venv)
-        .status()?;
-    if !status.success() {
-        bail!("python3 -m venv {} failed", venv.display());
+    if !python.is_file() {
+        let status = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()?;
+        if !status.success() {
+            bail!("python3 -m venv {} failed", venv.display());
+        }
     }
     let status = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "torch", "transformers"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "torch",
+            "transformers",
+            "peft",
+        ])
         .status()?;
     if !status.success() || !ok(&python) {
         bail!(
-            "installing torch and transformers into {} failed",
+            "installing torch, transformers and peft into {} failed",
             venv.display()
         );
     }

@@ -31,9 +31,10 @@ base frozen; AdamW and clipping over the trainable parameters only. "params" sta
 total; "trainable_params" counts the adapters.
 
 Environment: torch, transformers and (for --lora) peft from PyPI, e.g.
-    python3 -m venv target/bench-venv && target/bench-venv/bin/pip install torch transformers
+    python3 -m venv target/bench-venv && target/bench-venv/bin/pip install torch transformers peft
 (`cargo xtask bench --peer` creates that environment itself when it is missing). Written against
-torch 2.x and transformers 5.x (checked with torch 2.15 and transformers 5.23).
+torch 2.x and transformers 5.x (checked with torch 2.15 and transformers 5.23; --lora with
+transformers 5.25 and peft 0.21.2).
 """
 
 import argparse
@@ -191,7 +192,8 @@ def run(a):
 
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights counted once
     n_params = sum(p.numel() for p in params)  # trainable
-    print(f"bench_peer: config {a.config}: {n_params:,} parameters, batch {batch} x seq {seq}, "
+    print(f"bench_peer: config {a.config}: {n_total:,} parameters ({n_params:,} trainable), "
+          f"batch {batch} x seq {seq}, "
           f"{a.threads} threads, {a.dtype} on {a.device}, torch {torch.__version__}", file=sys.stderr)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
     vocab = cfg["vocab_size"]

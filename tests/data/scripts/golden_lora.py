@@ -11,7 +11,8 @@ It writes
 - tests/data/models/qwen3-lora-peft/: on `qwen3`, r=8, lora_alpha=16, use_rslora=True,
   target_modules=["q_proj", "v_proj", "down_proj"];
   both saved with `save_pretrained`, `base_model_name_or_path` rewritten to the base's path
-  relative to the adapter directory;
+  relative to the adapter directory and `target_modules` sorted (PEFT writes that set in hash
+  order), PEFT's README.md model card removed;
 - tests/data/models/lora.golden.json: for the batch of golden_model.py (`input_ids`,
   `attention_mask`), under "peft" the float32 logits of each adapter above as PEFT computes them
   (`logits`) and after `merge_and_unload()` (`merged_logits`); under "sft" the same for the
@@ -81,6 +82,10 @@ def make_peft_adapter(base_name, adapter, kwargs, seed):
     config = out / "adapter_config.json"
     c = json.loads(config.read_text())
     c["base_model_name_or_path"] = f"../{base_name}"
+    # PEFT keeps target_modules as a set and writes it in hash order, which changes from run to
+    # run; sorted, the file is reproducible (PEFT reads the list back into a set).
+    if isinstance(c["target_modules"], list):
+        c["target_modules"] = sorted(c["target_modules"])
     config.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
     (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template
     return model.eval()
