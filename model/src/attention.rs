@@ -32,9 +32,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::dropout::Dropout;
 use crate::kernels::{cpu, matmul, slice_of, Element, Real};
 use crate::math::lanes;
-use crate::ops::Dropout;
 use crate::Result;
 
 /// Query rows whose scores are computed together: a few KiB of scores per row of the block, and

@@ -488,14 +488,6 @@ impl ModelConfig {
             ModelConfig::Gpt(c) => c.tie_word_embeddings,
         }
     }
-
-    /// Number of trainable scalars (a tied head counted once), computed without allocating.
-    pub fn num_params(&self) -> usize {
-        crate::params::param_specs(self)
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum()
-    }
 }
 
 #[cfg(test)]

@@ -23,59 +23,9 @@ use candle_core::{
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::ops::{Dropout, DRAW_BLOCK};
+use crate::dropout::{Dropout, DRAW_BLOCK};
+pub(crate) use crate::math::Real;
 use crate::Result;
-
-/// The float types the kernels run on (f32 for training, f64 for gradient checks).
-pub(crate) trait Real:
-    Copy + Send + Sync + PartialOrd + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
-{
-    const ZERO: Self;
-    const NEG_INF: Self;
-    /// Below this, `exp` rounds to exactly zero; skipping the call there keeps results
-    /// bit-identical and avoids libm's slow underflow path (masked scores are -1e9).
-    const EXP_ZERO_BELOW: Self;
-    fn exp(self) -> Self;
-    fn mul(self, o: Self) -> Self;
-    fn div(self, o: Self) -> Self;
-    fn tanh(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn of(v: f64) -> Self;
-}
-
-/// The same methods on both float types.
-macro_rules! impl_real {
-    ($t:ty, $exp_zero_below:expr, $exp:path, $tanh:path) => {
-        impl Real for $t {
-            const ZERO: $t = 0.0;
-            const NEG_INF: $t = <$t>::NEG_INFINITY;
-            const EXP_ZERO_BELOW: $t = $exp_zero_below;
-            fn exp(self) -> $t {
-                $exp(self)
-            }
-            fn mul(self, o: $t) -> $t {
-                self * o
-            }
-            fn div(self, o: $t) -> $t {
-                self / o
-            }
-            fn tanh(self) -> $t {
-                $tanh(self)
-            }
-            fn sqrt(self) -> $t {
-                <$t>::sqrt(self)
-            }
-            #[allow(clippy::unnecessary_cast)]
-            fn of(v: f64) -> $t {
-                v as $t
-            }
-        }
-    };
-}
-
-// exp(-104) is below half the smallest f32 subnormal, exp(-746) below half the smallest f64 one.
-impl_real!(f32, -104.0, crate::math::exp_f32, crate::math::tanh_f32);
-impl_real!(f64, -746.0, f64::exp, f64::tanh);
 
 /// The float types the kernels run on, with typed access to candle's CPU storage.
 pub(crate) trait Element: Real + candle_core::WithDType {

@@ -10,10 +10,10 @@
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use gemm::Parallelism;
 
+use crate::dropout::Dropout;
 use crate::kernels::{
     column_sums, cpu, fusable, matmul, slice_of, written_by, Element, Input, ParamOp, WithParams,
 };
-use crate::ops::Dropout;
 use crate::Result;
 use rayon::prelude::*;
 

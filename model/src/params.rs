@@ -169,6 +169,17 @@ fn gpt_specs(c: &GptConfig) -> Vec<ParamSpec> {
     specs
 }
 
+// Here, not in `config`, so that `config` does not import the module that imports it.
+impl ModelConfig {
+    /// Number of trainable scalars (a tied head counted once), computed without allocating.
+    pub fn num_params(&self) -> usize {
+        param_specs(self)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
+}
+
 /// Elements drawn from one RNG stream: the unit of parallel work, and part of the stream's
 /// identity, so the values do not depend on the thread count.
 const INIT_CHUNK: usize = 1 << 20;
