@@ -29,33 +29,16 @@ use crate::Result;
 
 /// The float types the kernels run on, with typed access to candle's CPU storage.
 pub(crate) trait Element: Real + candle_core::WithDType {
-    fn slice(s: &CpuStorage) -> Option<&[Self]>;
-    fn storage(v: Vec<Self>) -> CpuStorage;
-}
-
-impl Element for f32 {
-    fn slice(s: &CpuStorage) -> Option<&[f32]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        s.as_slice::<Self>().ok()
     }
-    fn storage(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        Self::to_cpu_storage_owned(v)
     }
 }
 
-impl Element for f64 {
-    fn slice(s: &CpuStorage) -> Option<&[f64]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: Vec<f64>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
+impl Element for f32 {}
+impl Element for f64 {}
 
 /// The CPU storage behind a tensor (read in a backward pass, which gets tensors).
 pub(crate) fn cpu(s: &Storage) -> candle_core::Result<&CpuStorage> {
@@ -112,9 +95,9 @@ pub(crate) fn slice_of<'a, T: Element>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    match (T::slice(s), l.contiguous_offsets()) {
-        (Some(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{what} must be contiguous, and f32 or f64 like its op's input"),
+    match crate::cpu::contiguous::<T>(s, l) {
+        Some(v) => Ok(v),
+        None => candle_core::bail!("{what} must be contiguous, and f32 or f64 like its op's input"),
     }
 }
 

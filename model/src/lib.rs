@@ -18,6 +18,7 @@ mod backward;
 mod chacha;
 mod checkpoint;
 mod config;
+pub mod cpu;
 mod dropout;
 pub mod generate;
 mod gpt;

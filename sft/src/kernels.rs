@@ -19,31 +19,20 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
         return None;
     }
     let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
     match &*storage {
-        candle_core::Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[start..end])),
+        candle_core::Storage::Cpu(s) => sft_model::cpu::contiguous::<f32>(s, layout).map(f),
         _ => None,
     }
 }
 
 fn f32_contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("non-contiguous".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&mut v[start..end]),
-        _ => candle_core::bail!("expected f32 storage"),
-    }
+    sft_model::cpu::contiguous_f32_mut(s, l)
+        .ok_or_else(|| candle_core::Error::Msg("expected contiguous f32 storage".into()))
 }
 
 fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("non-contiguous".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        _ => candle_core::bail!("expected f32 storage"),
-    }
+    sft_model::cpu::contiguous::<f32>(s, l)
+        .ok_or_else(|| candle_core::Error::Msg("expected contiguous f32 storage".into()))
 }
 
 fn fast_path(a: &Tensor, b: &Tensor) -> bool {

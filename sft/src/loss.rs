@@ -156,14 +156,10 @@ impl InplaceOp1 for SoftmaxCe<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("softmax-ce: non-contiguous logits".into()))?;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("softmax-ce: expected f32 logits")
+        let Some(data) = sft_model::cpu::contiguous_f32_mut(storage, layout) else {
+            candle_core::bail!("softmax-ce: expected contiguous f32 logits")
         };
         let vocab = *layout.dims().last().expect("2-D logits");
-        let data = &mut data[start..end];
         let scale = self.scale;
         // Per-row results are collected in row order and summed sequentially, so the loss is
         // bit-identical whatever rayon's work stealing does.
