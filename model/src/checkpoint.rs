@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use safetensors::tensor::TensorView;
 use serde_json::{json, Map, Value};
 
-use crate::params::{param_specs, var_from_f32};
+use crate::params::var_from_f32;
 use crate::{check_dtype, dtype_name, input_error, Error, Model, ModelConfig, Result};
 
 pub(crate) const CONFIG_FILE: &str = "config.json";
@@ -130,7 +130,7 @@ impl Model {
             }
         }
 
-        let specs = param_specs(&cfg);
+        let specs = cfg.param_specs();
         let expected: HashMap<&str, &[usize]> = specs
             .iter()
             .map(|s| (s.name.as_str(), s.shape.as_slice()))

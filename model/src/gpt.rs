@@ -8,10 +8,190 @@
 use candle_core::Tensor;
 
 use crate::backward::Grads;
-use crate::config::GptConfig;
 use crate::kernels::{self, NormKind};
 use crate::ops::{self, Dropout, Linear};
 use crate::{LayerKv, Result, Weights};
+
+use serde::{Deserialize, Serialize};
+
+use crate::family::{check_limits, default_initializer_range, Family, MAX_LAYERS, MAX_WIDTH};
+use crate::params::{spec, Init, ParamSpec};
+
+/// The `model_type` of [`GptConfig`].
+pub const GPT_MODEL_TYPE: &str = "sft-gpt";
+
+/// A nanoGPT-style decoder: learned positions, pre-LayerNorm blocks, fused qkv projection,
+/// tanh-approximated GELU MLP (4x), dropout in training mode.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptConfig {
+    /// Always [`GPT_MODEL_TYPE`].
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// The context length: positions `0..block_size` have an embedding.
+    pub block_size: usize,
+    /// Probability for embedding, attention-probability and residual dropout (training only).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Biases in Linear layers and LayerNorms (nanoGPT's switch).
+    #[serde(default = "default_true")]
+    pub bias: bool,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+
+/// Keys that [`crate::Model::save`] and Hugging Face tooling add to any `config.json`; a GPT
+/// config tolerates them and rejects every other unknown key (a typo must not pass silently).
+pub(crate) const GPT_IGNORED_KEYS: [&str; 4] = [
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "architectures",
+];
+
+impl GptConfig {
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        if self.model_type != GPT_MODEL_TYPE {
+            return Err(format!(
+                "model_type {:?} is not {GPT_MODEL_TYPE:?}",
+                self.model_type
+            ));
+        }
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("block_size", self.block_size),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(format!(
+                "n_embd {} is not a multiple of n_head {}",
+                self.n_embd, self.n_head
+            ));
+        }
+        check_limits(&[
+            ("vocab_size", self.vocab_size, MAX_WIDTH),
+            ("n_embd", self.n_embd, MAX_WIDTH),
+            ("n_layer", self.n_layer, MAX_LAYERS),
+            ("block_size", self.block_size, MAX_WIDTH),
+        ])?;
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout {} is outside [0, 1)", self.dropout));
+        }
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
+            return Err(format!(
+                "layer_norm_eps {} must be positive",
+                self.layer_norm_eps
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+}
+
+impl Family for GptConfig {
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions(&self) -> usize {
+        self.block_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.n_embd
+    }
+    fn num_layers(&self) -> usize {
+        self.n_layer
+    }
+    fn dropout(&self) -> f64 {
+        self.dropout
+    }
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("config fields are plain JSON data")
+    }
+
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        let c = self;
+        let e = c.n_embd;
+        let w = Init::Normal(c.initializer_range);
+        // nanoGPT/GPT-2: residual projections start smaller so the residual stream's variance
+        // does not grow with depth.
+        let w_resid = Init::Normal(c.initializer_range / (2.0 * c.n_layer as f64).sqrt());
+        let mut specs = vec![
+            spec(format!("{WTE}.weight"), &[c.vocab_size, e], w),
+            spec(format!("{WPE}.weight"), &[c.block_size, e], w),
+        ];
+        let norm = |specs: &mut Vec<ParamSpec>, name: String| {
+            specs.push(spec(format!("{name}.weight"), &[e], Init::Ones));
+            if c.bias {
+                specs.push(spec(format!("{name}.bias"), &[e], Init::Zeros));
+            }
+        };
+        let linear =
+            |specs: &mut Vec<ParamSpec>, name: String, out: usize, inp: usize, init: Init| {
+                specs.push(spec(format!("{name}.weight"), &[out, inp], init));
+                if c.bias {
+                    specs.push(spec(format!("{name}.bias"), &[out], Init::Zeros));
+                }
+            };
+        for i in 0..c.n_layer {
+            let p = |m: &str| format!("{}.{m}", block(i));
+            norm(&mut specs, p(LN_1));
+            linear(&mut specs, p(C_ATTN), 3 * e, e, w);
+            linear(&mut specs, p(ATTN_PROJ), e, e, w_resid);
+            norm(&mut specs, p(LN_2));
+            linear(&mut specs, p(C_FC), 4 * e, e, w);
+            linear(&mut specs, p(MLP_PROJ), e, 4 * e, w_resid);
+        }
+        norm(&mut specs, LN_F.into());
+        if !c.tie_word_embeddings {
+            specs.push(spec(format!("{HEAD}.weight"), &[c.vocab_size, e], w));
+        }
+        specs
+    }
+}
+
+// The module names, written once: the parameter specs above and the constructor below both read
+// them.
+const WTE: &str = "wte";
+const WPE: &str = "wpe";
+const LN_F: &str = "ln_f";
+const HEAD: &str = "lm_head";
+const LN_1: &str = "ln_1";
+const C_ATTN: &str = "attn.c_attn";
+const ATTN_PROJ: &str = "attn.c_proj";
+const LN_2: &str = "ln_2";
+const C_FC: &str = "mlp.c_fc";
+const MLP_PROJ: &str = "mlp.c_proj";
+
+fn block(i: usize) -> String {
+    format!("h.{i}")
+}
 
 #[derive(Debug, Clone)]
 struct Norm {
@@ -51,26 +231,29 @@ pub(crate) struct Gpt {
 impl Gpt {
     pub(crate) fn new(cfg: &GptConfig, w: &Weights) -> Gpt {
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block {
-                ln_1: Norm::new(w, &format!("h.{i}.ln_1")),
-                c_attn: Linear::new(w, &format!("h.{i}.attn.c_attn")),
-                attn_proj: Linear::new(w, &format!("h.{i}.attn.c_proj")),
-                ln_2: Norm::new(w, &format!("h.{i}.ln_2")),
-                c_fc: Linear::new(w, &format!("h.{i}.mlp.c_fc")),
-                mlp_proj: Linear::new(w, &format!("h.{i}.mlp.c_proj")),
+            .map(|i| {
+                let p = |m: &str| format!("{}.{m}", block(i));
+                Block {
+                    ln_1: Norm::new(w, &p(LN_1)),
+                    c_attn: Linear::new(w, &p(C_ATTN)),
+                    attn_proj: Linear::new(w, &p(ATTN_PROJ)),
+                    ln_2: Norm::new(w, &p(LN_2)),
+                    c_fc: Linear::new(w, &p(C_FC)),
+                    mlp_proj: Linear::new(w, &p(MLP_PROJ)),
+                }
             })
             .collect();
-        let wte = w.get("wte.weight");
+        let wte = w.get(&format!("{WTE}.weight"));
         let lm_head = match cfg.tie_word_embeddings {
             true => wte.clone(),
-            false => w.get("lm_head.weight"),
+            false => w.get(&format!("{HEAD}.weight")),
         };
         Gpt {
             cfg: cfg.clone(),
             wte,
-            wpe: w.get("wpe.weight"),
+            wpe: w.get(&format!("{WPE}.weight")),
             blocks,
-            ln_f: Norm::new(w, "ln_f"),
+            ln_f: Norm::new(w, LN_F),
             lm_head,
         }
     }

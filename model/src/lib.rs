@@ -20,6 +20,7 @@ mod checkpoint;
 mod config;
 pub mod cpu;
 mod dropout;
+mod family;
 pub mod generate;
 mod gpt;
 mod kernels;
@@ -41,10 +42,12 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, TensorId, Var};
 
 use crate::backward::Grads;
-pub use crate::config::{GptConfig, ModelConfig, Qwen2Config, GPT_MODEL_TYPE};
+pub use crate::config::ModelConfig;
 use crate::gpt::{Gpt, GptTrace};
+pub use crate::gpt::{GptConfig, GPT_MODEL_TYPE};
 pub use crate::lora::LoraConfig;
 use crate::ops::Rope;
+pub use crate::qwen2::Qwen2Config;
 use crate::qwen2::{Qwen2, Qwen2Trace};
 
 #[derive(Debug, thiserror::Error)]
@@ -240,7 +243,7 @@ impl Model {
     /// depend only on `seed` and its name.
     pub fn init(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Model> {
         check_dtype(dtype)?;
-        let specs = params::param_specs(cfg);
+        let specs = cfg.param_specs();
         let params = params::init_params(&specs, seed, dtype, device)?;
         Model::assemble(cfg.clone(), Parts::full(params), dtype, device, false, None)
     }

@@ -162,7 +162,7 @@ fn short(module: &str) -> &str {
 /// What `lora` adapts and trains on a model of `cfg`; an error names the setting at fault.
 pub(crate) fn plan(cfg: &ModelConfig, lora: &LoraConfig) -> std::result::Result<Plan, String> {
     lora.validate()?;
-    let specs = params::param_specs(cfg);
+    let specs = cfg.param_specs();
     let weight = |s: &&ParamSpec| s.name.ends_with(".weight");
     let all_linear = lora.target_modules.iter().any(|t| t == ALL_LINEAR);
     let mut adapted = Vec::new();
@@ -666,7 +666,7 @@ impl crate::Model {
             .collect();
         let scale = self.lora.as_ref().map(|l| l.config.scale());
         let mut params = Vec::new();
-        for spec in params::param_specs(&self.cfg) {
+        for spec in self.cfg.param_specs() {
             let w = by_name[spec.name.as_str()].as_tensor();
             let module = spec.module();
             let t = match (scale, by_name.get(a_name(module).as_str())) {

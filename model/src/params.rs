@@ -11,7 +11,6 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use crate::config::{GptConfig, ModelConfig, Qwen2Config};
 use crate::Result;
 
 /// How a parameter starts in a fresh model.
@@ -56,7 +55,7 @@ impl ParamSpec {
     }
 }
 
-fn spec(name: String, shape: &[usize], init: Init) -> ParamSpec {
+pub(crate) fn spec(name: String, shape: &[usize], init: Init) -> ParamSpec {
     let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
     let last = module.rsplit('.').next().unwrap_or(module);
     let kind = match last {
@@ -70,113 +69,6 @@ fn spec(name: String, shape: &[usize], init: Init) -> ParamSpec {
         shape: shape.to_vec(),
         init,
         kind,
-    }
-}
-
-/// Every trainable tensor, in construction order (which is `transformers`' `named_parameters`
-/// order for the Qwen family). A tied output head is not listed: it is the embedding.
-pub(crate) fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
-    match cfg {
-        ModelConfig::Qwen2(c) => qwen2_specs(c),
-        ModelConfig::Gpt(c) => gpt_specs(c),
-    }
-}
-
-fn qwen2_specs(c: &Qwen2Config) -> Vec<ParamSpec> {
-    let (h, hd) = (c.hidden_size, c.head_dim());
-    let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-    let w = Init::Normal(c.initializer_range);
-    let mut specs = vec![spec(
-        "model.embed_tokens.weight".into(),
-        &[c.vocab_size, h],
-        w,
-    )];
-    for i in 0..c.num_hidden_layers {
-        let p = |s: &str| format!("model.layers.{i}.{s}");
-        for (proj, out) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
-            specs.push(spec(p(&format!("self_attn.{proj}.weight")), &[out, h], w));
-            if c.qkv_bias() {
-                specs.push(spec(
-                    p(&format!("self_attn.{proj}.bias")),
-                    &[out],
-                    Init::Zeros,
-                ));
-            }
-        }
-        specs.push(spec(p("self_attn.o_proj.weight"), &[h, q_out], w));
-        if c.o_bias() {
-            specs.push(spec(p("self_attn.o_proj.bias"), &[h], Init::Zeros));
-        }
-        if c.qk_norm() {
-            specs.push(spec(p("self_attn.q_norm.weight"), &[hd], Init::Ones));
-            specs.push(spec(p("self_attn.k_norm.weight"), &[hd], Init::Ones));
-        }
-        specs.push(spec(
-            p("mlp.gate_proj.weight"),
-            &[c.intermediate_size, h],
-            w,
-        ));
-        specs.push(spec(p("mlp.up_proj.weight"), &[c.intermediate_size, h], w));
-        specs.push(spec(
-            p("mlp.down_proj.weight"),
-            &[h, c.intermediate_size],
-            w,
-        ));
-        specs.push(spec(p("input_layernorm.weight"), &[h], Init::Ones));
-        specs.push(spec(p("post_attention_layernorm.weight"), &[h], Init::Ones));
-    }
-    specs.push(spec("model.norm.weight".into(), &[h], Init::Ones));
-    if !c.tie_word_embeddings {
-        specs.push(spec("lm_head.weight".into(), &[c.vocab_size, h], w));
-    }
-    specs
-}
-
-fn gpt_specs(c: &GptConfig) -> Vec<ParamSpec> {
-    let e = c.n_embd;
-    let w = Init::Normal(c.initializer_range);
-    // nanoGPT/GPT-2: residual projections start smaller so the residual stream's variance does
-    // not grow with depth.
-    let w_resid = Init::Normal(c.initializer_range / (2.0 * c.n_layer as f64).sqrt());
-    let mut specs = vec![
-        spec("wte.weight".into(), &[c.vocab_size, e], w),
-        spec("wpe.weight".into(), &[c.block_size, e], w),
-    ];
-    let norm = |specs: &mut Vec<ParamSpec>, name: String| {
-        specs.push(spec(format!("{name}.weight"), &[e], Init::Ones));
-        if c.bias {
-            specs.push(spec(format!("{name}.bias"), &[e], Init::Zeros));
-        }
-    };
-    let linear = |specs: &mut Vec<ParamSpec>, name: String, out: usize, inp: usize, init: Init| {
-        specs.push(spec(format!("{name}.weight"), &[out, inp], init));
-        if c.bias {
-            specs.push(spec(format!("{name}.bias"), &[out], Init::Zeros));
-        }
-    };
-    for i in 0..c.n_layer {
-        norm(&mut specs, format!("h.{i}.ln_1"));
-        linear(&mut specs, format!("h.{i}.attn.c_attn"), 3 * e, e, w);
-        linear(&mut specs, format!("h.{i}.attn.c_proj"), e, e, w_resid);
-        norm(&mut specs, format!("h.{i}.ln_2"));
-        linear(&mut specs, format!("h.{i}.mlp.c_fc"), 4 * e, e, w);
-        linear(&mut specs, format!("h.{i}.mlp.c_proj"), e, 4 * e, w_resid);
-    }
-    norm(&mut specs, "ln_f".into());
-    if !c.tie_word_embeddings {
-        specs.push(spec("lm_head.weight".into(), &[c.vocab_size, e], w));
-    }
-    specs
-}
-
-// Here, not in `config`, so that `config` does not import the module that imports it.
-impl ModelConfig {
-    /// Number of trainable scalars (a tied head counted once), computed without allocating.
-    pub fn num_params(&self) -> usize {
-        param_specs(self)
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum()
     }
 }
 

@@ -4,10 +4,346 @@
 use candle_core::Tensor;
 
 use crate::backward::Grads;
-use crate::config::Qwen2Config;
 use crate::kernels::{self, NormKind};
 use crate::ops::{self, Linear, Rope};
 use crate::{LayerKv, Result, Weights};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::family::{
+    check_limits, default_initializer_range, Family, MAX_LAYERS, MAX_ROPE_ENTRIES, MAX_WIDTH,
+};
+use crate::params::{spec, Init, ParamSpec};
+
+/// A decoder of the Qwen2 family, read from a Hugging Face `config.json`.
+///
+/// - `qwen2`: q/k/v projections always have a bias (as `transformers`' Qwen2), o_proj never.
+/// - `qwen3`: `attention_bias` (default false) on q/k/v/o; RMSNorm over `head_dim` on every query
+///   and key head (`q_norm`, `k_norm`) before RoPE.
+/// - `llama`: `attention_bias` (default false) on q/k/v/o; no q/k norm.
+///
+/// All use a SwiGLU MLP, grouped-query attention, RoPE in the "rotate half" layout, and RMSNorm.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "RawQwen2Config")]
+pub struct Qwen2Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Qwen3 sets it; otherwise `hidden_size / num_attention_heads`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    pub max_position_embeddings: usize,
+    /// Read from `rope_theta` or, as `transformers` 5 writes it, `rope_parameters.rope_theta`.
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    /// Only `"silu"` is supported.
+    pub hidden_act: String,
+    /// Bias on q/k/v/o for `qwen3` and `llama`; ignored by `qwen2`, whose q/k/v always have one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    pub initializer_range: f64,
+    /// An id, a list of ids, or absent.
+    pub bos_token_id: Option<Value>,
+    /// An id or a list of ids (Qwen chat models list several).
+    pub eos_token_id: Option<Value>,
+    /// Every other field of `config.json`, kept so that a saved config round-trips.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The serde image of `config.json` before defaults and validation.
+#[derive(Deserialize)]
+struct RawQwen2Config {
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: usize,
+    rope_theta: Option<f64>,
+    #[serde(default = "default_rms_norm_eps")]
+    rms_norm_eps: f64,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default = "default_hidden_act")]
+    hidden_act: String,
+    attention_bias: Option<bool>,
+    #[serde(default = "default_initializer_range")]
+    initializer_range: f64,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// `transformers`' default for all three model types.
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+
+fn default_hidden_act() -> String {
+    "silu".to_string()
+}
+
+/// `transformers`' default RoPE base when a config names none.
+const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+
+impl TryFrom<RawQwen2Config> for Qwen2Config {
+    type Error = String;
+
+    fn try_from(raw: RawQwen2Config) -> std::result::Result<Self, String> {
+        if !matches!(raw.model_type.as_str(), "qwen2" | "qwen3" | "llama") {
+            return Err(format!(
+                "model_type {:?} is not a Qwen2-family model (qwen2, qwen3, llama)",
+                raw.model_type
+            ));
+        }
+        if raw.hidden_act != "silu" {
+            return Err(format!(
+                "hidden_act {:?} is not supported (only \"silu\")",
+                raw.hidden_act
+            ));
+        }
+        let extra = &raw.extra;
+        if let Some(v) = extra.get("rope_scaling").filter(|v| !v.is_null()) {
+            return Err(format!("rope_scaling is not supported (found {v})"));
+        }
+        let mut theta = raw.rope_theta;
+        if let Some(params) = extra.get("rope_parameters").filter(|v| !v.is_null()) {
+            let rope_type = params
+                .get("rope_type")
+                .or_else(|| params.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if rope_type != "default" {
+                return Err(format!(
+                    "rope_parameters.rope_type {rope_type:?} is not supported (only \"default\")"
+                ));
+            }
+            if let Some(factor) = params.get("partial_rotary_factor").and_then(Value::as_f64) {
+                if factor != 1.0 {
+                    return Err(format!("partial_rotary_factor {factor} is not supported"));
+                }
+            }
+            if let Some(t) = params.get("rope_theta") {
+                let t = t
+                    .as_f64()
+                    .ok_or_else(|| format!("rope_parameters.rope_theta: {t}"))?;
+                if theta.is_some_and(|top| top != t) {
+                    return Err(format!(
+                        "rope_theta {} and rope_parameters.rope_theta {t} disagree",
+                        theta.unwrap_or_default()
+                    ));
+                }
+                theta = Some(t);
+            }
+        }
+        if let Some(factor) = extra.get("partial_rotary_factor").and_then(Value::as_f64) {
+            if factor != 1.0 {
+                return Err(format!("partial_rotary_factor {factor} is not supported"));
+            }
+        }
+        if extra.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            return Err("use_sliding_window = true is not supported".to_string());
+        }
+        if let Some(types) = extra.get("layer_types").and_then(Value::as_array) {
+            if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
+                return Err(format!(
+                    "layer_types entry {t} is not supported (only full_attention)"
+                ));
+            }
+        }
+        if extra.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
+            return Err("mlp_bias = true is not supported".to_string());
+        }
+
+        let heads = raw.num_attention_heads;
+        let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
+        let sizes = [
+            ("vocab_size", raw.vocab_size),
+            ("hidden_size", raw.hidden_size),
+            ("intermediate_size", raw.intermediate_size),
+            ("num_hidden_layers", raw.num_hidden_layers),
+            ("num_attention_heads", heads),
+            ("num_key_value_heads", kv_heads),
+            ("max_position_embeddings", raw.max_position_embeddings),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if !heads.is_multiple_of(kv_heads) {
+            return Err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
+            None => {
+                return Err(format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {heads}",
+                    raw.hidden_size
+                ))
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim {head_dim} must be even and positive (RoPE)"
+            ));
+        }
+        let width = |n: usize| n.saturating_mul(head_dim);
+        check_limits(&[
+            ("vocab_size", raw.vocab_size, MAX_WIDTH),
+            ("hidden_size", raw.hidden_size, MAX_WIDTH),
+            ("intermediate_size", raw.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", raw.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads x head_dim", width(heads), MAX_WIDTH),
+            ("num_key_value_heads x head_dim", width(kv_heads), MAX_WIDTH),
+            (
+                "max_position_embeddings x head_dim / 2 (RoPE table entries)",
+                raw.max_position_embeddings.saturating_mul(head_dim / 2),
+                MAX_ROPE_ENTRIES,
+            ),
+        ])?;
+        let theta = theta.unwrap_or(DEFAULT_ROPE_THETA);
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta {theta} must be positive"));
+        }
+        if raw.rms_norm_eps.is_nan() || raw.rms_norm_eps <= 0.0 {
+            return Err(format!(
+                "rms_norm_eps {} must be positive",
+                raw.rms_norm_eps
+            ));
+        }
+
+        Ok(Qwen2Config {
+            model_type: raw.model_type,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: raw.head_dim,
+            max_position_embeddings: raw.max_position_embeddings,
+            rope_theta: theta,
+            rms_norm_eps: raw.rms_norm_eps,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            hidden_act: raw.hidden_act,
+            attention_bias: raw.attention_bias,
+            initializer_range: raw.initializer_range,
+            bos_token_id: raw.bos_token_id,
+            eos_token_id: raw.eos_token_id,
+            extra: raw.extra,
+        })
+    }
+}
+
+impl Qwen2Config {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub(crate) fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias == Some(true)
+    }
+
+    pub(crate) fn o_bias(&self) -> bool {
+        self.model_type != "qwen2" && self.attention_bias == Some(true)
+    }
+
+    pub(crate) fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
+    }
+}
+
+impl Family for Qwen2Config {
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions(&self) -> usize {
+        self.max_position_embeddings
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+
+    fn to_json(&self) -> Value {
+        serde_json::to_value(self).expect("config fields are plain JSON data")
+    }
+
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        let c = self;
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let w = Init::Normal(c.initializer_range);
+        let mut specs = vec![spec(format!("{EMBED}.weight"), &[c.vocab_size, h], w)];
+        for i in 0..c.num_hidden_layers {
+            let p = |m: &str, t: &str| format!("{}.{m}.{t}", layer(i));
+            for (proj, out) in [(Q, q_out), (K, kv_out), (V, kv_out)] {
+                specs.push(spec(p(proj, "weight"), &[out, h], w));
+                if c.qkv_bias() {
+                    specs.push(spec(p(proj, "bias"), &[out], Init::Zeros));
+                }
+            }
+            specs.push(spec(p(O, "weight"), &[h, q_out], w));
+            if c.o_bias() {
+                specs.push(spec(p(O, "bias"), &[h], Init::Zeros));
+            }
+            if c.qk_norm() {
+                specs.push(spec(p(Q_NORM, "weight"), &[hd], Init::Ones));
+                specs.push(spec(p(K_NORM, "weight"), &[hd], Init::Ones));
+            }
+            specs.push(spec(p(GATE, "weight"), &[c.intermediate_size, h], w));
+            specs.push(spec(p(UP, "weight"), &[c.intermediate_size, h], w));
+            specs.push(spec(p(DOWN, "weight"), &[h, c.intermediate_size], w));
+            specs.push(spec(p(INPUT_NORM, "weight"), &[h], Init::Ones));
+            specs.push(spec(p(POST_NORM, "weight"), &[h], Init::Ones));
+        }
+        specs.push(spec(format!("{NORM}.weight"), &[h], Init::Ones));
+        if !c.tie_word_embeddings {
+            specs.push(spec(format!("{HEAD}.weight"), &[c.vocab_size, h], w));
+        }
+        specs
+    }
+}
+
+// The Hugging Face module names, written once: the parameter specs above and the constructor
+// below both read them.
+const EMBED: &str = "model.embed_tokens";
+const NORM: &str = "model.norm";
+const HEAD: &str = "lm_head";
+const Q: &str = "self_attn.q_proj";
+const K: &str = "self_attn.k_proj";
+const V: &str = "self_attn.v_proj";
+const O: &str = "self_attn.o_proj";
+const Q_NORM: &str = "self_attn.q_norm";
+const K_NORM: &str = "self_attn.k_norm";
+const GATE: &str = "mlp.gate_proj";
+const UP: &str = "mlp.up_proj";
+const DOWN: &str = "mlp.down_proj";
+const INPUT_NORM: &str = "input_layernorm";
+const POST_NORM: &str = "post_attention_layernorm";
+
+fn layer(i: usize) -> String {
+    format!("model.layers.{i}")
+}
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -38,32 +374,32 @@ impl Qwen2 {
     pub(crate) fn new(cfg: &Qwen2Config, w: &Weights, rope: Rope) -> Qwen2 {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let p = |s: &str| format!("model.layers.{i}.{s}");
+                let p = |m: &str| format!("{}.{m}", layer(i));
                 Layer {
-                    q: Linear::new(w, &p("self_attn.q_proj")),
-                    k: Linear::new(w, &p("self_attn.k_proj")),
-                    v: Linear::new(w, &p("self_attn.v_proj")),
-                    o: Linear::new(w, &p("self_attn.o_proj")),
-                    q_norm: w.maybe(&p("self_attn.q_norm.weight")),
-                    k_norm: w.maybe(&p("self_attn.k_norm.weight")),
-                    gate: Linear::new(w, &p("mlp.gate_proj")),
-                    up: Linear::new(w, &p("mlp.up_proj")),
-                    down: Linear::new(w, &p("mlp.down_proj")),
-                    input_norm: w.get(&p("input_layernorm.weight")),
-                    post_norm: w.get(&p("post_attention_layernorm.weight")),
+                    q: Linear::new(w, &p(Q)),
+                    k: Linear::new(w, &p(K)),
+                    v: Linear::new(w, &p(V)),
+                    o: Linear::new(w, &p(O)),
+                    q_norm: w.maybe(&format!("{}.weight", p(Q_NORM))),
+                    k_norm: w.maybe(&format!("{}.weight", p(K_NORM))),
+                    gate: Linear::new(w, &p(GATE)),
+                    up: Linear::new(w, &p(UP)),
+                    down: Linear::new(w, &p(DOWN)),
+                    input_norm: w.get(&format!("{}.weight", p(INPUT_NORM))),
+                    post_norm: w.get(&format!("{}.weight", p(POST_NORM))),
                 }
             })
             .collect();
-        let embed = w.get("model.embed_tokens.weight");
+        let embed = w.get(&format!("{EMBED}.weight"));
         let lm_head = match cfg.tie_word_embeddings {
             true => embed.clone(),
-            false => w.get("lm_head.weight"),
+            false => w.get(&format!("{HEAD}.weight")),
         };
         Qwen2 {
             cfg: cfg.clone(),
             embed,
             layers,
-            norm: w.get("model.norm.weight"),
+            norm: w.get(&format!("{NORM}.weight")),
             lm_head,
             rope,
         }
