@@ -223,18 +223,8 @@ impl Model {
         obj.insert("dtype".into(), json!(dtype_name(dtype)));
         write_json(&dir.join(CONFIG_FILE), &config)?;
 
-        if let ModelConfig::Qwen2(c) = &self.cfg {
-            let mut gen = Map::new();
-            gen.insert("_from_model_config".into(), json!(true));
-            for (key, value) in [
-                ("bos_token_id", &c.bos_token_id),
-                ("eos_token_id", &c.eos_token_id),
-            ] {
-                if let Some(v) = value.as_ref().filter(|v| !v.is_null()) {
-                    gen.insert(key.into(), v.clone());
-                }
-            }
-            write_json(&dir.join(GENERATION_CONFIG_FILE), &Value::Object(gen))?;
+        if let Some(gen) = self.cfg.family().generation_config() {
+            write_json(&dir.join(GENERATION_CONFIG_FILE), &gen)?;
         }
 
         let path = dir.join(WEIGHTS_FILE);

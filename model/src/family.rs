@@ -2,7 +2,15 @@
 //! family's config implements [`Family`] in the family's own file (`qwen2.rs`, `gpt.rs`), and
 //! `ModelConfig` dispatches to it in one place (`ModelConfig::family`).
 
+use std::any::Any;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::backward::Grads;
+use crate::ops::Mask;
 use crate::params::ParamSpec;
+use crate::{LayerKv, Result, Weights};
 
 pub(crate) trait Family {
     fn vocab_size(&self) -> usize;
@@ -19,7 +27,49 @@ pub(crate) trait Family {
     /// for the Hugging Face families); a tied output head is not listed: it is the embedding.
     fn param_specs(&self) -> Vec<ParamSpec>;
     /// The config as `config.json` holds it.
-    fn to_json(&self) -> serde_json::Value;
+    fn to_json(&self) -> Value;
+    /// `generation_config.json` beside a saved checkpoint, for families whose tools read one.
+    fn generation_config(&self) -> Option<Value> {
+        None
+    }
+    /// The family's network on `w` (the weights named by [`Family::param_specs`]).
+    fn network(&self, w: &Weights, device: &Device) -> Result<Box<dyn Network>>;
+}
+
+/// A family's network over a set of weights: what `Model` runs, through one `dyn` call per
+/// forward or backward pass.
+pub(crate) trait Network: std::fmt::Debug + Send + Sync {
+    /// (vocab, hidden): the embedding when tied, else the head's weight.
+    fn lm_head(&self) -> &Tensor;
+    /// Hidden states after the final norm. `mask` is additive; `kv`, when given, holds one entry
+    /// per layer that this call extends; `dropout_seed: Some(_)` is training mode.
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Mask>,
+        kv: Option<&mut [LayerKv]>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor>;
+    /// [`Network::forward_hidden`] keeping what [`Network::backward`] reads (the weights must
+    /// be detached); `None` where the family's own backward does not run.
+    fn forward_traced(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Mask,
+        dropout_seed: Option<u64>,
+    ) -> Result<Option<(Tensor, Box<dyn Any>)>>;
+    /// Every parameter's gradient (into `grads`) from the hidden states' (`trace` from this
+    /// family's `forward_traced`).
+    fn backward(&self, trace: Box<dyn Any>, grad: &Tensor, grads: &mut Grads) -> Result<()>;
+    /// The same network (config, tables) on other views of its weights.
+    fn rebuild(&self, w: &Weights) -> Box<dyn Network>;
+}
+
+/// The error for a trace that another family's forward pass made.
+pub(crate) fn foreign_trace<T>() -> Result<T> {
+    crate::input_error("backward: the trace comes from another kind of model")
 }
 
 /// `initializer_range` when a config names none (`transformers`' default).

@@ -5,7 +5,7 @@
 //! embedding; layer `i` has `1 + 3i` (attention probabilities), `2 + 3i` (attention output) and
 //! `3 + 3i` (MLP output).
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::backward::Grads;
 use crate::kernels::{self, NormKind};
@@ -14,7 +14,9 @@ use crate::{LayerKv, Result, Weights};
 
 use serde::{Deserialize, Serialize};
 
-use crate::family::{check_limits, default_initializer_range, Family, MAX_LAYERS, MAX_WIDTH};
+use crate::family::{
+    check_limits, default_initializer_range, foreign_trace, Family, Network, MAX_LAYERS, MAX_WIDTH,
+};
 use crate::params::{spec, Init, ParamSpec};
 
 /// The `model_type` of [`GptConfig`].
@@ -133,6 +135,10 @@ impl Family for GptConfig {
 
     fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("config fields are plain JSON data")
+    }
+
+    fn network(&self, w: &Weights, _device: &Device) -> Result<Box<dyn Network>> {
+        Ok(Box::new(Gpt::new(self, w)))
     }
 
     fn param_specs(&self) -> Vec<ParamSpec> {
@@ -258,24 +264,8 @@ impl Gpt {
         }
     }
 
-    pub(crate) fn lm_head(&self) -> &Tensor {
-        &self.lm_head
-    }
-
     fn norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &n.w, n.b.as_ref(), self.cfg.layer_norm_eps)
-    }
-
-    /// Hidden states after `ln_f`. `dropout_seed: Some(_)` is training mode.
-    pub(crate) fn forward_hidden(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&ops::Mask>,
-        kv: Option<&mut [LayerKv]>,
-        dropout_seed: Option<u64>,
-    ) -> Result<Tensor> {
-        self.run(ids, positions, mask, kv, dropout_seed, None)
     }
 
     /// [`Gpt::forward_hidden`] for training with [`Gpt::backward`]: the hidden states and the
@@ -474,4 +464,48 @@ struct BlockTrace {
     h2: Tensor,
     f: Tensor,
     g: Tensor,
+}
+
+impl Network for Gpt {
+    fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&ops::Mask>,
+        kv: Option<&mut [LayerKv]>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        self.run(ids, positions, mask, kv, dropout_seed, None)
+    }
+
+    fn forward_traced(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &ops::Mask,
+        dropout_seed: Option<u64>,
+    ) -> Result<Option<(Tensor, Box<dyn std::any::Any>)>> {
+        let (h, tr) = Gpt::forward_traced(self, ids, positions, mask, dropout_seed)?;
+        Ok(Some((h, Box::new(tr))))
+    }
+
+    fn backward(
+        &self,
+        trace: Box<dyn std::any::Any>,
+        grad: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        match trace.downcast::<GptTrace>() {
+            Ok(tr) => Gpt::backward(self, *tr, grad, grads),
+            Err(_) => foreign_trace(),
+        }
+    }
+
+    fn rebuild(&self, w: &Weights) -> Box<dyn Network> {
+        Box::new(Gpt::new(&self.cfg, w))
+    }
 }

@@ -43,12 +43,10 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 
 use crate::backward::Grads;
 pub use crate::config::ModelConfig;
-use crate::gpt::{Gpt, GptTrace};
+use crate::family::Network;
 pub use crate::gpt::{GptConfig, GPT_MODEL_TYPE};
 pub use crate::lora::LoraConfig;
-use crate::ops::Rope;
 pub use crate::qwen2::Qwen2Config;
-use crate::qwen2::{Qwen2, Qwen2Trace};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -176,14 +174,6 @@ impl KvCache {
     }
 }
 
-// One per model: boxing the larger variant would buy nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
-enum Net {
-    Qwen2(Qwen2),
-    Gpt(Gpt),
-}
-
 /// A trainable causal LM: config, named parameters, and the network built on them. Not `Clone`:
 /// a copy would share the trainable storage; [`Model::detached`] is the explicit way to do that.
 #[derive(Debug)]
@@ -194,11 +184,11 @@ pub struct Model {
     /// Base tensors that LoRA training leaves as they are.
     frozen: Vec<(String, Var)>,
     lora: Option<Adapters>,
-    net: Net,
+    net: Box<dyn Network>,
     /// The network over detached copies of the weights (same storage, no graph), for
     /// [`Model::forward_traced`]; `slots` maps each of those tensors to its `params` index, and
     /// a frozen one to `None`.
-    plain: Net,
+    plain: Box<dyn Network>,
     slots: HashMap<TensorId, Option<usize>>,
     dtype: DType,
     device: Device,
@@ -230,12 +220,7 @@ pub(crate) struct Adapters {
 }
 
 /// The activations a training forward pass keeps for [`Model::backward`].
-pub struct Trace(TraceOf);
-
-enum TraceOf {
-    Qwen2(Qwen2Trace),
-    Gpt(GptTrace),
-}
+pub struct Trace(Box<dyn std::any::Any>);
 
 impl Model {
     /// A fresh model: Normal(0, initializer_range) Linear and Embedding weights (nanoGPT's
@@ -256,7 +241,7 @@ impl Model {
         dtype: DType,
         device: &Device,
         detached: bool,
-        rope: Option<Rope>,
+        like: Option<&dyn Network>,
     ) -> Result<Model> {
         let Parts {
             params,
@@ -282,21 +267,10 @@ impl Model {
                 .collect(),
             lora: lora_weights,
         };
-        let rope = match (&cfg, rope) {
-            (ModelConfig::Qwen2(c), None) => Some(Rope::new(
-                c.rope_theta,
-                c.head_dim(),
-                c.max_position_embeddings,
-                device,
-            )?),
-            (_, rope) => rope,
-        };
-        let build = |w: &Weights| match &cfg {
-            ModelConfig::Qwen2(c) => {
-                let rope = rope.clone().expect("a Qwen2 model has its rope tables");
-                Net::Qwen2(Qwen2::new(c, w, rope))
-            }
-            ModelConfig::Gpt(c) => Net::Gpt(Gpt::new(c, w)),
+        // `like`: the same network on other views (its tables are reused); else a fresh one.
+        let build = |w: &Weights| match like {
+            Some(n) => Ok(n.rebuild(w)),
+            None => cfg.family().network(w, device),
         };
         let plain_weights = weights(true);
         let index: HashMap<&str, usize> = params
@@ -309,8 +283,8 @@ impl Model {
             .iter()
             .map(|(n, t)| (t.id(), index.get(n.as_str()).copied()))
             .collect();
-        let net = build(&weights(detached));
-        let plain = build(&plain_weights);
+        let net = build(&weights(detached))?;
+        let plain = net.rebuild(&plain_weights);
         Ok(Model {
             cfg,
             params,
@@ -363,26 +337,19 @@ impl Model {
 
     /// (vocab, hidden): the embedding when tied, else `lm_head.weight`. The head has no bias.
     pub fn lm_head_weight(&self) -> &Tensor {
-        match &self.net {
-            Net::Qwen2(m) => m.lm_head(),
-            Net::Gpt(m) => m.lm_head(),
-        }
+        self.net.lm_head()
     }
 
     /// A copy whose weights share storage with the trainable ones but record no gradient graph:
     /// for evaluation and generation. It sees optimizer updates made in place.
     pub fn detached(&self) -> Model {
-        let rope = match &self.net {
-            Net::Qwen2(m) => Some(m.rope().clone()),
-            Net::Gpt(_) => None,
-        };
         Model::assemble(
             self.cfg.clone(),
             self.parts(),
             self.dtype,
             &self.device,
             true,
-            rope,
+            Some(self.net.as_ref()),
         )
         .expect("re-assembling an existing model cannot fail")
     }
@@ -427,12 +394,8 @@ impl Model {
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let mask = self.mask(input_ids, positions, mask)?;
-        match &self.net {
-            Net::Qwen2(m) => {
-                m.forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed)
-            }
-            Net::Gpt(m) => m.forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed),
-        }
+        self.net
+            .forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed)
     }
 
     /// [`Model::forward_hidden`] for training with the model's own backward pass
@@ -453,16 +416,10 @@ impl Model {
         if !mask.fits_fused() {
             return Ok(None);
         }
-        Ok(Some(match &self.plain {
-            Net::Qwen2(m) => match m.forward_traced(input_ids, positions, &mask, dropout_seed)? {
-                Some((h, tr)) => (h, Trace(TraceOf::Qwen2(tr))),
-                None => return Ok(None),
-            },
-            Net::Gpt(m) => {
-                let (h, tr) = m.forward_traced(input_ids, positions, &mask, dropout_seed)?;
-                (h, Trace(TraceOf::Gpt(tr)))
-            }
-        }))
+        let traced = self
+            .plain
+            .forward_traced(input_ids, positions, &mask, dropout_seed)?;
+        Ok(traced.map(|(h, tr)| (h, Trace(tr))))
     }
 
     /// The gradients of `sum(hidden * grad_hidden)` for the hidden states (batch, seq, hidden)
@@ -488,11 +445,7 @@ impl Model {
             ));
         }
         let mut grads = Grads::new(&self.slots, seeds);
-        match (&self.plain, trace.0) {
-            (Net::Qwen2(m), TraceOf::Qwen2(tr)) => m.backward(tr, grad_hidden, &mut grads)?,
-            (Net::Gpt(m), TraceOf::Gpt(tr)) => m.backward(tr, grad_hidden, &mut grads)?,
-            _ => return input_error("backward: the trace comes from another kind of model"),
-        }
+        self.plain.backward(trace.0, grad_hidden, &mut grads)?;
         Ok(grads.into_vec())
     }
 
@@ -575,22 +528,13 @@ impl Model {
                 &self.device,
             )?)?),
         };
-        let hidden = match &self.net {
-            Net::Qwen2(m) => m.forward_hidden(
-                input_ids,
-                &positions,
-                mask.as_ref(),
-                Some(cache.layers.as_mut_slice()),
-                None,
-            ),
-            Net::Gpt(m) => m.forward_hidden(
-                input_ids,
-                &positions,
-                mask.as_ref(),
-                Some(cache.layers.as_mut_slice()),
-                None,
-            ),
-        }?;
+        let hidden = self.net.forward_hidden(
+            input_ids,
+            &positions,
+            mask.as_ref(),
+            Some(cache.layers.as_mut_slice()),
+            None,
+        )?;
         cache.len += t;
         Ok(hidden)
     }

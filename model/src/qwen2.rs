@@ -1,7 +1,7 @@
 //! The Qwen2-family decoder (Qwen2, Qwen3, Llama): the maths of `transformers`'
 //! `Qwen2ForCausalLM` / `Qwen3ForCausalLM` / `LlamaForCausalLM`, written with differentiable ops.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::backward::Grads;
 use crate::kernels::{self, NormKind};
@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::family::{
-    check_limits, default_initializer_range, Family, MAX_LAYERS, MAX_ROPE_ENTRIES, MAX_WIDTH,
+    check_limits, default_initializer_range, foreign_trace, Family, Network, MAX_LAYERS,
+    MAX_ROPE_ENTRIES, MAX_WIDTH,
 };
 use crate::params::{spec, Init, ParamSpec};
 
@@ -288,6 +289,30 @@ impl Family for Qwen2Config {
         serde_json::to_value(self).expect("config fields are plain JSON data")
     }
 
+    fn generation_config(&self) -> Option<Value> {
+        let mut gen = Map::new();
+        gen.insert("_from_model_config".into(), Value::Bool(true));
+        for (key, value) in [
+            ("bos_token_id", &self.bos_token_id),
+            ("eos_token_id", &self.eos_token_id),
+        ] {
+            if let Some(v) = value.as_ref().filter(|v| !v.is_null()) {
+                gen.insert(key.into(), v.clone());
+            }
+        }
+        Some(Value::Object(gen))
+    }
+
+    fn network(&self, w: &Weights, device: &Device) -> Result<Box<dyn Network>> {
+        let rope = Rope::new(
+            self.rope_theta,
+            self.head_dim(),
+            self.max_position_embeddings,
+            device,
+        )?;
+        Ok(Box::new(Qwen2::new(self, w, rope)))
+    }
+
     fn param_specs(&self) -> Vec<ParamSpec> {
         let c = self;
         let (h, hd) = (c.hidden_size, c.head_dim());
@@ -403,28 +428,6 @@ impl Qwen2 {
             lm_head,
             rope,
         }
-    }
-
-    pub(crate) fn rope(&self) -> &Rope {
-        &self.rope
-    }
-
-    pub(crate) fn lm_head(&self) -> &Tensor {
-        &self.lm_head
-    }
-
-    /// Hidden states after the final norm. `mask` is additive (see `ops::segment_mask`); `kv`,
-    /// when given, holds one entry per layer that this call extends. `dropout_seed: Some(_)` is
-    /// training mode (only LoRA adapters have dropout here).
-    pub(crate) fn forward_hidden(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&ops::Mask>,
-        kv: Option<&mut [LayerKv]>,
-        dropout_seed: Option<u64>,
-    ) -> Result<Tensor> {
-        self.run(ids, positions, mask, kv, dropout_seed, None)
     }
 
     /// [`Qwen2::forward_hidden`] for training with [`Qwen2::backward`]: the hidden states and
@@ -653,4 +656,50 @@ struct LayerTrace {
     h2: Tensor,
     gate: Tensor,
     up: Tensor,
+}
+
+impl Network for Qwen2 {
+    fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&ops::Mask>,
+        kv: Option<&mut [LayerKv]>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        self.run(ids, positions, mask, kv, dropout_seed, None)
+    }
+
+    fn forward_traced(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &ops::Mask,
+        dropout_seed: Option<u64>,
+    ) -> Result<Option<(Tensor, Box<dyn std::any::Any>)>> {
+        Ok(
+            Qwen2::forward_traced(self, ids, positions, mask, dropout_seed)?
+                .map(|(h, tr)| (h, Box::new(tr) as Box<dyn std::any::Any>)),
+        )
+    }
+
+    fn backward(
+        &self,
+        trace: Box<dyn std::any::Any>,
+        grad: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        match trace.downcast::<Qwen2Trace>() {
+            Ok(tr) => Qwen2::backward(self, *tr, grad, grads),
+            Err(_) => foreign_trace(),
+        }
+    }
+
+    fn rebuild(&self, w: &Weights) -> Box<dyn Network> {
+        Box::new(Qwen2::new(&self.cfg, w, self.rope.clone()))
+    }
 }
