@@ -205,8 +205,13 @@ mod tests {
         let cases = [
             (
                 r#""rope_scaling": null"#,
-                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
-                "rope_scaling",
+                r#""rope_scaling": {"type": "yarn", "factor": 2.0}"#,
+                "yarn",
+            ),
+            (
+                r#""rope_scaling": null"#,
+                r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+                "rope_scaling.low_freq_factor is required",
             ),
             (
                 r#""use_sliding_window": false"#,
@@ -231,6 +236,58 @@ mod tests {
             let err = ModelConfig::from_json_str(&s).unwrap_err();
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    /// Llama 3's `rope_scaling` as the Llama 3.2 checkpoints write it, `linear` and `dynamic`
+    /// (the identity within `max_position_embeddings`), and `mlp_bias`, are read.
+    #[test]
+    fn llama_rope_scaling_and_mlp_bias_are_read() {
+        use crate::ops::RopeScaling;
+        let llama3 = r#""rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#;
+        let cases = [
+            (
+                llama3.to_string(),
+                RopeScaling::Llama3 {
+                    factor: 32.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192.0,
+                },
+            ),
+            (
+                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#.to_string(),
+                RopeScaling::Linear { factor: 2.0 },
+            ),
+            (
+                r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#.to_string(),
+                RopeScaling::None,
+            ),
+        ];
+        for (json, want) in cases {
+            let s = QWEN2_05B.replace(r#""rope_scaling": null"#, &json).replace(
+                r#""model_type": "qwen2""#,
+                r#""model_type": "llama", "mlp_bias": true"#,
+            );
+            let cfg = ModelConfig::from_json_str(&s).unwrap();
+            assert_eq!(qwen(&cfg).rope_scaling, want);
+            assert!(qwen(&cfg).mlp_bias);
+            // Written back as read.
+            assert!(cfg.to_json_string().contains("rope_scaling"));
+            let again = ModelConfig::from_json_str(&cfg.to_json_string()).unwrap();
+            assert_eq!(qwen(&again).rope_scaling, want);
+        }
+        // llama3 on the frequencies: high kept, low divided by the factor, a ramp between.
+        let mut inv: Vec<f32> = vec![1.0, 0.01, 1e-4];
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        }
+        .apply(&mut inv);
+        assert_eq!(inv[0], 1.0);
+        assert_eq!(inv[2], 1e-4 / 8.0);
+        assert!(inv[1] < 0.01 && inv[1] > 0.01 / 8.0 || inv[1] == 0.01);
     }
 
     /// Sizes far beyond any model are errors before anything multiplies or allocates them:

@@ -46,6 +46,7 @@ pub use crate::config::ModelConfig;
 use crate::family::Network;
 pub use crate::gpt::{GptConfig, GPT_MODEL_TYPE};
 pub use crate::lora::LoraConfig;
+pub use crate::ops::RopeScaling;
 pub use crate::qwen2::Qwen2Config;
 
 #[derive(Debug, thiserror::Error)]

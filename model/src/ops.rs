@@ -315,19 +315,77 @@ pub(crate) struct Rope {
     sin: Tensor,
 }
 
+/// How the RoPE frequencies are scaled (`transformers`' `rope_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum RopeScaling {
+    #[default]
+    None,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear { factor: f64 },
+    /// Llama 3.1+: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// `transformers`' inverse frequencies after the scaling, in f32 as it computes them.
+    pub(crate) fn apply(&self, inv_freq: &mut [f32]) {
+        match *self {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                inv_freq.iter_mut().for_each(|f| *f /= factor as f32);
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let (factor, low, high, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    old as f32,
+                );
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
+                    *f = if wavelen < high_wavelen || wavelen > low_wavelen {
+                        scaled
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    };
+                }
+            }
+        }
+    }
+}
+
 impl Rope {
     pub(crate) fn new(
         theta: f64,
         head_dim: usize,
         max_positions: usize,
+        scaling: &RopeScaling,
         device: &Device,
     ) -> Result<Rope> {
         let half = head_dim / 2;
         // As transformers: inv_freq and the angle are f32 values; only cos/sin are taken more
         // precisely (torch's f32 cos is accurate to an ulp, so this matches it closely).
-        let inv_freq: Vec<f32> = (0..half)
+        let mut inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
             .collect();
+        scaling.apply(&mut inv_freq);
         let angles = || {
             (0..max_positions).flat_map(|p| inv_freq.iter().map(move |&f| ((p as f32) * f) as f64))
         };
@@ -766,7 +824,7 @@ mod tests {
 
     #[test]
     fn rope_matches_rotate_half_definition() {
-        let rope = Rope::new(10_000.0, 4, 8, &Device::Cpu).unwrap();
+        let rope = Rope::new(10_000.0, 4, 8, &RopeScaling::None, &Device::Cpu).unwrap();
         let pos = Tensor::new(&[[3u32]], &Device::Cpu).unwrap();
         let (cos, sin) = rope.gather(&pos, DType::F32).unwrap();
         let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &Device::Cpu).unwrap();

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use crate::backward::Grads;
 use crate::kernels::{self, NormKind};
-use crate::ops::{self, Linear, Rope};
+use crate::ops::{self, Linear, Rope, RopeScaling};
 use crate::{LayerKv, Result, Weights};
 
 use serde::{Deserialize, Serialize};
@@ -53,9 +53,63 @@ pub struct Qwen2Config {
     pub bos_token_id: Option<Value>,
     /// An id or a list of ids (Qwen chat models list several).
     pub eos_token_id: Option<Value>,
-    /// Every other field of `config.json`, kept so that a saved config round-trips.
+    /// Every other field of `config.json`, kept so that a saved config round-trips
+    /// (`rope_scaling` and `mlp_bias` among them: they are read from here).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// `rope_scaling` / `rope_parameters`, as read (written back through `extra`).
+    #[serde(skip)]
+    pub rope_scaling: RopeScaling,
+    /// Biases on gate/up/down (`mlp_bias`, Llama).
+    #[serde(skip)]
+    pub mlp_bias: bool,
+}
+
+/// `rope_scaling` (or transformers 5's `rope_parameters`): its type and numbers, refusing what
+/// is not implemented by name. `dynamic` NTK scaling only changes frequencies for sequences
+/// longer than `max_position_embeddings`, which this crate never runs: it is the identity here.
+fn rope_scaling(field: &str, v: &Value) -> std::result::Result<RopeScaling, String> {
+    let rope_type = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| -> std::result::Result<f64, String> {
+        match v.get(k).and_then(Value::as_f64) {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+            Some(x) => Err(format!("{field}.{k} {x} must be positive")),
+            None => Err(format!(
+                "{field}.{k} is required for rope_type {rope_type:?}"
+            )),
+        }
+    };
+    match rope_type {
+        "default" | "dynamic" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => {
+            let s = RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            };
+            match s {
+                RopeScaling::Llama3 {
+                    low_freq_factor: l,
+                    high_freq_factor: h,
+                    ..
+                } if h <= l => Err(format!(
+                    "{field}: high_freq_factor {h} must be above low_freq_factor {l}"
+                )),
+                s => Ok(s),
+            }
+        }
+        other => Err(format!(
+            "{field}.rope_type {other:?} is not supported (default, linear, dynamic, llama3)"
+        )),
+    }
 }
 
 /// The serde image of `config.json` before defaults and validation.
@@ -115,21 +169,17 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
             ));
         }
         let extra = &raw.extra;
-        if let Some(v) = extra.get("rope_scaling").filter(|v| !v.is_null()) {
-            return Err(format!("rope_scaling is not supported (found {v})"));
-        }
+        let mut scaling = match extra.get("rope_scaling").filter(|v| !v.is_null()) {
+            Some(v) => rope_scaling("rope_scaling", v)?,
+            None => RopeScaling::None,
+        };
         let mut theta = raw.rope_theta;
         if let Some(params) = extra.get("rope_parameters").filter(|v| !v.is_null()) {
-            let rope_type = params
-                .get("rope_type")
-                .or_else(|| params.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            if rope_type != "default" {
-                return Err(format!(
-                    "rope_parameters.rope_type {rope_type:?} is not supported (only \"default\")"
-                ));
+            let from_params = rope_scaling("rope_parameters", params)?;
+            if scaling != RopeScaling::None && from_params != scaling {
+                return Err("rope_scaling and rope_parameters disagree".to_string());
             }
+            scaling = from_params;
             if let Some(factor) = params.get("partial_rotary_factor").and_then(Value::as_f64) {
                 if factor != 1.0 {
                     return Err(format!("partial_rotary_factor {factor} is not supported"));
@@ -163,9 +213,7 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
                 ));
             }
         }
-        if extra.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
-            return Err("mlp_bias = true is not supported".to_string());
-        }
+        let mlp_bias = extra.get("mlp_bias").and_then(Value::as_bool) == Some(true);
 
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
@@ -245,6 +293,8 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
             bos_token_id: raw.bos_token_id,
             eos_token_id: raw.eos_token_id,
             extra: raw.extra,
+            rope_scaling: scaling,
+            mlp_bias,
         })
     }
 }
@@ -308,6 +358,7 @@ impl Family for Qwen2Config {
             self.rope_theta,
             self.head_dim(),
             self.max_position_embeddings,
+            &self.rope_scaling,
             device,
         )?;
         Ok(Box::new(Qwen2::new(self, w, rope)))
@@ -335,9 +386,16 @@ impl Family for Qwen2Config {
                 specs.push(spec(p(Q_NORM, "weight"), &[hd], Init::Ones));
                 specs.push(spec(p(K_NORM, "weight"), &[hd], Init::Ones));
             }
-            specs.push(spec(p(GATE, "weight"), &[c.intermediate_size, h], w));
-            specs.push(spec(p(UP, "weight"), &[c.intermediate_size, h], w));
-            specs.push(spec(p(DOWN, "weight"), &[h, c.intermediate_size], w));
+            for (proj, out, inp) in [
+                (GATE, c.intermediate_size, h),
+                (UP, c.intermediate_size, h),
+                (DOWN, h, c.intermediate_size),
+            ] {
+                specs.push(spec(p(proj, "weight"), &[out, inp], w));
+                if c.mlp_bias {
+                    specs.push(spec(p(proj, "bias"), &[out], Init::Zeros));
+                }
+            }
             specs.push(spec(p(INPUT_NORM, "weight"), &[h], Init::Ones));
             specs.push(spec(p(POST_NORM, "weight"), &[h], Init::Ones));
         }

@@ -125,6 +125,13 @@ fn llama_with_bias_matches_transformers() {
     check_fixture("llama-bias");
 }
 
+/// Llama 3.x: llama3 rope scaling (as transformers 5 writes it, `rope_parameters`), head_dim
+/// given explicitly, MLP biases.
+#[test]
+fn llama3_matches_transformers() {
+    check_fixture("llama3");
+}
+
 #[test]
 fn logits_are_the_head_applied_to_hidden_states() {
     let model = load("qwen3", DType::F32);

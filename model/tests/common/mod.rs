@@ -8,7 +8,13 @@ use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 use sft_model::{Model, ModelConfig};
 
-pub const FIXTURES: [&str; 4] = ["qwen2-tied", "qwen2-untied", "qwen3", "llama-bias"];
+pub const FIXTURES: [&str; 5] = [
+    "qwen2-tied",
+    "qwen2-untied",
+    "qwen3",
+    "llama-bias",
+    "llama3",
+];
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

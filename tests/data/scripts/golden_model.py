@@ -3,7 +3,7 @@
 Run from the repository root with a Python that has torch and transformers (produced with
 torch 2.15.0, transformers 5.23.0, on CPU):
 
-    python tests/data/scripts/golden_model.py
+    python tests/data/scripts/golden_model.py [NAME ...]
 
 For each model NAME below it writes
 - tests/data/models/NAME/: `save_pretrained` output (config.json, generation_config.json,
@@ -19,6 +19,7 @@ initialises them to 0 and 1, which would hide a wrong bias or gain). Attention i
 """
 import json
 import pathlib
+import sys
 
 import torch
 import transformers
@@ -59,6 +60,26 @@ MODELS = {
     "llama-bias": (
         LlamaForCausalLM,
         LlamaConfig(**COMMON, attention_bias=True, tie_word_embeddings=False, rope_theta=5e5),
+    ),
+    # Llama 3.x: llama3 rope scaling (an original context of 16 positions, so the batch's 12
+    # reach the ramp and the low frequencies are divided by the factor), head_dim 16 given
+    # explicitly (hidden / heads is 8), MLP biases, tied head.
+    "llama3": (
+        LlamaForCausalLM,
+        LlamaConfig(
+            **COMMON,
+            head_dim=16,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            rope_theta=5e5,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
     ),
 }
 
@@ -117,8 +138,13 @@ def greedy(model, repetition_penalty=1.0):
 
 
 def main():
+    # `golden_model.py NAME ...` writes only those models (each keeps its seed, from its place in
+    # MODELS), so adding a model does not rewrite the others' files.
+    only = set(sys.argv[1:])
     torch.manual_seed(0)
     for seed, (name, (cls, config)) in enumerate(MODELS.items()):
+        if only and name not in only:
+            continue
         config._attn_implementation = "eager"
         model = cls(config).float()
         randomise(model, 1000 + seed)
