@@ -11,8 +11,11 @@ pub const NAMES: &[&str] = &[
     "nanopoet-gpt",
     "tiny-qwen2",
     "tiny-qwen3",
+    "tiny-llama3",
     "bench-qwen2",
+    "smollm2-135m",
     "qwen2.5-0.5b",
+    "llama3.2-1b",
 ];
 
 /// The preset's config fields, or `None` for an unknown name.
@@ -59,6 +62,39 @@ pub fn preset(name: &str) -> Option<Value> {
             "tie_word_embeddings": true, "attention_bias": false, "hidden_act": "silu",
             "initializer_range": 0.02,
         }),
+        // Llama 3.x's layout at the tiny-qwen2 size, with llama3 rope scaling (an original
+        // context of 128 positions, so training at 512 uses the scaled frequencies).
+        "tiny-llama3" => json!({
+            "model_type": "llama",
+            "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+            "hidden_act": "silu", "initializer_range": 0.02, "attention_bias": false,
+            "mlp_bias": false,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+        }),
+        // HuggingFaceTB/SmolLM2-135M's architecture (vocabulary 49,152).
+        "smollm2-135m" => json!({
+            "model_type": "llama",
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+            "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+            "hidden_act": "silu", "initializer_range": 0.041666666666666664,
+            "attention_bias": false, "mlp_bias": false,
+        }),
+        // meta-llama/Llama-3.2-1B's architecture (1,235,814,400 parameters with its 128,256-token
+        // vocabulary).
+        "llama3.2-1b" => json!({
+            "model_type": "llama",
+            "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+            "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true, "hidden_act": "silu", "initializer_range": 0.02,
+            "attention_bias": false, "mlp_bias": false,
+            "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        }),
         // Qwen2.5-0.5B's architecture (494M parameters with its 151,936-token vocabulary).
         "qwen2.5-0.5b" => json!({
             "model_type": "qwen2",
@@ -104,6 +140,14 @@ mod tests {
                 .unwrap()
                 .num_params(),
             494_032_768
+        );
+        let mut v = preset("llama3.2-1b").unwrap();
+        v["vocab_size"] = json!(128_256);
+        assert_eq!(
+            ModelConfig::from_json_str(&v.to_string())
+                .unwrap()
+                .num_params(),
+            1_235_814_400
         );
     }
 }
