@@ -44,7 +44,7 @@ impl ModelConfig {
             None => return Err("no model_type".to_string()),
         };
         match model_type.as_str() {
-            "qwen2" | "qwen3" | "llama" => {
+            "qwen2" | "qwen3" | "llama" | "mistral" => {
                 serde_json::from_value(value).map(ModelConfig::Qwen2).map_err(|e| e.to_string())
             }
             GPT_MODEL_TYPE => {
@@ -56,7 +56,7 @@ impl ModelConfig {
                 Ok(ModelConfig::Gpt(cfg))
             }
             other => Err(format!(
-                "unsupported model_type {other:?} (supported: qwen2, qwen3, llama, {GPT_MODEL_TYPE})"
+                "unsupported model_type {other:?} (supported: qwen2, qwen3, llama, mistral, {GPT_MODEL_TYPE})"
             )),
         }
     }
@@ -221,8 +221,8 @@ mod tests {
             (r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#, "gelu"),
             (
                 r#""model_type": "qwen2""#,
-                r#""model_type": "mistral""#,
-                "mistral",
+                r#""model_type": "gemma2""#,
+                "gemma2",
             ),
             (
                 r#""num_key_value_heads": 2"#,

@@ -26,6 +26,10 @@ pub(crate) trait Family {
     /// Every trainable tensor, in construction order (`transformers`' `named_parameters` order
     /// for the Hugging Face families); a tied output head is not listed: it is the embedding.
     fn param_specs(&self) -> Vec<ParamSpec>;
+    /// Keys at least this many positions behind a query are not attended (Mistral).
+    fn sliding_window(&self) -> Option<usize> {
+        None
+    }
     /// The config as `config.json` holds it.
     fn to_json(&self) -> Value;
     /// `generation_config.json` beside a saved checkpoint, for families whose tools read one.

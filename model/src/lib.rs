@@ -473,7 +473,7 @@ impl Model {
                 self.cfg.max_positions()
             ));
         }
-        let mask = match mask {
+        let mut mask = match mask {
             AttentionMask::Causal => ops::causal_mask(t, 0, self.dtype, &self.device)?,
             AttentionMask::Segments(seg) => {
                 if seg.dims() != [b, t] {
@@ -485,6 +485,9 @@ impl Model {
                 ops::segment_mask(seg, self.dtype)?
             }
         };
+        if let Some(w) = self.cfg.family().sliding_window() {
+            mask = ops::slide(&mask, w, 0)?;
+        }
         ops::Mask::new(mask)
     }
 
@@ -519,15 +522,19 @@ impl Model {
             .flat_map(|_| (start..start + t).map(|p| p as u32))
             .collect();
         let positions = Tensor::from_vec(pos, (b, t), &self.device)?;
-        // A single new token may attend every cached key: no mask needed.
-        let mask = match t {
-            1 => None,
-            _ => Some(ops::Mask::new(ops::causal_mask(
-                t,
-                start,
-                self.dtype,
-                &self.device,
-            )?)?),
+        // A single new token may attend every cached key (within a sliding window): no mask
+        // needed.
+        let window = self.cfg.family().sliding_window();
+        let mask = match (t, window) {
+            (1, None) => None,
+            (1, Some(w)) if start < w => None,
+            _ => {
+                let mut m = ops::causal_mask(t, start, self.dtype, &self.device)?;
+                if let Some(w) = window {
+                    m = ops::slide(&m, w, start)?;
+                }
+                Some(ops::Mask::new(m)?)
+            }
         };
         let hidden = self.net.forward_hidden(
             input_ids,

@@ -649,6 +649,20 @@ pub(crate) fn causal_mask(
     Ok(Tensor::from_vec(mask, (1, 1, t, t_k), device)?.to_dtype(dtype)?)
 }
 
+/// `mask` (.., t, t_k) for queries at positions `offset..offset + t` with keys at `0..t_k`, also
+/// forbidding keys `window` or more positions behind their query (Mistral's sliding window, as
+/// `transformers` masks it: key k is seen from query q iff `q - window < k <= q`).
+pub(crate) fn slide(mask: &Tensor, window: usize, offset: usize) -> Result<Tensor> {
+    let dims = mask.dims();
+    let (t, t_k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let neg = mask_value(mask.dtype()) as f32;
+    let w: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t_k).map(move |j| if offset + i >= j + window { neg } else { 0.0 }))
+        .collect();
+    let w = Tensor::from_vec(w, (1, 1, t, t_k), mask.device())?.to_dtype(mask.dtype())?;
+    Ok(mask.broadcast_minimum(&w)?)
+}
+
 /// Additive mask (b, 1, t, t) from segment ids (b, t): query q sees key k iff `k <= q`,
 /// `seg[k] == seg[q]` and `seg[q] != 0`.
 pub(crate) fn segment_mask(segments: &Tensor, dtype: DType) -> Result<Tensor> {

@@ -12,6 +12,7 @@ pub const NAMES: &[&str] = &[
     "tiny-qwen2",
     "tiny-qwen3",
     "tiny-llama3",
+    "tiny-mistral",
     "bench-qwen2",
     "smollm2-135m",
     "qwen2.5-0.5b",
@@ -73,6 +74,14 @@ pub fn preset(name: &str) -> Option<Value> {
             "mlp_bias": false,
             "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+        }),
+        // Mistral's layout at the tiny-qwen2 size, with a sliding window of 128 positions.
+        "tiny-mistral" => json!({
+            "model_type": "mistral",
+            "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
+            "hidden_act": "silu", "initializer_range": 0.02, "sliding_window": 128,
         }),
         // HuggingFaceTB/SmolLM2-135M's architecture (vocabulary 49,152).
         "smollm2-135m" => json!({

@@ -22,7 +22,8 @@ use crate::params::{spec, Init, ParamSpec};
 /// - `qwen2`: q/k/v projections always have a bias (as `transformers`' Qwen2), o_proj never.
 /// - `qwen3`: `attention_bias` (default false) on q/k/v/o; RMSNorm over `head_dim` on every query
 ///   and key head (`q_norm`, `k_norm`) before RoPE.
-/// - `llama`: `attention_bias` (default false) on q/k/v/o; no q/k norm.
+/// - `llama`: `attention_bias` (default false) on q/k/v/o; no q/k norm; `mlp_bias`, RoPE scaling.
+/// - `mistral`: Llama's layout with a `sliding_window` on attention.
 ///
 /// All use a SwiGLU MLP, grouped-query attention, RoPE in the "rotate half" layout, and RMSNorm.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +64,9 @@ pub struct Qwen2Config {
     /// Biases on gate/up/down (`mlp_bias`, Llama).
     #[serde(skip)]
     pub mlp_bias: bool,
+    /// Mistral's attention window (`sliding_window`).
+    #[serde(skip)]
+    pub sliding_window: Option<usize>,
 }
 
 /// `rope_scaling` (or transformers 5's `rope_parameters`): its type and numbers, refusing what
@@ -156,9 +160,12 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
     type Error = String;
 
     fn try_from(raw: RawQwen2Config) -> std::result::Result<Self, String> {
-        if !matches!(raw.model_type.as_str(), "qwen2" | "qwen3" | "llama") {
+        if !matches!(
+            raw.model_type.as_str(),
+            "qwen2" | "qwen3" | "llama" | "mistral"
+        ) {
             return Err(format!(
-                "model_type {:?} is not a Qwen2-family model (qwen2, qwen3, llama)",
+                "model_type {:?} is not a Qwen2-family model (qwen2, qwen3, llama, mistral)",
                 raw.model_type
             ));
         }
@@ -214,6 +221,15 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
             }
         }
         let mlp_bias = extra.get("mlp_bias").and_then(Value::as_bool) == Some(true);
+        // Mistral's `sliding_window` (null: none); Qwen2's is switched by `use_sliding_window`
+        // (refused above) and ignored otherwise, as transformers does.
+        let sliding_window = match (raw.model_type.as_str(), extra.get("sliding_window")) {
+            ("mistral", Some(v)) if !v.is_null() => match v.as_u64() {
+                Some(w) if w > 0 => Some(w as usize),
+                _ => return Err(format!("sliding_window {v} must be a positive integer")),
+            },
+            _ => None,
+        };
 
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
@@ -295,6 +311,7 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
             extra: raw.extra,
             rope_scaling: scaling,
             mlp_bias,
+            sliding_window,
         })
     }
 }
@@ -333,6 +350,10 @@ impl Family for Qwen2Config {
     }
     fn tie_word_embeddings(&self) -> bool {
         self.tie_word_embeddings
+    }
+
+    fn sliding_window(&self) -> Option<usize> {
+        self.sliding_window
     }
 
     fn to_json(&self) -> Value {

@@ -132,6 +132,13 @@ fn llama3_matches_transformers() {
     check_fixture("llama3");
 }
 
+/// Mistral: a sliding window of 4 positions, in the batch's mask and in generation with the KV
+/// cache (the greedy reference runs 15 positions).
+#[test]
+fn mistral_matches_transformers() {
+    check_fixture("mistral");
+}
+
 #[test]
 fn logits_are_the_head_applied_to_hidden_states() {
     let model = load("qwen3", DType::F32);

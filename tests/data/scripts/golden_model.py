@@ -26,6 +26,8 @@ import transformers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -80,6 +82,12 @@ MODELS = {
                 "original_max_position_embeddings": 16,
             },
         ),
+    ),
+    # Mistral: a sliding window of 4 positions, shorter than the batch's 12 and than the prompt
+    # plus its greedy continuation (so generation with the KV cache must mask old keys too).
+    "mistral": (
+        MistralForCausalLM,
+        MistralConfig(**COMMON, sliding_window=4, tie_word_embeddings=False, rope_theta=1e6),
     ),
 }
 
