@@ -48,11 +48,24 @@ fn forward<T: Element>(
     w: Input<'_>,
     b: Option<Input<'_>>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (rows, n_in, n_out) = dims(x.1, w.1)?;
-    let (xv, wv) = (
-        slice_of::<T>(x.0, x.1, "dense: the input")?,
-        slice_of::<T>(w.0, w.1, "dense: the weight")?,
-    );
+    let dims = dims(x.1, w.1)?;
+    let xv = slice_of::<T>(x.0, x.1, "dense: the input")?;
+    let wv = slice_of::<T>(w.0, w.1, "dense: the weight")?;
+    let bv = b
+        .map(|(s, l)| slice_of::<T>(s, l, "dense: the bias"))
+        .transpose()?;
+    let y = dense_rows(xv, wv, bv, dims);
+    Ok((T::storage(y), output_shape(x.1, dims.2)))
+}
+
+/// `x W^T + b` for x (rows, n_in) and W (n_out, n_in), contiguous: the bias is the product's
+/// starting value.
+fn dense_rows<T: Element>(
+    xv: &[T],
+    wv: &[T],
+    bias: Option<&[T]>,
+    (rows, n_in, n_out): (usize, usize, usize),
+) -> Vec<T> {
     let product = |y: *mut T, accumulate: bool| {
         // SAFETY: y has room for rows x n_out, x is rows x n_in, w n_out x n_in, all contiguous.
         unsafe {
@@ -67,18 +80,22 @@ fn forward<T: Element>(
             );
         }
     };
-    let y = match b {
-        Some((s, l)) => {
-            let mut y = slice_of::<T>(s, l, "dense: the bias")?.repeat(rows);
+    match bias {
+        Some(b) => {
+            let mut y = b.repeat(rows);
             product(y.as_mut_ptr(), true);
             y
         }
         // SAFETY: a product that does not accumulate writes every element.
         None => unsafe { written_by(rows * n_out, |y| product(y, false)) },
-    };
-    let mut shape = x.1.dims().to_vec();
-    *shape.last_mut().expect("dims checked") = n_out;
-    Ok((T::storage(y), Shape::from(shape)))
+    }
+}
+
+/// The shape of a dense layer's output: the input's, with `n_out` last.
+fn output_shape(x: &Layout, n_out: usize) -> Shape {
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("a dense input has a last dim") = n_out;
+    Shape::from(shape)
 }
 
 /// dw = g^T x (or dw += g^T x when `accumulate`), for g (rows, n_out) and x (rows, n_in).
@@ -423,30 +440,12 @@ impl ParamOp for LoraDense {
             slice_of::<T>(a.0, a.1, "lora: A")?,
             slice_of::<T>(b.0, b.1, "lora: B")?,
         );
-        let base = |y: *mut T, accumulate: bool| {
-            // SAFETY: y has room for rows x n_out; x, w contiguous with the dims checked.
-            unsafe {
-                matmul(
-                    (rows, n_out, n_in),
-                    (y, n_out, 1),
-                    accumulate,
-                    (xv.as_ptr(), n_in, 1),
-                    (wv.as_ptr(), 1, n_in),
-                    T::of(1.0),
-                    parallelism(),
-                )
-            }
+        let bias = self.b.as_ref().map(|b| b.storage_and_layout());
+        let bias_v = match &bias {
+            Some((bs, bl)) => Some(slice_of::<T>(cpu(bs)?, bl, "lora: the bias")?),
+            None => None,
         };
-        let mut y = match &self.b {
-            Some(bias) => {
-                let (bs, bl) = bias.storage_and_layout();
-                let mut y = slice_of::<T>(cpu(&bs)?, bl, "lora: the bias")?.repeat(rows);
-                base(y.as_mut_ptr(), true);
-                y
-            }
-            // SAFETY: a product that does not accumulate writes every element.
-            None => unsafe { written_by(rows * n_out, |y| base(y, false)) },
-        };
+        let mut y = dense_rows(xv, wv, bias_v, (rows, n_in, n_out));
         let (_, u) = self.down(xv, av, (rows, n_in, r));
         // SAFETY: y is rows x n_out, u rows x r, B n_out x r, all contiguous.
         unsafe {
@@ -460,9 +459,7 @@ impl ParamOp for LoraDense {
                 parallelism(),
             )
         };
-        let mut shape = x.1.dims().to_vec();
-        *shape.last_mut().expect("dims checked") = n_out;
-        Ok((T::storage(y), Shape::from(shape)))
+        Ok((T::storage(y), output_shape(x.1, n_out)))
     }
 
     fn backward<T: Element>(

@@ -111,42 +111,28 @@ impl Linear {
         grads: &mut Grads,
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
-        sum_in_order(self.backward_terms(x, grad, grads, dropout_seed)?)
-    }
-
-    /// [`Linear::backward`]'s input gradient as its terms, in the order candle's backward adds
-    /// them (the adapter's, created last, first): a caller whose input feeds several layers
-    /// adds all their terms in one running sum, as candle does, for the same bits.
-    pub(crate) fn backward_terms(
-        &self,
-        x: &Tensor,
-        grad: &Tensor,
-        grads: &mut Grads,
-        dropout_seed: Option<u64>,
-    ) -> Result<Vec<Tensor>> {
-        if let Some((op, a)) = self.fused(x, dropout_seed) {
+        if self.lora.is_some() {
+            // The own backward runs on the CPU in f32/f64, where the fused op always applies;
+            // elsewhere candle's backward goes through the composition.
+            let Some((op, a)) = self.fused(x, dropout_seed) else {
+                return crate::input_error("backward: an adapter the fused op does not take");
+            };
             // The base weight of an adapted layer is frozen (`lora::plan`).
             debug_assert!(!grads.wants(&self.w));
             let (dx, da, db) = crate::linear::lora_dense_backward(op, x, &a.a, &a.b, grad)?;
             grads.put(&a.a, da)?;
             grads.put(&a.b, db)?;
-            return Ok(vec![dx]);
+            return Ok(dx);
         }
-        let adapter = match &self.lora {
-            Some(a) => Some(a.backward(x, grad, grads, dropout_seed)?),
-            None => None,
-        };
-        let dx = if grads.wants(&self.w) {
-            let (dx, dw, db) = crate::linear::dense_backward(x, &self.w, self.b.as_ref(), grad)?;
-            grads.put(&self.w, dw)?;
-            if let (Some(b), Some(db)) = (&self.b, db) {
-                grads.put(b, db)?;
-            }
-            dx
-        } else {
-            crate::linear::dense_backward_input(x, &self.w, grad)?
-        };
-        Ok(adapter.into_iter().chain([dx]).collect())
+        if !grads.wants(&self.w) {
+            return crate::linear::dense_backward_input(x, &self.w, grad);
+        }
+        let (dx, dw, db) = crate::linear::dense_backward(x, &self.w, self.b.as_ref(), grad)?;
+        grads.put(&self.w, dw)?;
+        if let (Some(b), Some(db)) = (&self.b, db) {
+            grads.put(b, db)?;
+        }
+        Ok(dx)
     }
 }
 
@@ -162,13 +148,6 @@ impl Linear {
         };
         op.fits(x, &a.a, &a.b).then_some((op, a))
     }
-}
-
-/// `((t0 + t1) + t2) + ...`: a gradient's terms added one at a time, in the given order.
-pub(crate) fn sum_in_order(terms: impl IntoIterator<Item = Tensor>) -> Result<Tensor> {
-    let mut terms = terms.into_iter();
-    let first = terms.next().expect("at least one term");
-    terms.try_fold(first, |acc, t| Ok((acc + t)?))
 }
 
 /// A LoRA adapter on a linear layer: `scale * dropout(x) A^T B^T`.
@@ -203,42 +182,16 @@ impl Adapter {
         })
     }
 
-    /// The dropped input and `u = dropout(x) A^T`.
-    fn down(&self, x: &Tensor, seed: Option<u64>) -> Result<(Tensor, Tensor)> {
+    /// `scale * (dropout(x) A^T) B^T`, multiplied after the product as PEFT does: the
+    /// composition candle's backward differentiates where the fused op does not run (half
+    /// precision, other devices).
+    fn forward(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
         let xd = match self.dropout(seed) {
-            Some(d) => kernels::dropout(x, &d)?,
+            Some(d) => d.apply(x)?,
             None => x.clone(),
         };
         let u = linear(&xd, &self.a, None)?;
-        Ok((xd, u))
-    }
-
-    /// `scale * (u B^T)`, multiplied after the product as PEFT does.
-    fn forward(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
-        let (_, u) = self.down(x, seed)?;
         Ok(linear(&u, &self.b, None)?.affine(self.scale, 0.0)?)
-    }
-
-    /// The adapter's share of the input's gradient; A's and B's go to `grads`. The dropped
-    /// input and `u` are recomputed (r columns: a few percent of the layer's product) rather
-    /// than kept for every layer.
-    fn backward(
-        &self,
-        x: &Tensor,
-        grad: &Tensor,
-        grads: &mut Grads,
-        seed: Option<u64>,
-    ) -> Result<Tensor> {
-        let (xd, u) = self.down(x, seed)?;
-        let dv = grad.affine(self.scale, 0.0)?;
-        let (du, db, _) = crate::linear::dense_backward(&u, &self.b, None, &dv)?;
-        grads.put(&self.b, db)?;
-        let (dxd, da, _) = crate::linear::dense_backward(&xd, &self.a, None, &du)?;
-        grads.put(&self.a, da)?;
-        match self.dropout(seed) {
-            Some(d) => Ok(kernels::dropout_backward(&d, &dxd)?),
-            None => Ok(dxd),
-        }
     }
 }
 

@@ -665,9 +665,8 @@ impl Qwen2 {
             let dm = l.down.backward(&m, &dx, grads, seed)?;
             drop(m);
             let (dgate, dup) = kernels::silu_mul_backward(&a.gate, &a.up, &dm)?;
-            let dh2_up = l.up.backward_terms(&a.h2, &dup, grads, seed)?;
-            let dh2_gate = l.gate.backward_terms(&a.h2, &dgate, grads, seed)?;
-            let dh2 = ops::sum_in_order(dh2_up.into_iter().chain(dh2_gate))?;
+            let dh2 = (l.gate.backward(&a.h2, &dgate, grads, seed)?
+                + l.up.backward(&a.h2, &dup, grads, seed)?)?;
             // The residual branch's gradient first, as candle's backward adds them.
             dx = (dx + rms(&a.mid, &l.post_norm, &dh2, grads)?)?;
 
@@ -688,13 +687,11 @@ impl Qwen2 {
                 dk = rms(k_in, kn, &dk, grads)?;
             }
             let dv = dv.transpose(1, 2)?.reshape((b, t, ()))?;
-            let dh_v = l.v.backward_terms(&a.h, &dv, grads, seed)?;
-            let dh_k =
-                l.k.backward_terms(&a.h, &dk.reshape((b, t, ()))?, grads, seed)?;
-            let dh_q =
-                l.q.backward_terms(&a.h, &dq.reshape((b, t, ()))?, grads, seed)?;
-            // In the order candle's backward meets the three projections (and their adapters).
-            let dh = ops::sum_in_order(dh_v.into_iter().chain(dh_k).chain(dh_q))?;
+            let dh_v = l.v.backward(&a.h, &dv, grads, seed)?;
+            let dh_k = l.k.backward(&a.h, &dk.reshape((b, t, ()))?, grads, seed)?;
+            let dh_q = l.q.backward(&a.h, &dq.reshape((b, t, ()))?, grads, seed)?;
+            // In the order candle's backward meets the three projections.
+            let dh = ((dh_v + dh_k)? + dh_q)?;
             dx = (dx + rms(&a.x, &l.input_norm, &dh, grads)?)?;
         }
         let dx = dx.flatten_to(1)?;

@@ -99,27 +99,6 @@ impl CustomOp1 for MaskMul {
         )?;
         Ok((out, l.shape().clone()))
     }
-
-    /// The mask is a constant: the gradient is masked the same way.
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(dropout_backward(&self.0, grad)?))
-    }
-}
-
-/// `dropout(x)`: fused on the CPU (f32, f64), else [`Dropout::apply`]; the same mask either way.
-pub(crate) fn dropout(x: &Tensor, d: &Dropout) -> Result<Tensor> {
-    if d.p <= 0.0 {
-        Ok(x.clone())
-    } else if fusable(x) {
-        Ok(x.contiguous()?.apply_op1(MaskMul(*d))?)
-    } else {
-        d.apply(x)
-    }
 }
 
 /// `x + dropout(h)`: fused on the CPU (f32, f64), else [`Dropout::apply`] and an addition; the

@@ -33,7 +33,7 @@ pub(crate) use self::base::{
     column_sums, cpu, fusable, matmul, slice_of, sum_in_order, written_by, Element, Input, ParamOp,
     Real, WithParams, SUM_ROWS,
 };
-pub(crate) use self::dropout::{dropout, dropout_backward, dropout_mask_mul, residual_dropout};
+pub(crate) use self::dropout::{dropout_backward, dropout_mask_mul, residual_dropout};
 pub(crate) use self::embedding::{add_rows_in_place, sum_rows_by_id};
 pub(crate) use self::norm::{layer_norm_core, rms_norm_core, NormKind};
 pub(crate) use self::rope::{rope_backward, rope_heads_first};
