@@ -52,20 +52,7 @@ pub(crate) fn open(
     if let Some(a) = adapter {
         sft_model::manifest::check_complete(a)?;
     }
-    let has_tokenizer = |d: &Path| {
-        ["tokenizer.json", "char_tokenizer.json"]
-            .iter()
-            .any(|f| d.join(f).is_file())
-    };
-    let tok_dir = match adapter {
-        Some(a) if has_tokenizer(a) => a.to_path_buf(),
-        Some(_) => dir.clone(),
-        None if sft_model::lora::is_adapter_dir(dir) && !has_tokenizer(dir) => {
-            sft::setup::adapter_base(dir)?
-        }
-        None => dir.clone(),
-    };
-    let tok = Tokenizer::from_path(&tok_dir)?;
+    let tok = sft::setup::inference_tokenizer(dir, adapter)?;
     let model = sft::setup::load_for_inference(dir, adapter, DType::F32, &sft::setup::device()?)
         .with_context(|| match adapter {
             Some(a) => format!(

@@ -1,11 +1,10 @@
 //! `sft merge`: a LoRA adapter folded into its base, written as a plain checkpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
 use sft_model::Model;
-use sft_tokenizer::Tokenizer;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -46,7 +45,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         Some(d) => sft::config::parse_dtype(d).map_err(anyhow::Error::msg)?,
         None => sft::setup::checkpoint_dtype(&base).unwrap_or(DType::F32),
     };
-    let tok = tokenizer(&args.adapter, &base)?;
+    let tok = sft::setup::inference_tokenizer(&base, Some(&args.adapter))?;
     sft::checkpoint::write_atomically(&args.out, |d| {
         merged.save(d, dtype)?;
         tok.save(d)?;
@@ -60,13 +59,4 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         sft::config::dtype_name(dtype)
     );
     Ok(())
-}
-
-/// The adapter's tokenizer when it carries one (an `sft` adapter does), else the base's.
-fn tokenizer(adapter: &Path, base: &Path) -> anyhow::Result<Tokenizer> {
-    let own = ["tokenizer.json", "char_tokenizer.json"]
-        .iter()
-        .any(|f| adapter.join(f).is_file());
-    let dir = if own { adapter } else { base };
-    Tokenizer::from_path(dir).with_context(|| format!("the tokenizer in {}", dir.display()))
 }

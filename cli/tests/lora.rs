@@ -1,13 +1,13 @@
 //! LoRA through the command line: `sft train` with `[lora]` writes PEFT's files (and only the
 //! adapter), resumes to the same bytes, continues from an adapter (`model.adapter`); `sft eval`
-//! takes the adapter alone or with `--adapter`; `sft merge` writes a checkpoint that gives PEFT's
-//! `merge_and_unload` logits; a missing base is an error naming the paths it tried.
+//! takes the adapter alone or with `--adapter`; `sft merge` writes the merged weights (which
+//! give PEFT's `merge_and_unload` logits); a missing base is an error naming the paths it tried.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::{DType, Device, Tensor};
-use sft_model::{AttentionMask, Model};
+use candle_core::{DType, Device};
+use sft_model::Model;
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
@@ -168,59 +168,42 @@ fn train_resume_eval_merge_an_adapter() {
     let _ = std::fs::remove_dir_all(&more);
 }
 
-/// `sft merge` of the committed sft-made adapter gives PEFT's `merge_and_unload` logits
-/// (tests/data/models/lora.golden.json); `transformers` reads what `sft merge` writes as it
-/// reads every `sft` export (the model goldens).
+/// `sft merge` of the committed sft-made adapter writes exactly `Model::merged`'s weights, which
+/// give PEFT's `merge_and_unload` logits (`model/tests/lora.rs`, against
+/// tests/data/models/lora.golden.json); `transformers` reads what `sft merge` writes as it reads
+/// every `sft` export (the model goldens).
 #[test]
-fn merge_gives_pefts_merged_logits() {
+fn merge_writes_the_merged_weights() {
     let dir = scratch("merge");
     let out = dir.join("merged");
+    let adapter = data_dir().join("models/qwen2-untied-lora-sft");
     ok(sft()
         .args(["merge", "--adapter"])
-        .arg(data_dir().join("models/qwen2-untied-lora-sft"))
+        .arg(&adapter)
         .arg("--out")
         .arg(&out)
         .output()
         .unwrap());
-    let g: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(data_dir().join("models/lora.golden.json")).unwrap(),
+    let written = Model::load(&out, DType::F32, &Device::Cpu).unwrap();
+    let merged = Model::load(
+        &data_dir().join("models/qwen2-untied"),
+        DType::F32,
+        &Device::Cpu,
     )
+    .unwrap()
+    .load_adapter(&adapter)
+    .unwrap()
+    .merged()
     .unwrap();
-    let entry = g["sft"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["adapter"] == "qwen2-untied-lora-sft")
-        .unwrap();
-    let input: Vec<Vec<u32>> = serde_json::from_value(g["input_ids"].clone()).unwrap();
-    let attention: Vec<Vec<u32>> = serde_json::from_value(g["attention_mask"].clone()).unwrap();
-    let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(entry["merged_logits"].clone()).unwrap();
-    let model = Model::load(&out, DType::F32, &Device::Cpu).unwrap();
-    let (b, t) = (input.len(), input[0].len());
-    let pos: Vec<Vec<u32>> = vec![(0..t as u32).collect(); b];
-    let seg = Tensor::new(attention.clone(), &Device::Cpu).unwrap();
-    let got: Vec<Vec<Vec<f32>>> = model
-        .forward(
-            &Tensor::new(input, &Device::Cpu).unwrap(),
-            &Tensor::new(pos, &Device::Cpu).unwrap(),
-            &AttentionMask::Segments(&seg),
-            None,
-        )
-        .unwrap()
-        .to_vec3()
-        .unwrap();
-    let mut worst = 0f32;
-    for r in 0..b {
-        for i in (0..t).filter(|&i| attention[r][i] == 1) {
-            for (x, y) in got[r][i].iter().zip(&want[r][i]) {
-                worst = worst.max((x - y).abs());
-            }
-        }
+    assert_eq!(written.params().len(), merged.params().len());
+    for ((n, a), (m, b)) in written.params().iter().zip(merged.params()) {
+        assert_eq!(n, m);
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(a == b, "{n} differs");
     }
-    assert!(
-        worst <= 1e-4,
-        "max |sft merge - PEFT merge_and_unload| = {worst}"
-    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -256,28 +256,7 @@ fn worst_vs(model: &Model, g: &serde_json::Value, key: &str, entry: &serde_json:
     let input: Vec<Vec<u32>> = serde_json::from_value(g["input_ids"].clone()).unwrap();
     let attention: Vec<Vec<u32>> = serde_json::from_value(g["attention_mask"].clone()).unwrap();
     let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(entry[key].clone()).unwrap();
-    let (b, t) = (input.len(), input[0].len());
-    let segments = ids(&attention);
-    let got: Vec<Vec<Vec<f32>>> = model
-        .detached()
-        .forward(
-            &ids(&input),
-            &positions(b, t),
-            &AttentionMask::Segments(&segments),
-            None,
-        )
-        .unwrap()
-        .to_vec3()
-        .unwrap();
-    let mut worst = 0f32;
-    for r in 0..b {
-        for i in (0..t).filter(|&i| attention[r][i] == 1) {
-            for (x, y) in got[r][i].iter().zip(&want[r][i]) {
-                worst = worst.max((x - y).abs());
-            }
-        }
-    }
-    worst
+    padded_logits(&model.detached(), &input, &attention, &want).1
 }
 
 /// Adapters PEFT made (all-linear with a saved head; rsLoRA on three modules) and adapters `sft`

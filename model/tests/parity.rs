@@ -23,27 +23,9 @@ fn check_fixture(name: &str) {
     let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(g["logits"].clone()).unwrap();
     let (b, t) = (input.len(), input[0].len());
 
-    // Right padding: real tokens are segment 1, padding segment 0.
-    let segments = ids(&attention);
-    let logits = model
-        .forward(
-            &ids(&input),
-            &positions(b, t),
-            &AttentionMask::Segments(&segments),
-            None,
-        )
-        .unwrap();
+    let (logits, worst) = padded_logits(&model, &input, &attention, &want);
     assert_eq!(logits.dims(), [b, t, 256]);
     assert_eq!(logits.dtype(), DType::F32);
-    let got: Vec<Vec<Vec<f32>>> = logits.to_vec3().unwrap();
-    let mut worst = 0f32;
-    for r in 0..b {
-        for i in (0..t).filter(|&i| attention[r][i] == 1) {
-            for (x, y) in got[r][i].iter().zip(&want[r][i]) {
-                worst = worst.max((x - y).abs());
-            }
-        }
-    }
     assert!(
         worst < 1e-4,
         "{name}: max |logits - transformers| = {worst}"

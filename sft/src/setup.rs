@@ -281,6 +281,26 @@ pub fn load_for_inference(
     Ok(model.load_adapter(adapter)?)
 }
 
+/// The tokenizer an inference command uses for `model` (with `adapter`): the adapter's when it
+/// carries one (an `sft` adapter does), else the base's (`model`, or, for an adapter directory
+/// given alone, its `base_model_name_or_path`).
+pub fn inference_tokenizer(model: &Path, adapter: Option<&Path>) -> Result<Tokenizer> {
+    let has_tokenizer = |d: &Path| {
+        ["tokenizer.json", "char_tokenizer.json"]
+            .iter()
+            .any(|f| d.join(f).is_file())
+    };
+    let dir = match adapter {
+        Some(a) if has_tokenizer(a) => a.to_path_buf(),
+        Some(_) => model.to_path_buf(),
+        None if sft_model::lora::is_adapter_dir(model) && !has_tokenizer(model) => {
+            adapter_base(model)?
+        }
+        None => model.to_path_buf(),
+    };
+    Ok(Tokenizer::from_path(&dir)?)
+}
+
 /// Where an adapter directory's base checkpoint is: `base_model_name_or_path` as a directory
 /// (as written, or beside the adapter), else as a hub id in the local cache.
 pub fn adapter_base(adapter: &Path) -> Result<PathBuf> {

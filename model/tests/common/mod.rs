@@ -172,3 +172,34 @@ pub fn lora_config(dropout: f64, targets: &[&str], save: &[&str]) -> sft_model::
         modules_to_save: save.iter().map(|s| s.to_string()).collect(),
     }
 }
+
+/// The logits of a right-padded batch (`attention` 1 for real tokens, 0 for padding), and their
+/// largest distance to `want` over the real positions.
+pub fn padded_logits(
+    model: &Model,
+    input: &[Vec<u32>],
+    attention: &[Vec<u32>],
+    want: &[Vec<Vec<f32>>],
+) -> (Tensor, f32) {
+    let (b, t) = (input.len(), input[0].len());
+    // Right padding: real tokens are segment 1, padding segment 0.
+    let segments = ids(attention);
+    let logits = model
+        .forward(
+            &ids(input),
+            &positions(b, t),
+            &sft_model::AttentionMask::Segments(&segments),
+            None,
+        )
+        .unwrap();
+    let got: Vec<Vec<Vec<f32>>> = logits.to_vec3().unwrap();
+    let mut worst = 0f32;
+    for r in 0..b {
+        for i in (0..t).filter(|&i| attention[r][i] == 1) {
+            for (x, y) in got[r][i].iter().zip(&want[r][i]) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    (logits, worst)
+}
