@@ -254,3 +254,31 @@ fn a_missing_base_or_a_bad_lora_setting_is_named() {
     assert!(err.contains("no module named c_attn"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sft bench train --lora`: its JSON says LoRA ran, and counts the trainable scalars apart.
+#[test]
+fn bench_train_with_lora_reports_its_trainable_params() {
+    let out = ok(sft()
+        .args(["bench", "train", "--json", "--lora", "--lora-r", "2"])
+        .args([
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .args(["--threads", "1", "--model"])
+        .arg(data_dir().join("models/qwen2-tied"))
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["lora"], true);
+    assert_eq!(v["dropout"], 0.05);
+    // r 2 on 7 modules x 2 layers: (in + out) x r each.
+    let per_layer = (32 + 32) + (32 + 16) * 2 + (32 + 32) + (32 + 64) * 2 + (64 + 32);
+    assert_eq!(v["trainable_params"], 2 * 2 * per_layer);
+    assert!(v["params"].as_u64().unwrap() > v["trainable_params"].as_u64().unwrap());
+}

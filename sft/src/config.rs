@@ -911,6 +911,28 @@ mod tests {
     }
 
     #[test]
+    fn lora_sections_are_read_and_checked() {
+        let cfg = TrainConfig::from_toml_str(BASE, &["lora.r=8".into()]).unwrap();
+        let lora = cfg.lora.as_ref().unwrap();
+        assert_eq!((lora.r, lora.alpha, lora.dropout), (8, 32.0, 0.05));
+        assert_eq!(lora.target_modules, ["all-linear"]);
+        let again = TrainConfig::from_toml_str(&cfg.to_toml_string(), &[]).unwrap();
+        assert_eq!(again, cfg);
+        let err = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::from_toml_str(BASE, &sets).unwrap_err()
+        };
+        assert!(err(&["lora.r=0"]).contains("lora.r"));
+        assert!(err(&["lora.dropout=1.0"]).contains("lora.dropout"));
+        assert!(err(&["lora.rank=8"]).contains("rank"));
+        let e = err(&["lora.r=8", "model.adapter=runs/a/final"]);
+        assert!(e.contains("remove the [lora] section"), "{e}");
+        let fresh = BASE.replace("path = \"ckpt\"", "preset = \"tiny-gpt\"");
+        let e = TrainConfig::from_toml_str(&fresh, &["lora.r=8".into()]).unwrap_err();
+        assert!(e.contains("model.path"), "{e}");
+    }
+
+    #[test]
     fn resuming_may_change_the_length_and_the_logging_only() {
         let saved = TrainConfig::from_toml_str(BASE, &["train.max_steps=10".into()]).unwrap();
         let same = saved.clone();
