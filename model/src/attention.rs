@@ -927,7 +927,7 @@ mod tests {
         dropout: Option<&Dropout>,
     ) -> Tensor {
         let (b, heads, t, d) = q.dims4().unwrap();
-        ops::composed_attention(q, k, v, mask.map(Mask::additive), dropout)
+        ops::composed_attention(q, k, v, mask.map(Mask::additive), dropout, None)
             .unwrap()
             .transpose(1, 2)
             .unwrap()

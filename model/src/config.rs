@@ -1,24 +1,27 @@
 //! Model configurations: which family a `config.json` describes (`model_type`), and what every
 //! family tells the rest of the crate, dispatched in one place ([`ModelConfig::family`]). Each
 //! family's own config (fields, defaults, validation, parameter list) lives in its file:
-//! `qwen2.rs` (Qwen2, Qwen3, Llama), `gpt.rs` (our small GPT).
+//! `qwen2.rs` (Qwen2, Qwen3, Llama, Mistral), `gemma.rs` (Gemma 2, Gemma 3), `gpt.rs` (our small
+//! GPT).
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use crate::family::Family;
+use crate::gemma::{GemmaConfig, GEMMA_MODEL_TYPES};
 use crate::gpt::{GptConfig, GPT_IGNORED_KEYS, GPT_MODEL_TYPE};
 use crate::params::ParamSpec;
 use crate::qwen2::Qwen2Config;
 use crate::{Error, Result};
 
-/// Either architecture, as read from a checkpoint's `config.json`.
+/// Any supported architecture, as read from a checkpoint's `config.json`.
 // Unboxed variants keep matching plain; a config exists once per model, so size is irrelevant.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
     Qwen2(Qwen2Config),
+    Gemma(GemmaConfig),
     Gpt(GptConfig),
 }
 
@@ -47,6 +50,9 @@ impl ModelConfig {
             "qwen2" | "qwen3" | "llama" | "mistral" => {
                 serde_json::from_value(value).map(ModelConfig::Qwen2).map_err(|e| e.to_string())
             }
+            t if GEMMA_MODEL_TYPES.contains(&t) => {
+                serde_json::from_value(value).map(ModelConfig::Gemma).map_err(|e| e.to_string())
+            }
             GPT_MODEL_TYPE => {
                 for key in GPT_IGNORED_KEYS {
                     obj.remove(key);
@@ -56,7 +62,7 @@ impl ModelConfig {
                 Ok(ModelConfig::Gpt(cfg))
             }
             other => Err(format!(
-                "unsupported model_type {other:?} (supported: qwen2, qwen3, llama, mistral, {GPT_MODEL_TYPE})"
+                "unsupported model_type {other:?} (supported: qwen2, qwen3, llama, mistral, gemma2, gemma3_text, {GPT_MODEL_TYPE})"
             )),
         }
     }
@@ -75,6 +81,7 @@ impl ModelConfig {
     pub(crate) fn family(&self) -> &dyn Family {
         match self {
             ModelConfig::Qwen2(c) => c,
+            ModelConfig::Gemma(c) => c,
             ModelConfig::Gpt(c) => c,
         }
     }
@@ -154,7 +161,7 @@ mod tests {
     fn qwen(cfg: &ModelConfig) -> &Qwen2Config {
         match cfg {
             ModelConfig::Qwen2(c) => c,
-            ModelConfig::Gpt(_) => panic!("expected a Qwen2-family config"),
+            _ => panic!("expected a Qwen2-family config"),
         }
     }
 
@@ -221,8 +228,8 @@ mod tests {
             (r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#, "gelu"),
             (
                 r#""model_type": "qwen2""#,
-                r#""model_type": "gemma2""#,
-                "gemma2",
+                r#""model_type": "phi3""#,
+                "phi3",
             ),
             (
                 r#""num_key_value_heads": 2"#,

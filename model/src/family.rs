@@ -1,5 +1,5 @@
 //! What a model family tells the rest of the crate: its sizes and its parameter list. Each
-//! family's config implements [`Family`] in the family's own file (`qwen2.rs`, `gpt.rs`), and
+//! family's config implements [`Family`] in the family's own file (`qwen2.rs`, `gemma.rs`, `gpt.rs`), and
 //! `ModelConfig` dispatches to it in one place (`ModelConfig::family`).
 
 use std::any::Any;
@@ -28,6 +28,10 @@ pub(crate) trait Family {
     fn param_specs(&self) -> Vec<ParamSpec>;
     /// Keys at least this many positions behind a query are not attended (Mistral).
     fn sliding_window(&self) -> Option<usize> {
+        None
+    }
+    /// The logits pass through `c tanh(z / c)` (Gemma 2's `final_logit_softcapping`).
+    fn final_logit_softcap(&self) -> Option<f64> {
         None
     }
     /// The config as `config.json` holds it.

@@ -21,6 +21,7 @@ mod config;
 pub mod cpu;
 mod dropout;
 mod family;
+mod gemma;
 pub mod generate;
 mod gpt;
 mod kernels;
@@ -44,6 +45,7 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use crate::backward::Grads;
 pub use crate::config::ModelConfig;
 use crate::family::Network;
+pub use crate::gemma::GemmaConfig;
 pub use crate::gpt::{GptConfig, GPT_MODEL_TYPE};
 pub use crate::lora::LoraConfig;
 pub use crate::ops::RopeScaling;
@@ -140,6 +142,11 @@ pub(crate) struct LayerKv {
 }
 
 impl LayerKv {
+    /// Positions cached so far.
+    fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
     /// Appends this step's keys and values; returns the whole sequence's.
     fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let kv = match self.kv.take() {
@@ -548,7 +555,17 @@ impl Model {
     }
 
     pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(ops::linear(hidden, self.lm_head_weight(), None)?.to_dtype(DType::F32)?)
+        let logits = ops::linear(hidden, self.lm_head_weight(), None)?.to_dtype(DType::F32)?;
+        Ok(match self.logit_softcap() {
+            Some(c) => (logits / c)?.tanh()?.affine(c, 0.0)?,
+            None => logits,
+        })
+    }
+
+    /// The logits are `c tanh(z / c)` of the head's output `z` (Gemma 2's
+    /// `final_logit_softcapping`): a loss that applies the head itself must apply this too.
+    pub fn logit_softcap(&self) -> Option<f64> {
+        self.cfg.family().final_logit_softcap()
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {

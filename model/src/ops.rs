@@ -14,6 +14,8 @@ use candle_core::{CustomOp1, CustomOp3, DType, Device, Tensor, D};
 
 use std::sync::Arc;
 
+use serde_json::Value;
+
 pub(crate) use crate::attention::Kept;
 use crate::attention::{self, KeyRanges};
 use crate::backward::Grads;
@@ -324,6 +326,53 @@ impl RopeScaling {
     }
 }
 
+/// `rope_scaling` (or transformers 5's `rope_parameters`): its type and numbers, refusing what
+/// is not implemented by name. `dynamic` NTK scaling only changes frequencies for sequences
+/// longer than `max_position_embeddings`, which this crate never runs: it is the identity here.
+pub(crate) fn rope_scaling(field: &str, v: &Value) -> std::result::Result<RopeScaling, String> {
+    let rope_type = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| -> std::result::Result<f64, String> {
+        match v.get(k).and_then(Value::as_f64) {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+            Some(x) => Err(format!("{field}.{k} {x} must be positive")),
+            None => Err(format!(
+                "{field}.{k} is required for rope_type {rope_type:?}"
+            )),
+        }
+    };
+    match rope_type {
+        "default" | "dynamic" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => {
+            let s = RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            };
+            match s {
+                RopeScaling::Llama3 {
+                    low_freq_factor: l,
+                    high_freq_factor: h,
+                    ..
+                } if h <= l => Err(format!(
+                    "{field}: high_freq_factor {h} must be above low_freq_factor {l}"
+                )),
+                s => Ok(s),
+            }
+        }
+        other => Err(format!(
+            "{field}.rope_type {other:?} is not supported (default, linear, dynamic, llama3)"
+        )),
+    }
+}
+
 impl Rope {
     pub(crate) fn new(
         theta: f64,
@@ -459,7 +508,7 @@ pub(crate) fn attention(
             return Ok(y.reshape((b, t, heads * d))?);
         }
     }
-    let y = composed_attention(q, k, v, mask.map(Mask::additive), dropout)?;
+    let y = composed_attention(q, k, v, mask.map(Mask::additive), dropout, None)?;
     Ok(y.transpose(1, 2)?.reshape((b, t, heads * d))?)
 }
 
@@ -559,13 +608,15 @@ pub(crate) fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, T
 }
 
 /// The composition of candle ops (and the fused softmax) behind [`attention`]: any device,
-/// dtype and mask, and dropout on the probabilities. Returns (b, heads, t, d).
+/// dtype and mask, and dropout on the probabilities. Returns (b, heads, t, d). `softcap`: the
+/// scores pass through `c tanh(s / c)` before the mask (Gemma 2; the fused op has no such step).
 pub(crate) fn composed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
     dropout: Option<&Dropout>,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (b, heads, t, d) = q.dims4()?;
     let (_, kv_heads, t_k, _) = k.dims4()?;
@@ -574,7 +625,10 @@ pub(crate) fn composed_attention(
     let q = (q.contiguous()? * (1.0 / (d as f64).sqrt()))?.reshape((b, kv_heads, group * t, d))?;
     let k = k.contiguous()?;
     let v = v.contiguous()?;
-    let scores = q.matmul(&k.t()?)?.reshape((b, heads, t, t_k))?;
+    let mut scores = q.matmul(&k.t()?)?.reshape((b, heads, t, t_k))?;
+    if let Some(c) = softcap {
+        scores = (scores / c)?.tanh()?.affine(c, 0.0)?;
+    }
     let mut probs = match mask {
         Some(m) => kernels::masked_softmax(&scores, m)?,
         None => softmax_last_dim(&scores)?,

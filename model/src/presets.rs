@@ -13,9 +13,11 @@ pub const NAMES: &[&str] = &[
     "tiny-qwen3",
     "tiny-llama3",
     "tiny-mistral",
+    "tiny-gemma3",
     "bench-qwen2",
     "smollm2-135m",
     "qwen2.5-0.5b",
+    "gemma3-1b",
     "llama3.2-1b",
 ];
 
@@ -82,6 +84,28 @@ pub fn preset(name: &str) -> Option<Value> {
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
             "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
             "hidden_act": "silu", "initializer_range": 0.02, "sliding_window": 128,
+        }),
+        // Gemma 3's layout at the tiny-qwen2 size: five sliding layers (window 128) per full one,
+        // q/k norms, RoPE bases 1e4 (sliding) and 1e6 (full).
+        "tiny-gemma3" => json!({
+            "model_type": "gemma3_text",
+            "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "query_pre_attn_scalar": 16, "max_position_embeddings": 512, "sliding_window": 128,
+            "sliding_window_pattern": 6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+            "hidden_activation": "gelu_pytorch_tanh", "initializer_range": 0.02,
+        }),
+        // google/gemma-3-1b-pt's architecture (999,885,952 parameters with its 262,144-token
+        // vocabulary).
+        "gemma3-1b" => json!({
+            "model_type": "gemma3_text",
+            "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+            "query_pre_attn_scalar": 256, "max_position_embeddings": 32768, "sliding_window": 512,
+            "sliding_window_pattern": 6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+            "hidden_activation": "gelu_pytorch_tanh", "initializer_range": 0.02,
         }),
         // HuggingFaceTB/SmolLM2-135M's architecture (vocabulary 49,152).
         "smollm2-135m" => json!({
@@ -157,6 +181,14 @@ mod tests {
                 .unwrap()
                 .num_params(),
             1_235_814_400
+        );
+        let mut v = preset("gemma3-1b").unwrap();
+        v["vocab_size"] = json!(262_144);
+        assert_eq!(
+            ModelConfig::from_json_str(&v.to_string())
+                .unwrap()
+                .num_params(),
+            999_885_952
         );
     }
 }

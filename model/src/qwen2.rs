@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use crate::backward::Grads;
 use crate::kernels::{self, NormKind};
-use crate::ops::{self, Linear, Rope, RopeScaling};
+use crate::ops::{self, rope_scaling, Linear, Rope, RopeScaling};
 use crate::{LayerKv, Result, Weights};
 
 use serde::{Deserialize, Serialize};
@@ -67,53 +67,6 @@ pub struct Qwen2Config {
     /// Mistral's attention window (`sliding_window`).
     #[serde(skip)]
     pub sliding_window: Option<usize>,
-}
-
-/// `rope_scaling` (or transformers 5's `rope_parameters`): its type and numbers, refusing what
-/// is not implemented by name. `dynamic` NTK scaling only changes frequencies for sequences
-/// longer than `max_position_embeddings`, which this crate never runs: it is the identity here.
-fn rope_scaling(field: &str, v: &Value) -> std::result::Result<RopeScaling, String> {
-    let rope_type = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |k: &str| -> std::result::Result<f64, String> {
-        match v.get(k).and_then(Value::as_f64) {
-            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
-            Some(x) => Err(format!("{field}.{k} {x} must be positive")),
-            None => Err(format!(
-                "{field}.{k} is required for rope_type {rope_type:?}"
-            )),
-        }
-    };
-    match rope_type {
-        "default" | "dynamic" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: num("factor")?,
-        }),
-        "llama3" => {
-            let s = RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            };
-            match s {
-                RopeScaling::Llama3 {
-                    low_freq_factor: l,
-                    high_freq_factor: h,
-                    ..
-                } if h <= l => Err(format!(
-                    "{field}: high_freq_factor {h} must be above low_freq_factor {l}"
-                )),
-                s => Ok(s),
-            }
-        }
-        other => Err(format!(
-            "{field}.rope_type {other:?} is not supported (default, linear, dynamic, llama3)"
-        )),
-    }
 }
 
 /// The serde image of `config.json` before defaults and validation.

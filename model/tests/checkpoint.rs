@@ -50,12 +50,13 @@ fn logits(m: &Model) -> Tensor {
 
 #[test]
 fn f32_round_trip_is_bit_exact() {
-    for (name, model) in [
-        ("qwen2-tied", load("qwen2-tied", DType::F32)),
-        ("qwen2-untied", load("qwen2-untied", DType::F32)),
-        ("gpt-tied", gpt(true, true, 0.1, DType::F32)),
-        ("gpt-untied", gpt(false, false, 0.0, DType::F32)),
-    ] {
+    let mut models: Vec<(String, Model)> = FIXTURES
+        .iter()
+        .map(|n| (n.to_string(), load(n, DType::F32)))
+        .collect();
+    models.push(("gpt-tied".into(), gpt(true, true, 0.1, DType::F32)));
+    models.push(("gpt-untied".into(), gpt(false, false, 0.0, DType::F32)));
+    for (name, model) in models {
         let dir = TempDir::new(&format!("roundtrip-{name}"));
         model.save(dir.path(), DType::F32).unwrap();
         let back = Model::load(dir.path(), DType::F32, &Device::Cpu).unwrap();

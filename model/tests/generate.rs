@@ -55,6 +55,15 @@ fn cached_logits_equal_full_forward() {
     for (name, model) in all_models() {
         let seq = [3u32, 14, 15, 9, 26, 5, 35, 8, 9, 7];
         let full = full_logits(&model, &seq);
+        // Relative to the logits' size (Gemma 3's reach 8; float noise grows with them).
+        let size = full
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let tol = 1e-5 * f64::from(size.max(1.0));
         let mut cache = model.new_cache();
         // A prompt chunk, single tokens, then a multi-token chunk on a non-empty cache.
         let mut at = 0;
@@ -62,7 +71,7 @@ fn cached_logits_equal_full_forward() {
             let part = ids(&[seq[at..at + chunk].to_vec()]);
             let got = model.forward_cached(&part, &mut cache).unwrap();
             let diff = max_abs_diff(&got, &full.narrow(1, at, chunk).unwrap());
-            assert!(diff < 1e-5, "{name}: tokens {at}..{}: {diff}", at + chunk);
+            assert!(diff < tol, "{name}: tokens {at}..{}: {diff}", at + chunk);
             at += chunk;
             assert_eq!(cache.len(), at);
         }
@@ -71,7 +80,7 @@ fn cached_logits_equal_full_forward() {
         let again = model
             .forward_cached(&ids(&[seq.to_vec()]), &mut cache)
             .unwrap();
-        assert!(max_abs_diff(&again, &full) < 1e-5, "{name}: after reset");
+        assert!(max_abs_diff(&again, &full) < tol, "{name}: after reset");
     }
 }
 

@@ -121,6 +121,21 @@ fn mistral_matches_transformers() {
     check_fixture("mistral");
 }
 
+/// Gemma 2: (1 + w) norms, pre/post feed-forward norms, GELU gate, scaled embedding, scores
+/// scaled by query_pre_attn_scalar, soft-capped scores and logits, sliding and full layers
+/// alternating.
+#[test]
+fn gemma2_matches_transformers() {
+    check_fixture("gemma2");
+}
+
+/// Gemma 3: q/k norms, two sliding layers and a full one with their own RoPE bases (the full
+/// one linearly scaled), untied head.
+#[test]
+fn gemma3_matches_transformers() {
+    check_fixture("gemma3");
+}
+
 #[test]
 fn logits_are_the_head_applied_to_hidden_states() {
     let model = load("qwen3", DType::F32);

@@ -36,14 +36,16 @@ pub const DEFAULT_CHUNK_ELEMS: usize = 32 << 20;
 /// With `grad_scale = Some(s)`, also returns the gradients of `s * loss_sum`: the trainer passes
 /// `1 / (target tokens in the whole optimizer step)`, which makes the loss a per-token mean over
 /// all gradient-accumulation micro-batches; `head_grad: false` (a frozen head) leaves the head's
-/// gradient, a vocab x hidden product, uncomputed. Inputs are treated as constants (no graph is
-/// built).
+/// gradient, a vocab x hidden product, uncomputed. `softcap = Some(c)`: the logits are
+/// `c tanh(z / c)` of the head's output `z` ([`sft_model::Model::logit_softcap`]). Inputs are
+/// treated as constants (no graph is built).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     head: &Tensor,
     targets: &[u32],
     grad_scale: Option<f64>,
     head_grad: bool,
+    softcap: Option<f64>,
     chunk_elems: usize,
 ) -> Result<CeOutput> {
     let (n, h) = hidden.dims2()?;
@@ -83,11 +85,23 @@ pub fn linear_cross_entropy(
     while start < n {
         let len = rows_per_chunk.min(n - start);
         let h_chunk = hidden.narrow(0, start, len)?;
-        let logits = h_chunk.matmul(&head.t()?)?;
+        let mut logits = h_chunk.matmul(&head.t()?)?;
+        // d(c tanh(z / c)) / dz = 1 - tanh^2, applied to the capped logits' gradient below.
+        let mut cap_slope = None;
+        if let Some(c) = softcap {
+            let t = (logits / c)?.tanh()?;
+            if grad_scale.is_some() {
+                cap_slope = Some(t.sqr()?.affine(-1.0, 1.0)?);
+            }
+            logits = t.affine(c, 0.0)?;
+        }
         let tgt = &targets[start..start + len];
         let (loss, correct) = softmax_ce_in_place(&logits, tgt, grad_scale)?;
         out.loss_sum += loss;
         out.n_correct += correct;
+        if let Some(slope) = cap_slope {
+            logits = (logits * slope)?;
+        }
         if grad_scale.is_some() && !head_grad {
             let gh = match sft_model::linear_input_grad(&head, &logits)? {
                 Some(gh) => gh,
@@ -253,9 +267,22 @@ mod tests {
 
     /// The loss and gradients from candle's autograd on the plain formula.
     fn reference(h: &Tensor, w: &Tensor, targets: &[u32], scale: f64) -> (f64, Tensor, Tensor) {
+        reference_capped(h, w, targets, scale, None)
+    }
+
+    fn reference_capped(
+        h: &Tensor,
+        w: &Tensor,
+        targets: &[u32],
+        scale: f64,
+        cap: Option<f64>,
+    ) -> (f64, Tensor, Tensor) {
         let hv = Var::from_tensor(h).unwrap();
         let wv = Var::from_tensor(w).unwrap();
-        let logits = hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
+        let mut logits = hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
+        if let Some(c) = cap {
+            logits = ((logits / c).unwrap().tanh().unwrap() * c).unwrap();
+        }
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let tgt = Tensor::from_slice(targets, targets.len(), &Device::Cpu).unwrap();
         let picked = lp.gather(&tgt.unsqueeze(1).unwrap(), 1).unwrap();
@@ -289,9 +316,16 @@ mod tests {
         let scale = 1.0 / 29.0;
         let (ref_loss, ref_dh, ref_dw) = reference(&hidden, &head, &targets, scale);
         for chunk_elems in [1, v * 2, v * 5, v * n, 1 << 20] {
-            let out =
-                linear_cross_entropy(&hidden, &head, &targets, Some(scale), true, chunk_elems)
-                    .unwrap();
+            let out = linear_cross_entropy(
+                &hidden,
+                &head,
+                &targets,
+                Some(scale),
+                true,
+                None,
+                chunk_elems,
+            )
+            .unwrap();
             assert!(
                 (out.loss_sum - ref_loss).abs() < 1e-4,
                 "{} vs {ref_loss}",
@@ -300,12 +334,60 @@ mod tests {
             assert!(max_abs_diff(out.grad_hidden.as_ref().unwrap(), &ref_dh) < 1e-6);
             assert!(max_abs_diff(out.grad_head.as_ref().unwrap(), &ref_dw) < 1e-6);
             // A frozen head: the same hidden gradient, bit for bit, and no head gradient.
-            let frozen =
-                linear_cross_entropy(&hidden, &head, &targets, Some(scale), false, chunk_elems)
-                    .unwrap();
+            let frozen = linear_cross_entropy(
+                &hidden,
+                &head,
+                &targets,
+                Some(scale),
+                false,
+                None,
+                chunk_elems,
+            )
+            .unwrap();
             assert!(frozen.grad_head.is_none() && frozen.loss_sum == out.loss_sum);
             let (a, b) = (frozen.grad_hidden.unwrap(), out.grad_hidden.unwrap());
             assert_eq!(max_abs_diff(&a, &b), 0.0);
+        }
+    }
+
+    /// Gemma 2's final soft-cap `c tanh(z / c)` inside the chunked loss: loss and both
+    /// gradients as autograd gives them through the capped logits (a cap of 2 bends them hard).
+    #[test]
+    fn softcapped_logits_match_autograd() {
+        let (n, h, v) = (9, 8, 23);
+        let hidden = (randn((n, h), 4) * 3.0).unwrap();
+        let head = randn((v, h), 5);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 5 + 1) % v as u32).collect();
+        let scale = 1.0 / 9.0;
+        let (ref_loss, ref_dh, ref_dw) =
+            reference_capped(&hidden, &head, &targets, scale, Some(2.0));
+        let (plain_loss, _, _) = reference(&hidden, &head, &targets, scale);
+        assert!(
+            (ref_loss - plain_loss).abs() > 1e-2,
+            "the cap must matter here"
+        );
+        for chunk_elems in [v * 2, 1 << 20] {
+            let out = linear_cross_entropy(
+                &hidden,
+                &head,
+                &targets,
+                Some(scale),
+                true,
+                Some(2.0),
+                chunk_elems,
+            )
+            .unwrap();
+            assert!(
+                (out.loss_sum - ref_loss).abs() < 1e-4,
+                "{} vs {ref_loss}",
+                out.loss_sum
+            );
+            assert!(max_abs_diff(out.grad_hidden.as_ref().unwrap(), &ref_dh) < 1e-6);
+            assert!(max_abs_diff(out.grad_head.as_ref().unwrap(), &ref_dw) < 1e-6);
+            let eval =
+                linear_cross_entropy(&hidden, &head, &targets, None, true, Some(2.0), chunk_elems)
+                    .unwrap();
+            assert!((eval.loss_sum - out.loss_sum).abs() < 1e-9 * out.loss_sum.abs().max(1.0));
         }
     }
 
@@ -326,14 +408,15 @@ mod tests {
     fn accuracy_and_empty_inputs() {
         let head = Tensor::new(&[[1f32, 0.], [0., 1.], [-1., -1.]], &Device::Cpu).unwrap();
         let hidden = Tensor::new(&[[5f32, 0.], [0., 5.], [5., 0.]], &Device::Cpu).unwrap();
-        let out = linear_cross_entropy(&hidden, &head, &[0, 1, 1], None, true, 1 << 20).unwrap();
+        let out =
+            linear_cross_entropy(&hidden, &head, &[0, 1, 1], None, true, None, 1 << 20).unwrap();
         assert_eq!(out.n_correct, 2);
         assert!(out.grad_hidden.is_none());
         let empty = hidden.narrow(0, 0, 0).unwrap();
-        let out = linear_cross_entropy(&empty, &head, &[], Some(1.0), true, 1 << 20).unwrap();
+        let out = linear_cross_entropy(&empty, &head, &[], Some(1.0), true, None, 1 << 20).unwrap();
         assert_eq!((out.loss_sum, out.n_targets), (0.0, 0));
-        let err =
-            linear_cross_entropy(&hidden, &head, &[0, 1, 3], None, true, 1 << 20).unwrap_err();
+        let err = linear_cross_entropy(&hidden, &head, &[0, 1, 3], None, true, None, 1 << 20)
+            .unwrap_err();
         assert!(
             err.to_string().contains("outside the output vocabulary"),
             "{err}"

@@ -210,6 +210,7 @@ fn target_loss(
         &inp.targets,
         scale,
         head_grad,
+        model.logit_softcap(),
         DEFAULT_CHUNK_ELEMS,
     )?;
     let own = trace.map(|trace| OwnBackward {

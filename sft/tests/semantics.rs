@@ -75,10 +75,19 @@ fn lora(model: Model, save: &[&str]) -> Model {
     model
 }
 
-/// Every model the batch-shape tests run: the fixtures, fully and with LoRA.
+/// Every model the batch-shape tests run: the fixtures, fully and with LoRA. Gemma 2 trains
+/// through candle's backward (its attention soft-cap) and soft-caps its logits in the loss.
 fn fine_tuned(dtype: DType) -> Vec<(String, Model)> {
     let mut out = Vec::new();
-    for name in ["qwen2-tied", "qwen2-untied", "qwen3"] {
+    for name in [
+        "qwen2-tied",
+        "qwen2-untied",
+        "qwen3",
+        "llama3",
+        "mistral",
+        "gemma2",
+        "gemma3",
+    ] {
         out.push((name.to_string(), load_as(name, dtype)));
     }
     out.push((
@@ -242,9 +251,11 @@ fn batch_shape_and_packing_do_not_change_gradients() {
         let packed = grads_for(&model, &[packed_rows]);
         // LoRA's gradients are larger (scale alpha / r = 8, B not zero): to f32's rounding of
         // the sums over micro-batches, relative to the largest.
+        let largest = one_batch.iter().map(max_abs).fold(0.0, f32::max);
         let scale = match name.ends_with("+lora") {
-            true => 10.0 * one_batch.iter().map(max_abs).fold(0.0, f32::max),
-            false => 1.0,
+            true => 10.0 * largest,
+            // Relative to gradients above 1 (Gemma 3's reach 5).
+            false => largest.max(1.0),
         };
         let d1 = max_diff(&one_batch, &accumulated) / scale;
         let d2 = max_diff(&one_batch, &packed) / scale;
@@ -327,14 +338,21 @@ fn half_precision_steps_track_f32() {
         .iter()
         .map(|bin| bin.iter().map(|&i| &samples[i]).collect())
         .collect();
-    for name in ["qwen2-untied", "qwen3", "qwen3+lora"] {
+    for name in ["qwen2-untied", "qwen3", "qwen3+lora", "gemma2", "gemma3"] {
         let load_as = |name: &str, dtype| match name.strip_suffix("+lora") {
             Some(base) => lora(load_as(base, dtype), &[]),
             None => load_as(name, dtype),
         };
         let reference = grads_for(&load_as(name, DType::F32), std::slice::from_ref(&rows));
         let scale = reference.iter().map(max_abs).fold(0.0, f32::max);
-        for (dtype, tolerance) in [(DType::BF16, 0.15), (DType::F16, 0.02)] {
+        // transformers' own bf16 gradients of the gemma3 fixture are 0.18 (relative) from its
+        // f32 ones (qwen3: 0.03): four (1 + w) gains near 2 per layer amplify the rounding.
+        let (bf16, f16) = if name == "gemma3" {
+            (0.25, 0.04)
+        } else {
+            (0.15, 0.02)
+        };
+        for (dtype, tolerance) in [(DType::BF16, bf16), (DType::F16, f16)] {
             let model = load_as(name, dtype);
             let grads = grads_for(&model, std::slice::from_ref(&rows));
             let as_f32: Vec<Tensor> = grads

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2/Qwen3/Llama checkpoints and their reference outputs from `transformers`.
+"""Tiny random Qwen2/Qwen3/Llama/Mistral/Gemma checkpoints and their reference outputs from `transformers`.
 
 Run from the repository root with a Python that has torch and transformers (produced with
 torch 2.15.0, transformers 5.23.0, on CPU):
@@ -24,6 +24,10 @@ import sys
 import torch
 import transformers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -88,6 +92,39 @@ MODELS = {
     "mistral": (
         MistralForCausalLM,
         MistralConfig(**COMMON, sliding_window=4, tie_word_embeddings=False, rope_theta=1e6),
+    ),
+    # Gemma 2: layers alternate sliding (window 4) and full attention; scores scaled by
+    # query_pre_attn_scalar 12 (not head_dim 16); soft-caps low enough to bend the attention
+    # scores and the logits of these random weights; tied head.
+    "gemma2": (
+        Gemma2ForCausalLM,
+        Gemma2Config(
+            **COMMON,
+            head_dim=16,
+            query_pre_attn_scalar=12,
+            sliding_window=4,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        ),
+    ),
+    # Gemma 3: q/k norms, two sliding layers (window 4, RoPE base 1e4) then a full one (base
+    # 1e6, linear scaling 2), untied head.
+    "gemma3": (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 3},
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            tie_word_embeddings=False,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
     ),
 }
 
