@@ -465,16 +465,25 @@ impl ChatTemplate {
         let fail = |reason: String| Error::Template {
             reason: format!("probing the chat template: {reason}"),
         };
-        let user = Message::new(Role::User, "Ping 1");
+        const QUESTION: &str = "Ping 1";
         const ANSWER: &str = "Pong 2";
+        let user = Message::new(Role::User, QUESTION);
         let answer = Message::new(Role::Assistant, ANSWER);
         let r1 = self.render(std::slice::from_ref(&user), None, false)?;
         let r2 = self.render(std::slice::from_ref(&user), None, true)?;
-        let header = r2.strip_prefix(r1.as_str()).ok_or_else(|| {
+        let mut header = r2.strip_prefix(r1.as_str()).ok_or_else(|| {
             fail("the rendering with add_generation_prompt=true does not extend the one without, so the assistant header cannot be found".into())
         })?;
         if header.is_empty() {
-            return Err(fail("add_generation_prompt=true adds nothing".into()));
+            // Templates without a generation prompt (Mistral's `[INST] ... [/INST]`): the
+            // answer follows the user turn's closing text, which then plays the header.
+            header = r1
+                .rfind(QUESTION)
+                .map(|p| &r1[p + QUESTION.len()..])
+                .filter(|closing| !closing.is_empty())
+                .ok_or_else(|| {
+                    fail("add_generation_prompt=true adds nothing and the user turn has no closing text after its content, so no assistant header can be found".into())
+                })?;
         }
         let r3 = self.render(&[user, answer], None, false)?;
         let pos = r3.rfind(ANSWER).ok_or_else(|| {

@@ -1,6 +1,7 @@
 //! Chat templates against `transformers`: rendered text, ids and assistant masks for the Qwen3 and
 //! Qwen2.5 templates, from `tests/data/golden/chat_templates.jsonl` (written by
-//! `tests/data/scripts/golden_data.py`).
+//! `tests/data/scripts/golden_data.py`), and for the Llama 3, Gemma and Mistral formats, from
+//! `tests/data/golden/family_chat_templates.jsonl` (`golden_family_chat.py`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,10 +49,16 @@ struct Row {
     turns: Vec<(usize, usize)>,
     prompt_text: String,
     prompt_ids: Vec<u32>,
+    /// Family rows: the special tokens added to the Qwen fixture, its bos/eos and end of turn.
+    tokenizer: Value,
 }
 
 fn rows() -> Vec<Row> {
-    let text = std::fs::read_to_string(data_dir().join("golden/chat_templates.jsonl")).unwrap();
+    rows_of("golden/chat_templates.jsonl")
+}
+
+fn rows_of(file: &str) -> Vec<Row> {
+    let text = std::fs::read_to_string(data_dir().join(file)).unwrap();
     text.lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
@@ -82,6 +89,7 @@ fn rows() -> Vec<Row> {
                     .unwrap_or_default(),
                 prompt_text: v["prompt_text"].as_str().unwrap().into(),
                 prompt_ids: serde_json::from_value(v["prompt_ids"].clone()).unwrap(),
+                tokenizer: v["tokenizer"].clone(),
             }
         })
         .collect()
@@ -256,4 +264,135 @@ fn targets(r: &Rendered, tok: &Tokenizer) -> Vec<String> {
         runs.push(tok.decode(&cur).unwrap());
     }
     runs
+}
+
+/// A family row's tokenizer, as a checkpoint would ship it: the Qwen fixture's `tokenizer.json`
+/// with the family's special tokens added, and a `tokenizer_config.json` naming its bos/eos and
+/// holding the family's template (tests/data/templates/NAME.jinja), loaded from a directory.
+fn family_tokenizer(name: &str, spec: &Value) -> Tokenizer {
+    // One directory per call: tests run in parallel in one process.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("sft-family-chat-{}-{name}-{k}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = data_dir().join("qwen3-tokenizer");
+    let mut tj: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let added = tj["added_tokens"].as_array_mut().unwrap();
+    for pair in spec["added"].as_array().unwrap() {
+        added.push(serde_json::json!({
+            "id": pair[1], "content": pair[0], "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true,
+        }));
+    }
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    let template =
+        std::fs::read_to_string(data_dir().join(format!("templates/{name}.jinja"))).unwrap();
+    let config = serde_json::json!({
+        "bos_token": spec["bos_token"],
+        "eos_token": spec["eos_token"],
+        "chat_template": template,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let tok = Tokenizer::from_path(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    tok
+}
+
+/// Llama 3, Gemma and Mistral: text, ids, prompts and assistant masks equal `transformers`'
+/// from the checkpoint's own template, which has no `{% generation %}` markers (the spans come
+/// from probing: Mistral's template has no generation prompt at all); every assistant span ends
+/// with the family's end-of-turn token, which is trained and is what generation stops on.
+#[test]
+fn llama3_gemma_and_mistral_templates_match_transformers() {
+    let rows = rows_of("golden/family_chat_templates.jsonl");
+    let mut checked = std::collections::BTreeMap::new();
+    let mut toks = std::collections::BTreeMap::new();
+    for row in &rows {
+        let tok = toks
+            .entry(row.template.clone())
+            .or_insert_with(|| family_tokenizer(&row.template, &row.tokenizer));
+        let ctx = format!("{} / {}", row.template, row.case);
+        for pair in row.tokenizer["added"].as_array().unwrap() {
+            let id = tok.token_to_id(pair[0].as_str().unwrap()).unwrap();
+            assert!(
+                tok.is_special(id) && id as u64 == pair[1].as_u64().unwrap(),
+                "{ctx}"
+            );
+        }
+        let t =
+            Template::with_options(TemplateChoice::Auto, tok, &TemplateOptions::default()).unwrap();
+        let text = t.render_chat_text(&row.messages, None, false).unwrap();
+        assert_eq!(text, row.text, "{ctx}");
+        assert_eq!(tok.encode(&text).unwrap(), row.ids, "{ctx}");
+        let sample = Sample::Chat(Conversation::new(row.messages.clone(), None).unwrap());
+        assert_eq!(
+            t.render_prompt(&sample, tok).unwrap(),
+            row.prompt_ids,
+            "{ctx}"
+        );
+        let rec = Record {
+            sample,
+            format: Format::Messages,
+            source: source(&row.case),
+        };
+        let r = render(&rec, &t, tok, TrainOn::Assistant);
+        assert_eq!(r.ids(), row.ids.as_slice(), "{ctx}");
+        assert_eq!(
+            r.loss_mask(),
+            row.mask.as_ref().unwrap().as_slice(),
+            "{ctx}"
+        );
+        let (a, b) = *row.turns.last().unwrap();
+        let last: Vec<bool> = (0..row.ids.len()).map(|i| i >= a && i < b).collect();
+        assert_eq!(
+            render(&rec, &t, tok, TrainOn::Last).loss_mask(),
+            last.as_slice(),
+            "{ctx}"
+        );
+        let end = tok
+            .token_to_id(row.tokenizer["end"].as_str().unwrap())
+            .unwrap();
+        for &(_, b) in &row.turns {
+            assert_eq!(row.ids[b - 1], end, "{ctx}");
+        }
+        assert_eq!(
+            t.stop_ids().first(),
+            Some(&end),
+            "{ctx}: generation stops on {end}"
+        );
+        *checked.entry(row.template.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        checked.into_iter().collect::<Vec<_>>(),
+        [
+            ("gemma".into(), 5),
+            ("llama3".into(), 5),
+            ("mistral".into(), 5)
+        ]
+    );
+}
+
+/// Gemma's template has no system role: a system message opens the first user turn, and a
+/// conversation that does not alternate is refused by the template itself, with its message.
+#[test]
+fn gemma_folds_the_system_message_and_refuses_roles_out_of_turn() {
+    let rows = rows_of("golden/family_chat_templates.jsonl");
+    let row = rows
+        .iter()
+        .find(|r| r.template == "gemma" && r.case == "system")
+        .unwrap();
+    assert!(row
+        .text
+        .starts_with("<bos><start_of_turn>user\nYou are a terse assistant.\n\nWhat is 2+2?"));
+    let tok = family_tokenizer("gemma", &row.tokenizer);
+    let t = Template::new(TemplateChoice::Auto, &tok).unwrap();
+    let twice = [
+        Message::new(sft_data::Role::User, "a"),
+        Message::new(sft_data::Role::User, "b"),
+    ];
+    let err = t.render_chat_text(&twice, None, false).unwrap_err();
+    assert!(err.to_string().contains("must alternate"), "{err}");
 }
