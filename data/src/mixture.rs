@@ -3,7 +3,8 @@
 //! A source contributes all its samples (plain concatenation), an exact number per epoch
 //! (`samples = N`: a seeded subset when N is below its size, whole seeded passes plus a subset
 //! when above), or a share by weight (`weight = w`: the weighted sources together keep their total
-//! size, split in proportion to the weights). The selection is a pure function of
+//! size, split in proportion to the weights), or a multiple of its size (`repeat = r`: whole
+//! seeded passes and a seeded part, as `samples` of `r` times its size). The selection is a pure function of
 //! `(seed, epoch, source)`, so a resumed run sees the same epochs.
 
 use rand::seq::SliceRandom;
@@ -19,6 +20,8 @@ pub enum Share {
     All,
     Samples(usize),
     Weight(f64),
+    /// `round(r * size)` samples: whole passes and a part, as [`Share::Samples`].
+    Repeat(f64),
 }
 
 const TAG_MIXTURE: u64 = 3;
@@ -41,12 +44,21 @@ pub fn mixture_epoch(sources: &[(Vec<usize>, Share)], seed: u64, epoch: u64) -> 
             reason: "mixture weights must be positive".into(),
         });
     }
+    if sources
+        .iter()
+        .any(|(_, s)| matches!(s, Share::Repeat(r) if !(r.is_finite() && *r > 0.0)))
+    {
+        return Err(Error::InvalidOption {
+            reason: "mixture repeats must be positive".into(),
+        });
+    }
     let mut out = Vec::new();
     for (k, (samples, share)) in sources.iter().enumerate() {
         let count = match *share {
             Share::All => samples.len(),
             Share::Samples(n) => n,
             Share::Weight(w) => (weighted_size as f64 * w / weight_sum).round() as usize,
+            Share::Repeat(r) => (samples.len() as f64 * r).round() as usize,
         };
         if count > 0 && samples.is_empty() {
             return Err(Error::InvalidOption {
@@ -109,6 +121,12 @@ mod tests {
         let plain = mixture_epoch(&[(a.clone(), Share::All), (b, Share::All)], 7, 3).unwrap();
         assert_eq!(plain, (0..130).collect::<Vec<_>>());
         assert!(mixture_epoch(&[(vec![], Share::Samples(3))], 0, 0).is_err());
+        // Repeat: whole passes (each sample exactly twice), then a seeded part.
+        let twice = mixture_epoch(&[(c.clone(), Share::Repeat(2.0))], 7, 0).unwrap();
+        assert!((130..140).all(|i| twice.iter().filter(|&&x| x == i).count() == 2));
+        let more = mixture_epoch(&[(c.clone(), Share::Repeat(2.5))], 7, 0).unwrap();
+        assert_eq!(more.len(), 25);
+        assert!(mixture_epoch(&[(c, Share::Repeat(0.0))], 0, 0).is_err());
         assert!(mixture_epoch(&[(a, Share::Weight(0.0))], 0, 0).is_err());
     }
 }

@@ -158,7 +158,7 @@ pub struct DataSection {
     /// Keep only records whose fields have one of the listed values (poem fields: `author`,
     /// `style`, `title`): `{ style = ["七言绝句", "浣溪沙"], author = ["李白"] }`. Every listed
     /// field must match, or one of them with `filter_any`. Left-out records are counted in the
-    /// preflight report.
+    /// preflight report. A `data.train` table's own `filter` replaces this one for its source.
     #[serde(default)]
     pub filter: std::collections::BTreeMap<String, Vec<String>>,
     /// `data.filter` keeps a record when any one listed field matches (nanopoet's "these
@@ -207,6 +207,13 @@ pub struct DataSourceTable {
     /// A mixture share: exactly this many samples of the source per epoch (repeated passes
     /// when more than it has).
     pub samples: Option<usize>,
+    /// A mixture share: the source's samples this many times per epoch (`2`: each twice;
+    /// `0.5`: a seeded half), e.g. to weight a rare kind of record up.
+    pub repeat: Option<f64>,
+    /// Keep only this source's records whose fields have one of the listed values, in place of
+    /// `data.filter` (`data.field_map` still applies); a file may be listed twice with two
+    /// filters, and a record read twice is still held out whole by `val_ratio`.
+    pub filter: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl DataSource {
@@ -240,6 +247,9 @@ impl DataSource {
             DataSource::Table(DataSourceTable {
                 weight: Some(w), ..
             }) => sft_data::Share::Weight(*w),
+            DataSource::Table(DataSourceTable {
+                repeat: Some(r), ..
+            }) => sft_data::Share::Repeat(*r),
             _ => sft_data::Share::All,
         }
     }
@@ -573,13 +583,17 @@ impl TrainConfig {
         let mut weighted = 0;
         for (i, source) in self.data.train.iter().enumerate() {
             if let DataSource::Table(t) = source {
-                if t.weight.is_some() && t.samples.is_some() {
+                let shares = [t.weight.is_some(), t.samples.is_some(), t.repeat.is_some()];
+                if shares.iter().filter(|&&s| s).count() > 1 {
                     return Err(format!(
-                        "data.train[{i}]: set `weight` or `samples`, not both"
+                        "data.train[{i}]: set one of `weight`, `samples` and `repeat`"
                     ));
                 }
                 if t.weight.is_some_and(|w| !(w.is_finite() && w > 0.0)) {
                     return Err(format!("data.train[{i}].weight: must be positive"));
+                }
+                if t.repeat.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                    return Err(format!("data.train[{i}].repeat: must be positive"));
                 }
                 weighted += usize::from(t.weight.is_some());
             }
@@ -596,7 +610,29 @@ impl TrainConfig {
                 ));
             }
         }
-        let fields = self.data.filter.keys().chain(self.data.field_map.keys());
+        let source_filters = self
+            .data
+            .train
+            .iter()
+            .chain(&self.data.validation)
+            .filter_map(|s| match s {
+                DataSource::Table(t) => t.filter.as_ref(),
+                DataSource::Path(_) => None,
+            });
+        let mut fields: Vec<&String> = self
+            .data
+            .filter
+            .keys()
+            .chain(self.data.field_map.keys())
+            .collect();
+        let mut per_source = false;
+        for f in source_filters {
+            fields.extend(f.keys());
+            per_source = true;
+        }
+        if per_source && self.data.streaming {
+            return Err("data.streaming: a source's own `filter` needs the whole data in memory; use data.filter".into());
+        }
         for field in fields {
             if !sft_data::select::FIELDS.contains(&field.as_str()) {
                 return Err(format!(
@@ -636,7 +672,7 @@ impl TrainConfig {
         for (i, source) in self.data.validation.iter().enumerate() {
             if !matches!(source.share(), sft_data::Share::All) {
                 return Err(format!(
-                    "data.validation[{i}]: weight and samples are for training sources"
+                    "data.validation[{i}]: weight, samples and repeat are for training sources"
                 ));
             }
         }
@@ -1017,7 +1053,52 @@ mod tests {
             &[r#"data.train=[{path = "a", weight = 1.0, samples = 3}]"#.into()],
         )
         .unwrap_err();
-        assert!(err.contains("not both"), "{err}");
+        assert!(
+            err.contains("one of `weight`, `samples` and `repeat`"),
+            "{err}"
+        );
+        // A source's own filter and repeat: read, round-tripped, refused where they cannot work.
+        let cfg = TrainConfig::from_toml_str(
+            BASE,
+            &[r#"data.train=["a.jsonl", {path = "a.jsonl", filter = {style = ["x"]}, repeat = 2.5}]"#.into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.data.train[1].share(), sft_data::Share::Repeat(2.5));
+        assert_eq!(
+            TrainConfig::from_toml_str(&cfg.to_toml_string(), &[]).unwrap(),
+            cfg
+        );
+        for (set, needle) in [
+            (
+                r#"data.train=[{path = "a", repeat = 0.0}]"#,
+                "repeat: must be positive",
+            ),
+            (
+                r#"data.train=[{path = "a", repeat = 2.0, samples = 3}]"#,
+                "one of",
+            ),
+            (
+                r#"data.train=[{path = "a", filter = {colour = ["x"]}}]"#,
+                "colour",
+            ),
+            (
+                r#"data.validation=[{path = "a", repeat = 2.0}]"#,
+                "training sources",
+            ),
+        ] {
+            let err = TrainConfig::from_toml_str(BASE, &[set.into()]).unwrap_err();
+            assert!(err.contains(needle), "{set}: {err}");
+        }
+        let err = TrainConfig::from_toml_str(
+            BASE,
+            &[
+                r#"data.train=[{path = "a", filter = {style = ["x"]}}]"#.into(),
+                "data.streaming=true".into(),
+                "train.max_steps=5".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(err.contains("own `filter`"), "{err}");
         let err =
             TrainConfig::from_toml_str(BASE, &[r#"data.train=[{paht = "a"}]"#.into()]).unwrap_err();
         assert!(

@@ -200,6 +200,27 @@ pub fn selection(cfg: &TrainConfig) -> Result<sft_data::Selection> {
     })
 }
 
+/// The selection of one source of `data.train` or `data.validation`: its own `filter` (every
+/// listed field must match) in place of `data.filter`, with `data.field_map`.
+pub fn source_selection(
+    cfg: &TrainConfig,
+    source: &crate::config::DataSource,
+) -> Result<sft_data::Selection> {
+    let mut sel = selection(cfg)?;
+    if let crate::config::DataSource::Table(crate::config::DataSourceTable {
+        filter: Some(filter),
+        ..
+    }) = source
+    {
+        sel.filter = filter
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
+            .collect();
+        sel.any = false;
+    }
+    Ok(sel)
+}
+
 /// The chat template and its options from the `data` section.
 pub fn template(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Template> {
     let chat_template = match &cfg.data.chat_template {

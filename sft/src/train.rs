@@ -157,13 +157,12 @@ pub fn train(
     // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.
     // Streaming reads only a first look (the preflight's records) here; the rest as it trains.
     let selection = setup::selection(cfg)?;
-    let (train_read, train_files) = match cfg.data.streaming {
-        true => stream_preview(cfg, &selection)?,
-        false => {
-            let (mut read, files) = read_all("data.train", &cfg.data.train, cfg)?;
-            selection.apply_all(&mut read)?;
-            (read, files)
+    let (train_read, train_files, source_of) = match cfg.data.streaming {
+        true => {
+            let (read, files) = stream_preview(cfg, &selection)?;
+            (read, files, vec![])
         }
+        false => read_all("data.train", &cfg.data.train, cfg)?,
     };
     let tok = match resume_dir {
         Some(dir) => Tokenizer::from_path(dir)?,
@@ -173,8 +172,8 @@ pub fn train(
         None => setup::tokenizer(cfg, &train_read.records)?,
     };
     let template = setup::template(cfg, &tok)?;
-    let (train_records, val_records) = split_records(cfg, train_read)?;
-    let mixture = Mixture::new(cfg, &train_records.records, &train_files);
+    let (train_records, source_of, val_records) = split_records(cfg, train_read, source_of)?;
+    let mixture = Mixture::new(cfg, source_of);
 
     // 3. Model.
     let model = match resume_dir {
@@ -963,15 +962,19 @@ fn read_all(
     key: &str,
     sources: &[DataSource],
     cfg: &TrainConfig,
-) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
+) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>, Vec<usize>)> {
     let policy = invalid_policy(cfg);
     let mut all: Option<ReadOutcome> = None;
     let mut files_per_source = Vec::with_capacity(sources.len());
+    let mut source_of = Vec::new();
     for (i, source) in sources.iter().enumerate() {
         let files =
             setup::data_files(source).map_err(|e| Error::Config(format!("{key}[{i}]: {e}")))?;
+        let selection = setup::source_selection(cfg, source)?;
         for f in &files {
-            let r = read_records(f, cfg.data.format, policy)?;
+            let mut r = read_records(f, cfg.data.format, policy)?;
+            selection.apply_all(&mut r)?;
+            source_of.resize(source_of.len() + r.records.len(), i);
             match all.as_mut() {
                 None => all = Some(r),
                 Some(a) => a.extend(r),
@@ -982,7 +985,7 @@ fn read_all(
     let all = all.ok_or_else(|| {
         Error::Config("data.train: at least one training file is required".into())
     })?;
-    Ok((all, files_per_source))
+    Ok((all, files_per_source, source_of))
 }
 
 fn invalid_policy(cfg: &TrainConfig) -> InvalidPolicy {
@@ -1072,21 +1075,12 @@ struct Mixture {
 }
 
 impl Mixture {
-    fn new(cfg: &TrainConfig, records: &[Record], files: &[Vec<PathBuf>]) -> Option<Mixture> {
+    /// `source_of`: each training record's source (an index into `data.train`).
+    fn new(cfg: &TrainConfig, source_of: Vec<usize>) -> Option<Mixture> {
         let shares: Vec<Share> = cfg.data.train.iter().map(DataSource::share).collect();
         if shares.iter().all(|s| *s == Share::All) {
             return None;
         }
-        let mut by_file: std::collections::HashMap<&Path, usize> = Default::default();
-        for (k, fs) in files.iter().enumerate() {
-            for f in fs {
-                by_file.entry(f.as_path()).or_insert(k);
-            }
-        }
-        let source_of = records
-            .iter()
-            .map(|r| by_file.get(&*r.source.file).copied().unwrap_or(0))
-            .collect();
         Some(Mixture {
             shares,
             names: cfg.data.train.iter().map(DataSource::name).collect(),
@@ -1161,19 +1155,32 @@ pub struct SourceReport {
 
 /// Training and validation records: validation from its own files, or `val_ratio` of the
 /// training records held out by seed. The training outcome keeps the read counts (skipped and
-/// blank lines) for the report.
+/// blank lines) for the report; `source_of` (each training record's source) follows the split.
+/// A line read by two sources (one file listed twice) is held out whole: every training copy of
+/// a held-out line goes too, so no validation record is also trained on.
 fn split_records(
     cfg: &TrainConfig,
     mut train_read: ReadOutcome,
-) -> Result<(ReadOutcome, Option<ReadOutcome>)> {
+    source_of: Vec<usize>,
+) -> Result<(ReadOutcome, Vec<usize>, Option<ReadOutcome>)> {
     if !cfg.data.validation.is_empty() {
-        let (mut val, _) = read_all("data.validation", &cfg.data.validation, cfg)?;
-        setup::selection(cfg)?.apply_all(&mut val)?;
-        return Ok((train_read, Some(val)));
+        let (val, _, _) = read_all("data.validation", &cfg.data.validation, cfg)?;
+        return Ok((train_read, source_of, Some(val)));
     }
     if cfg.data.val_ratio > 0.0 {
         let records = std::mem::take(&mut train_read.records);
         let (tr, va) = split_train_val(records.len(), cfg.data.val_ratio, cfg.run.seed);
+        let line = |r: &Record| (r.source.file.clone(), r.source.line);
+        let mut held_out = std::collections::HashSet::new();
+        let va: Vec<usize> = va
+            .into_iter()
+            .filter(|&i| held_out.insert(line(&records[i])))
+            .collect();
+        let tr: Vec<usize> = tr
+            .into_iter()
+            .filter(|&i| !held_out.contains(&line(&records[i])))
+            .collect();
+        let train_sources = tr.iter().map(|&i| source_of[i]).collect();
         let mut slots: Vec<Option<Record>> = records.into_iter().map(Some).collect();
         let mut take = |idx: &[usize]| -> Vec<Record> {
             idx.iter()
@@ -1188,9 +1195,9 @@ fn split_records(
             records: val_records,
             ..ReadOutcome::default()
         };
-        return Ok((train_read, Some(val)));
+        return Ok((train_read, train_sources, Some(val)));
     }
-    Ok((train_read, None))
+    Ok((train_read, source_of, None))
 }
 
 fn count_formats(records: &[Record]) -> std::collections::BTreeMap<sft_data::Format, usize> {

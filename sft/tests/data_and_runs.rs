@@ -408,3 +408,63 @@ fn records_are_selected_by_field_after_their_values_are_mapped() {
     assert!(err.contains("unknown field `colour`"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One file listed twice: as it is, and filtered to one style with `repeat = 2` (a rare kind
+/// weighted up, as configs/nanopoet-full-sft.toml weights the ci). The filtered source's samples
+/// are drawn exactly twice an epoch, and `val_ratio` holds a line out whole: no copy of a
+/// validation poem is trained on.
+#[test]
+fn a_source_filter_and_repeat_weight_records_up_and_hold_lines_out_whole() {
+    let dir = scratch("repeat");
+    let base = config(&dir, &[]);
+    let all = match &base.data.train[0] {
+        sft::config::DataSource::Path(p) => p.clone(),
+        other => panic!("{other:?}"),
+    };
+    let sources = format!(
+        r#"data.train=["{0}", {{path = "{0}", filter = {{style = ["五言绝句"]}}, repeat = 2}}]"#,
+        all.display()
+    );
+    // Seed 2 holds out a copy of a 五言绝句 from the second source whose twin is in the first.
+    let cfg = config(
+        &dir,
+        &[
+            &sources,
+            "data.val_ratio=0.3",
+            "train.max_steps=2",
+            "run.seed=2",
+        ],
+    );
+    let (mut reported, mut val_records) = (vec![], None);
+    train(&cfg, &RunOptions::default(), &mut |e| match e {
+        Event::Mixture { sources } => reported = sources.to_vec(),
+        Event::Preflight {
+            split: "validation",
+            report,
+        } => val_records = Some(report.records_read),
+        _ => {}
+    })
+    .unwrap();
+    let (whole, jueju) = (&reported[0], &reported[1]);
+    // The file has 60 poems, 9 of them 五言绝句; every line is trained (in the first source)
+    // or held out, never both.
+    assert_eq!(whole.records + val_records.unwrap(), 60);
+    assert!(
+        jueju.records < 9,
+        "some jueju are held out: {}",
+        jueju.records
+    );
+    assert!(jueju.kept > 0);
+    assert_eq!(jueju.drawn, 2 * jueju.kept);
+    assert_eq!(whole.drawn, whole.kept);
+
+    // A filter on a field poems do not have is refused when the config is read.
+    let bad = format!(
+        r#"data.train=[{{path = "{}", filter = {{colour = ["red"]}}}}]"#,
+        all.display()
+    );
+    let toml = std::fs::read_to_string(dir.join("out/train_config.toml")).unwrap();
+    let err = TrainConfig::from_toml_str(&toml, &[bad]).unwrap_err();
+    assert!(err.to_string().contains("colour"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
