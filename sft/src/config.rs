@@ -488,6 +488,10 @@ pub struct CheckSection {
     pub poems_per_style: Option<usize>,
     /// Mean form compliance over `poem_styles` the model must reach.
     pub min_poem_compliance: Option<f64>,
+    /// Form compliance each shi form of `poem_styles` must reach.
+    pub min_shi_compliance: Option<f64>,
+    /// Mean compliance over the ci tunes of `poem_styles` the model must reach.
+    pub min_ci_compliance: Option<f64>,
 }
 
 impl TrainConfig {

@@ -178,17 +178,42 @@ fn run_stage(
             .cloned()
             .unwrap_or_default();
         let mut rates = Vec::new();
+        let mut ci_rates = Vec::new();
+        let at_least = |min: Option<f64>, got: f64| {
+            (
+                min.map_or("(reported)".into(), |m| format!(">= {:.1}%", 100.0 * m)),
+                min.is_none_or(|m| got >= m),
+            )
+        };
         for s in &styles {
             let rate = s.get("rate").and_then(Value::as_f64).unwrap_or(0.0);
             rates.push(rate);
+            let shi = s.get("kind").and_then(Value::as_str) == Some("shi");
+            if !shi {
+                ci_rates.push(rate);
+            }
+            let (target, passed) = match shi {
+                true => at_least(check.min_shi_compliance, rate),
+                false => at_least(None, rate),
+            };
             checks.push(Check {
                 name: format!(
                     "form compliance {}",
                     s.get("style").and_then(Value::as_str).unwrap_or("?")
                 ),
                 value: format!("{:.1}%", 100.0 * rate),
-                target: "(reported)".into(),
-                passed: true,
+                target,
+                passed,
+            });
+        }
+        if !ci_rates.is_empty() {
+            let ci = ci_rates.iter().sum::<f64>() / ci_rates.len() as f64;
+            let (target, passed) = at_least(check.min_ci_compliance, ci);
+            checks.push(Check {
+                name: format!("mean ci compliance ({} tunes)", ci_rates.len()),
+                value: format!("{:.1}%", 100.0 * ci),
+                target,
+                passed,
             });
         }
         let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
