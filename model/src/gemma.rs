@@ -20,8 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::family::{
-    check_limits, default_initializer_range, foreign_trace, Family, Network, MAX_LAYERS,
-    MAX_ROPE_ENTRIES, MAX_WIDTH,
+    default_initializer_range, foreign_trace, hf_generation_config, DecoderSizes, Family, Network,
 };
 use crate::params::{spec, Init, ParamSpec};
 
@@ -289,48 +288,18 @@ impl TryFrom<RawGemmaConfig> for GemmaConfig {
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
         let head_dim = raw.head_dim.unwrap_or(DEFAULT_HEAD_DIM);
-        let sizes = [
-            ("vocab_size", raw.vocab_size),
-            ("hidden_size", raw.hidden_size),
-            ("intermediate_size", raw.intermediate_size),
-            ("num_hidden_layers", raw.num_hidden_layers),
-            ("num_attention_heads", heads),
-            ("num_key_value_heads", kv_heads),
-            ("max_position_embeddings", raw.max_position_embeddings),
-        ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be positive"));
+        DecoderSizes {
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            max_position_embeddings: raw.max_position_embeddings,
+            rms_norm_eps: raw.rms_norm_eps,
         }
-        if !heads.is_multiple_of(kv_heads) {
-            return Err(format!(
-                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
-            ));
-        }
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(format!(
-                "head_dim {head_dim} must be even and positive (RoPE)"
-            ));
-        }
-        let width = |n: usize| n.saturating_mul(head_dim);
-        check_limits(&[
-            ("vocab_size", raw.vocab_size, MAX_WIDTH),
-            ("hidden_size", raw.hidden_size, MAX_WIDTH),
-            ("intermediate_size", raw.intermediate_size, MAX_WIDTH),
-            ("num_hidden_layers", raw.num_hidden_layers, MAX_LAYERS),
-            ("num_attention_heads x head_dim", width(heads), MAX_WIDTH),
-            ("num_key_value_heads x head_dim", width(kv_heads), MAX_WIDTH),
-            (
-                "max_position_embeddings x head_dim / 2 (RoPE table entries)",
-                raw.max_position_embeddings.saturating_mul(head_dim / 2),
-                MAX_ROPE_ENTRIES,
-            ),
-        ])?;
-        if raw.rms_norm_eps.is_nan() || raw.rms_norm_eps <= 0.0 {
-            return Err(format!(
-                "rms_norm_eps {} must be positive",
-                raw.rms_norm_eps
-            ));
-        }
+        .check()?;
         Ok(GemmaConfig {
             model_type: raw.model_type,
             vocab_size: raw.vocab_size,
@@ -403,17 +372,7 @@ impl Family for GemmaConfig {
     }
 
     fn generation_config(&self) -> Option<Value> {
-        let mut gen = Map::new();
-        gen.insert("_from_model_config".into(), Value::Bool(true));
-        for (key, value) in [
-            ("bos_token_id", &self.bos_token_id),
-            ("eos_token_id", &self.eos_token_id),
-        ] {
-            if let Some(v) = value.as_ref().filter(|v| !v.is_null()) {
-                gen.insert(key.into(), v.clone());
-            }
-        }
-        Some(Value::Object(gen))
+        Some(hf_generation_config(&self.bos_token_id, &self.eos_token_id))
     }
 
     fn network(&self, w: &Weights, device: &Device) -> Result<Box<dyn Network>> {
