@@ -22,6 +22,10 @@ use serde_json::{Map, Value};
 use crate::family::{
     default_initializer_range, foreign_trace, hf_generation_config, DecoderSizes, Family, Network,
 };
+use crate::hf::{
+    layer, DOWN, EMBED, GATE, HEAD, INPUT_NORM, K, K_NORM, NORM, O, POST_ATTN_NORM, Q, Q_NORM, UP,
+    V,
+};
 use crate::params::{spec, Init, ParamSpec};
 
 /// The `model_type`s this file reads.
@@ -432,28 +436,9 @@ impl Family for GemmaConfig {
     }
 }
 
-// The Hugging Face module names, written once: the parameter specs above and the constructor
-// below both read them.
-const EMBED: &str = "model.embed_tokens";
-const NORM: &str = "model.norm";
-const HEAD: &str = "lm_head";
-const Q: &str = "self_attn.q_proj";
-const K: &str = "self_attn.k_proj";
-const V: &str = "self_attn.v_proj";
-const O: &str = "self_attn.o_proj";
-const Q_NORM: &str = "self_attn.q_norm";
-const K_NORM: &str = "self_attn.k_norm";
-const GATE: &str = "mlp.gate_proj";
-const UP: &str = "mlp.up_proj";
-const DOWN: &str = "mlp.down_proj";
-const INPUT_NORM: &str = "input_layernorm";
-const POST_ATTN_NORM: &str = "post_attention_layernorm";
+// Gemma's own module names; the rest are Llama's (`crate::hf`).
 const PRE_FF_NORM: &str = "pre_feedforward_layernorm";
 const POST_FF_NORM: &str = "post_feedforward_layernorm";
-
-fn layer(i: usize) -> String {
-    format!("model.layers.{i}")
-}
 
 /// A Gemma RMSNorm gain: the stored `w` (which takes the gradient) and `w + 1` (what multiplies).
 #[derive(Debug, Clone)]

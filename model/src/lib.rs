@@ -24,6 +24,7 @@ mod family;
 mod gemma;
 pub mod generate;
 mod gpt;
+mod hf;
 mod kernels;
 mod linear;
 pub mod lora;

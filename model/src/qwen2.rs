@@ -14,6 +14,10 @@ use serde_json::{Map, Value};
 use crate::family::{
     default_initializer_range, foreign_trace, hf_generation_config, DecoderSizes, Family, Network,
 };
+use crate::hf::{
+    layer, DOWN, EMBED, GATE, HEAD, INPUT_NORM, K, K_NORM, NORM, O, POST_ATTN_NORM, Q, Q_NORM, UP,
+    V,
+};
 use crate::params::{spec, Init, ParamSpec};
 
 /// A decoder of the Qwen2 family, read from a Hugging Face `config.json`.
@@ -332,7 +336,7 @@ impl Family for Qwen2Config {
                 }
             }
             specs.push(spec(p(INPUT_NORM, "weight"), &[h], Init::Ones));
-            specs.push(spec(p(POST_NORM, "weight"), &[h], Init::Ones));
+            specs.push(spec(p(POST_ATTN_NORM, "weight"), &[h], Init::Ones));
         }
         specs.push(spec(format!("{NORM}.weight"), &[h], Init::Ones));
         if !c.tie_word_embeddings {
@@ -340,27 +344,6 @@ impl Family for Qwen2Config {
         }
         specs
     }
-}
-
-// The Hugging Face module names, written once: the parameter specs above and the constructor
-// below both read them.
-const EMBED: &str = "model.embed_tokens";
-const NORM: &str = "model.norm";
-const HEAD: &str = "lm_head";
-const Q: &str = "self_attn.q_proj";
-const K: &str = "self_attn.k_proj";
-const V: &str = "self_attn.v_proj";
-const O: &str = "self_attn.o_proj";
-const Q_NORM: &str = "self_attn.q_norm";
-const K_NORM: &str = "self_attn.k_norm";
-const GATE: &str = "mlp.gate_proj";
-const UP: &str = "mlp.up_proj";
-const DOWN: &str = "mlp.down_proj";
-const INPUT_NORM: &str = "input_layernorm";
-const POST_NORM: &str = "post_attention_layernorm";
-
-fn layer(i: usize) -> String {
-    format!("model.layers.{i}")
 }
 
 #[derive(Debug, Clone)]
@@ -404,7 +387,7 @@ impl Qwen2 {
                     up: Linear::new(w, &p(UP)),
                     down: Linear::new(w, &p(DOWN)),
                     input_norm: w.get(&format!("{}.weight", p(INPUT_NORM))),
-                    post_norm: w.get(&format!("{}.weight", p(POST_NORM))),
+                    post_norm: w.get(&format!("{}.weight", p(POST_ATTN_NORM))),
                 }
             })
             .collect();
