@@ -177,60 +177,54 @@ fn run_stage(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let mut rates = Vec::new();
-        let mut ci_rates = Vec::new();
-        let at_least = |min: Option<f64>, got: f64| {
-            (
-                min.map_or("(reported)".into(), |m| format!(">= {:.1}%", 100.0 * m)),
-                min.is_none_or(|m| got >= m),
-            )
-        };
-        for s in &styles {
-            let rate = s.get("rate").and_then(Value::as_f64).unwrap_or(0.0);
-            rates.push(rate);
-            let shi = s.get("kind").and_then(Value::as_str) == Some("shi");
-            if !shi {
-                ci_rates.push(rate);
-            }
-            let (target, passed) = match shi {
-                true => at_least(check.min_shi_compliance, rate),
-                false => at_least(None, rate),
-            };
-            checks.push(Check {
-                name: format!(
-                    "form compliance {}",
-                    s.get("style").and_then(Value::as_str).unwrap_or("?")
-                ),
-                value: format!("{:.1}%", 100.0 * rate),
-                target,
-                passed,
-            });
-        }
-        if !ci_rates.is_empty() {
-            let ci = ci_rates.iter().sum::<f64>() / ci_rates.len() as f64;
-            let (target, passed) = at_least(check.min_ci_compliance, ci);
-            checks.push(Check {
-                name: format!("mean ci compliance ({} tunes)", ci_rates.len()),
-                value: format!("{:.1}%", 100.0 * ci),
-                target,
-                passed,
-            });
-        }
-        let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
-        checks.push(Check {
-            name: format!("mean form compliance ({} styles)", rates.len()),
-            value: format!("{:.1}%", 100.0 * mean),
-            target: check
-                .min_poem_compliance
-                .map_or("(reported)".into(), |m| format!(">= {:.1}%", 100.0 * m)),
-            passed: check.min_poem_compliance.is_none_or(|m| mean >= m),
-        });
+        checks.extend(poem_checks(check, &styles));
     }
     Ok(Stage {
         summary,
         last_metrics,
         checks,
     })
+}
+
+/// The checks on `sft eval-poems`' per-style results: each style's rate (each shi form against
+/// `min_shi_compliance`), the ci tunes' mean against `min_ci_compliance`, the mean over every
+/// style against `min_poem_compliance`.
+fn poem_checks(check: &CheckSection, styles: &[Value]) -> Vec<Check> {
+    let at_least = |name: String, got: f64, min: Option<f64>| Check {
+        name,
+        value: format!("{:.1}%", 100.0 * got),
+        target: min.map_or("(reported)".into(), |m| format!(">= {:.1}%", 100.0 * m)),
+        passed: min.is_none_or(|m| got >= m),
+    };
+    let mut checks = Vec::new();
+    let (mut rates, mut ci_rates) = (Vec::new(), Vec::new());
+    for s in styles {
+        let rate = s.get("rate").and_then(Value::as_f64).unwrap_or(0.0);
+        let style = s.get("style").and_then(Value::as_str).unwrap_or("?");
+        rates.push(rate);
+        let min = match s.get("kind").and_then(Value::as_str) == Some("shi") {
+            true => check.min_shi_compliance,
+            false => {
+                ci_rates.push(rate);
+                None
+            }
+        };
+        checks.push(at_least(format!("form compliance {style}"), rate, min));
+    }
+    let mean = |r: &[f64]| r.iter().sum::<f64>() / r.len().max(1) as f64;
+    if !ci_rates.is_empty() {
+        checks.push(at_least(
+            format!("mean ci compliance ({} tunes)", ci_rates.len()),
+            mean(&ci_rates),
+            check.min_ci_compliance,
+        ));
+    }
+    checks.push(at_least(
+        format!("mean form compliance ({} styles)", rates.len()),
+        mean(&rates),
+        check.min_poem_compliance,
+    ));
+    checks
 }
 
 fn loads_check(sft: &Path, model: &Path, cfg: &TrainConfig) -> anyhow::Result<Check> {
@@ -379,5 +373,42 @@ mod tests {
         );
         assert!(md.contains("| tokens/s (last step) | 1234 |"), "{md}");
         assert!(md.contains("`runs/x/loss.svg`"), "{md}");
+    }
+
+    /// Each shi form against its own bound, the ci against their mean, all against the overall
+    /// mean: one form below its bound fails the stage even when the means pass.
+    #[test]
+    fn poem_checks_hold_each_shi_form_and_the_ci_mean() {
+        let check = CheckSection {
+            min_poem_compliance: Some(0.6),
+            min_shi_compliance: Some(0.9),
+            min_ci_compliance: Some(0.3),
+            ..Default::default()
+        };
+        let styles = |jueju: f64, ci: [f64; 2]| {
+            vec![
+                serde_json::json!({"style": "五言绝句", "kind": "shi", "rate": jueju}),
+                serde_json::json!({"style": "七言律诗", "kind": "shi", "rate": 1.0}),
+                serde_json::json!({"style": "浣溪沙", "kind": "ci", "rate": ci[0]}),
+                serde_json::json!({"style": "沁园春", "kind": "ci", "rate": ci[1]}),
+            ]
+        };
+        let verdicts = |s: Vec<Value>| -> Vec<(String, bool)> {
+            poem_checks(&check, &s)
+                .into_iter()
+                .map(|c| (c.name, c.passed))
+                .collect()
+        };
+        let all = verdicts(styles(0.92, [0.5, 0.2]));
+        assert!(all.iter().all(|(_, ok)| *ok), "{all:?}");
+        assert_eq!(all[4].0, "mean ci compliance (2 tunes)");
+        assert_eq!(all[5].0, "mean form compliance (4 styles)");
+        let low_form = verdicts(styles(0.88, [0.9, 0.9]));
+        assert_eq!(low_form[0], ("form compliance 五言绝句".into(), false));
+        assert!(low_form[1..].iter().all(|(_, ok)| *ok), "{low_form:?}");
+        let low_ci = verdicts(styles(1.0, [0.4, 0.1]));
+        assert_eq!(low_ci[4], ("mean ci compliance (2 tunes)".into(), false));
+        // A ci tune has no bound of its own.
+        assert!(low_ci[3].1);
     }
 }
