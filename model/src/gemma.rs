@@ -849,11 +849,8 @@ impl Network for Gemma {
             dropout_seed,
             Some(&mut tr),
         )?;
-        if let Some(ctx) = &tr.ctx {
-            if ctx.local.0.as_ref().is_some_and(|m| !m.fits_fused()) {
-                return Ok(None);
-            }
-        }
+        // The sliding mask fits the fused attention whenever the full one does (`Model` checks
+        // that): a window cuts each query's contiguous key range to a contiguous range.
         Ok(Some((hidden, Box::new(tr))))
     }
 
