@@ -259,8 +259,10 @@ fn batch_shape_and_packing_do_not_change_gradients() {
         };
         let d1 = max_diff(&one_batch, &accumulated) / scale;
         let d2 = max_diff(&one_batch, &packed) / scale;
-        assert!(d1 < 1e-6, "{name}: batch 8 x 1 vs 1 x 8 differ by {d1}");
-        assert!(d2 < 1e-6, "{name}: padded vs packed differ by {d2}");
+        // The same sums in another order: f32 rounding, which depends on gemm's kernels for the
+        // CPU at hand (Gemma 3's 8 x 1 vs 1 x 8 is 1.02e-6 with AVX2, below 1e-6 with AVX-512).
+        assert!(d1 < 2e-6, "{name}: batch 8 x 1 vs 1 x 8 differ by {d1}");
+        assert!(d2 < 2e-6, "{name}: padded vs packed differ by {d2}");
     }
 }
 
