@@ -33,9 +33,9 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::dropout::Dropout;
+use crate::error::Result;
 use crate::kernels::{cpu, matmul, slice_of, Element, Real};
 use crate::math::lanes;
-use crate::Result;
 
 /// Query rows whose scores are computed together: a few KiB of scores per row of the block, and
 /// the causal saving grows as blocks shrink.
@@ -630,16 +630,17 @@ fn view_of<'a, T: Element>(
     Ok((v, view))
 }
 
-/// q (b, heads, t, d), k and v (b, kv_heads, t_k, d) in any layout with unit stride along d.
+/// Attention over q, k and v given as three tensors: q (b, heads, t, d), k and v (b, kv_heads,
+/// t_k, d) in any layout with unit stride along d (the decoders' separate projections).
 #[derive(Debug, Clone)]
-pub(crate) struct Split {
+pub(crate) struct SeparateQkv {
     pub(crate) keys: Option<Arc<KeyRanges>>,
     pub(crate) dropout: Option<Dropout>,
     /// Where a training forward keeps its probabilities for the backward.
     pub(crate) kept: Option<Kept>,
 }
 
-impl Split {
+impl SeparateQkv {
     fn inputs<'a, T: Element>(
         &'a self,
         q: (&'a CpuStorage, &Layout),
@@ -736,7 +737,7 @@ impl Split {
     }
 }
 
-impl CustomOp3 for Split {
+impl CustomOp3 for SeparateQkv {
     fn name(&self) -> &'static str {
         "sft-attention"
     }
@@ -779,7 +780,7 @@ impl CustomOp3 for Split {
 /// contiguous within each, as GPT-2's `c_attn` produces it: q, k and v are read in place and
 /// their gradient is written as one tensor, so neither direction splits or copies.
 #[derive(Debug, Clone)]
-pub(crate) struct Qkv {
+pub(crate) struct FusedQkv {
     pub(crate) heads: usize,
     pub(crate) keys: Option<Arc<KeyRanges>>,
     pub(crate) dropout: Option<Dropout>,
@@ -787,7 +788,7 @@ pub(crate) struct Qkv {
     pub(crate) kept: Option<Kept>,
 }
 
-impl Qkv {
+impl FusedQkv {
     fn inputs<'a, T: Element>(
         &'a self,
         s: &'a CpuStorage,
@@ -873,7 +874,7 @@ impl Qkv {
     }
 }
 
-impl CustomOp1 for Qkv {
+impl CustomOp1 for FusedQkv {
     fn name(&self) -> &'static str {
         "sft-attention-qkv"
     }

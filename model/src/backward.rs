@@ -2,7 +2,7 @@
 //!
 //! candle's backward walks the graph and gives every input of every node a zero-filled buffer
 //! plus an addition (`GradStore::or_insert`, then `add`), even where the input has one consumer:
-//! on the small models that bookkeeping was 8-9% of a step, all of it on one thread. Here each
+//! on the small models that bookkeeping is 8-9% of a step, all of it on one thread. Here each
 //! model keeps the activations its backward needs while it runs forward (without a graph: the
 //! weights are detached copies sharing the `Var`s' storage) and walks its layers back calling
 //! the fused ops' backward functions, the same functions candle's backward calls through the
@@ -17,7 +17,8 @@ use std::collections::HashMap;
 
 use candle_core::{Tensor, TensorId};
 
-use crate::{kernels, Result};
+use crate::error::{Error, Result};
+use crate::kernels;
 
 /// Parameter gradients as a backward pass produces them, one slot per trainable parameter of
 /// the model (`Model::params` order), found by the detached weight tensor the forward pass read;
@@ -40,7 +41,7 @@ impl<'a> Grads<'a> {
     fn slot(&self, param: &Tensor) -> Result<Option<usize>> {
         match self.slots.get(&param.id()) {
             Some(&i) => Ok(i),
-            None => Err(crate::Error::Input {
+            None => Err(Error::Input {
                 reason: "backward: a gradient for a tensor that is not a parameter".into(),
             }),
         }

@@ -19,8 +19,10 @@ use rayon::prelude::*;
 use safetensors::tensor::TensorView;
 use serde_json::{json, Map, Value};
 
+use crate::config::ModelConfig;
+use crate::error::{input_error, Error, Result};
+use crate::model::{check_dtype, dtype_name, Model, Parts};
 use crate::params::var_from_f32;
-use crate::{check_dtype, dtype_name, input_error, Error, Model, ModelConfig, Result};
 
 pub(crate) const CONFIG_FILE: &str = "config.json";
 const GENERATION_CONFIG_FILE: &str = "generation_config.json";
@@ -197,7 +199,7 @@ impl Model {
             unsafe { release_pages(view.data()) };
             params.push((spec.name.clone(), var));
         }
-        Model::assemble(cfg, crate::Parts::full(params), dtype, device, false, None)
+        Model::assemble(cfg, Parts::full(params), dtype, device, false, None)
     }
 
     /// Writes `dir/config.json`, `dir/generation_config.json` (Qwen family) and
@@ -223,7 +225,7 @@ impl Model {
         obj.insert("dtype".into(), json!(dtype_name(dtype)));
         write_json(&dir.join(CONFIG_FILE), &config)?;
 
-        if let Some(gen) = self.cfg.family().generation_config() {
+        if let Some(gen) = self.cfg.generation_config() {
             write_json(&dir.join(GENERATION_CONFIG_FILE), &gen)?;
         }
 
@@ -291,8 +293,8 @@ fn st_dtype(dtype: safetensors::Dtype) -> Option<DType> {
 
 /// Lets the kernel drop the mapped pages of a tensor already converted. Mapped file pages count
 /// in the process's resident memory until unmapped, and the files stay mapped until every
-/// tensor is loaded: a 0.5B model in f32 peaked at the model twice over (3.8 GB), which for
-/// LoRA training was the whole run's peak. The mapping is private and read-only, so a page
+/// tensor is loaded: without this a 0.5B model in f32 peaks at the model twice over (3.8 GB),
+/// which for LoRA training is the whole run's peak. The mapping is private and read-only, so a page
 /// read again would be read back from the file unchanged.
 ///
 /// # Safety

@@ -1,19 +1,20 @@
 //! Model configurations: which family a `config.json` describes (`model_type`), and what every
 //! family tells the rest of the crate, dispatched in one place ([`ModelConfig::family`]). Each
-//! family's own config (fields, defaults, validation, parameter list) lives in its file:
-//! `qwen2.rs` (Qwen2, Qwen3, Llama, Mistral), `gemma.rs` (Gemma 2, Gemma 3), `gpt.rs` (our small
-//! GPT).
+//! family's own config (fields, defaults, validation) lives in its file: `qwen2.rs` (Qwen2,
+//! Qwen3, Llama, Mistral) and `gemma.rs` (Gemma 2, Gemma 3) describe a `decoder::Layout`,
+//! `gpt.rs` our small GPT.
 
 use std::path::Path;
 
 use serde_json::Value;
 
+use crate::error::{Error, Result};
 use crate::family::Family;
 use crate::gemma::{GemmaConfig, GEMMA_MODEL_TYPES};
 use crate::gpt::{GptConfig, GPT_IGNORED_KEYS, GPT_MODEL_TYPE};
+use crate::hfconfig::hf_generation_config;
 use crate::params::ParamSpec;
 use crate::qwen2::Qwen2Config;
-use crate::{Error, Result};
 
 /// Any supported architecture, as read from a checkpoint's `config.json`.
 // Unboxed variants keep matching plain; a config exists once per model, so size is irrelevant.
@@ -74,14 +75,29 @@ impl ModelConfig {
     }
 
     pub(crate) fn to_json_value(&self) -> Value {
-        self.family().to_json()
+        let value = match self {
+            ModelConfig::Qwen2(c) => serde_json::to_value(c),
+            ModelConfig::Gemma(c) => serde_json::to_value(c),
+            ModelConfig::Gpt(c) => serde_json::to_value(c),
+        };
+        value.expect("config fields are plain JSON data")
     }
 
-    /// The family's view of this config: the one place that matches on the family.
+    /// `generation_config.json` beside a saved checkpoint, for the families whose tools read
+    /// one (`transformers` writes its bos and eos ids).
+    pub(crate) fn generation_config(&self) -> Option<Value> {
+        match self {
+            ModelConfig::Qwen2(c) => Some(hf_generation_config(&c.bos_token_id, &c.eos_token_id)),
+            ModelConfig::Gemma(c) => Some(hf_generation_config(&c.bos_token_id, &c.eos_token_id)),
+            ModelConfig::Gpt(_) => None,
+        }
+    }
+
+    /// The network this config describes: the one place that matches on the family.
     pub(crate) fn family(&self) -> &dyn Family {
         match self {
-            ModelConfig::Qwen2(c) => c,
-            ModelConfig::Gemma(c) => c,
+            ModelConfig::Qwen2(c) => &c.layout,
+            ModelConfig::Gemma(c) => &c.layout,
             ModelConfig::Gpt(c) => c,
         }
     }
@@ -173,7 +189,7 @@ mod tests {
             (q.head_dim(), q.rope_theta, q.tie_word_embeddings),
             (64, 1e6, true)
         );
-        assert!(q.qkv_bias() && !q.o_bias() && !q.qk_norm());
+        assert!(q.layout.qkv_bias && !q.layout.o_bias && !q.layout.qk_norm);
         assert_eq!(cfg.num_params(), 494_032_768);
         assert_eq!(cfg.max_positions(), 32768);
     }
@@ -249,7 +265,7 @@ mod tests {
     /// (the identity within `max_position_embeddings`), and `mlp_bias`, are read.
     #[test]
     fn llama_rope_scaling_and_mlp_bias_are_read() {
-        use crate::ops::RopeScaling;
+        use crate::rope::RopeScaling;
         let llama3 = r#""rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#;
         let cases = [
             (

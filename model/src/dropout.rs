@@ -9,8 +9,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::chacha::Words;
+use crate::error::Result;
 use crate::math::Real;
-use crate::Result;
 
 /// Inverted dropout with a mask drawn on the host from a seeded ChaCha8 stream, so a training
 /// step is reproducible bit for bit whatever the device or thread count.

@@ -9,7 +9,8 @@ use candle_core::{IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{input_error, Model, Result};
+use crate::error::{input_error, Result};
+use crate::model::Model;
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {

@@ -7,17 +7,17 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::backward::Grads;
-use crate::kernels::{self, NormKind};
-use crate::ops::{self, Dropout, Linear};
-use crate::{LayerKv, Result, Weights};
-
 use serde::{Deserialize, Serialize};
 
-use crate::family::{
-    check_limits, default_initializer_range, foreign_trace, Family, Network, MAX_LAYERS, MAX_WIDTH,
-};
-use crate::params::{spec, Init, ParamSpec};
+use crate::backward::Grads;
+use crate::error::Result;
+use crate::family::{foreign_trace, Family, Network};
+use crate::hfconfig::{check_limits, default_initializer_range, MAX_LAYERS, MAX_WIDTH};
+use crate::kernels::{self, NormKind};
+use crate::kv::LayerKv;
+use crate::ops::{self, Dropout, Linear};
+use crate::params::{spec, Init, Kind, ParamSpec};
+use crate::weights::Weights;
 
 /// The `model_type` of [`GptConfig`].
 pub const GPT_MODEL_TYPE: &str = "sft-gpt";
@@ -133,10 +133,6 @@ impl Family for GptConfig {
         self.tie_word_embeddings
     }
 
-    fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("config fields are plain JSON data")
-    }
-
     fn network(&self, w: &Weights, _device: &Device) -> Result<Box<dyn Network>> {
         Ok(Box::new(Gpt::new(self, w)))
     }
@@ -149,20 +145,36 @@ impl Family for GptConfig {
         // does not grow with depth.
         let w_resid = Init::Normal(c.initializer_range / (2.0 * c.n_layer as f64).sqrt());
         let mut specs = vec![
-            spec(format!("{WTE}.weight"), &[c.vocab_size, e], w),
-            spec(format!("{WPE}.weight"), &[c.block_size, e], w),
+            spec(
+                format!("{WTE}.weight"),
+                &[c.vocab_size, e],
+                w,
+                Kind::Embedding,
+            ),
+            spec(
+                format!("{WPE}.weight"),
+                &[c.block_size, e],
+                w,
+                Kind::Embedding,
+            ),
         ];
         let norm = |specs: &mut Vec<ParamSpec>, name: String| {
-            specs.push(spec(format!("{name}.weight"), &[e], Init::Ones));
+            specs.push(spec(format!("{name}.weight"), &[e], Init::Ones, Kind::Norm));
             if c.bias {
-                specs.push(spec(format!("{name}.bias"), &[e], Init::Zeros));
+                specs.push(spec(format!("{name}.bias"), &[e], Init::Zeros, Kind::Norm));
             }
         };
         let linear =
             |specs: &mut Vec<ParamSpec>, name: String, out: usize, inp: usize, init: Init| {
-                specs.push(spec(format!("{name}.weight"), &[out, inp], init));
+                specs.push(spec(
+                    format!("{name}.weight"),
+                    &[out, inp],
+                    init,
+                    Kind::Linear,
+                ));
                 if c.bias {
-                    specs.push(spec(format!("{name}.bias"), &[out], Init::Zeros));
+                    let bias = spec(format!("{name}.bias"), &[out], Init::Zeros, Kind::Linear);
+                    specs.push(bias);
                 }
             };
         for i in 0..c.n_layer {
@@ -176,7 +188,12 @@ impl Family for GptConfig {
         }
         norm(&mut specs, LN_F.into());
         if !c.tie_word_embeddings {
-            specs.push(spec(format!("{HEAD}.weight"), &[c.vocab_size, e], w));
+            specs.push(spec(
+                format!("{HEAD}.weight"),
+                &[c.vocab_size, e],
+                w,
+                Kind::Head,
+            ));
         }
         specs
     }

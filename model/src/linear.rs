@@ -3,7 +3,7 @@
 //! As candle ops a dense layer is five graph nodes (flatten to 2-D, transpose the weight,
 //! matmul, add the bias, restore the shape), and candle's backward gives each node's input a
 //! zero-filled gradient buffer plus an addition: on the small models, zero-filling and those
-//! additions were 15% of a step. Here it is one node: forward one product (the bias is the
+//! additions take 15% of a step. Here it is one node: forward one product (the bias is the
 //! product's starting value), backward the two products of the gradients and the bias's column
 //! sums, all through `gemm` with the same threading candle's matmul uses.
 
@@ -11,10 +11,10 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use gemm::Parallelism;
 
 use crate::dropout::Dropout;
+use crate::error::Result;
 use crate::kernels::{
     column_sums, cpu, fusable, matmul, slice_of, written_by, Element, Input, ParamOp, WithParams,
 };
-use crate::Result;
 use rayon::prelude::*;
 
 /// Split every product over the current pool, as candle's matmul does.
@@ -343,7 +343,7 @@ pub(crate) fn dense_backward_input(x: &Tensor, w: &Tensor, grad: &Tensor) -> Res
 
 /// A frozen dense layer and its LoRA adapter as one op over (x, A, B):
 /// `x W^T + b + scale * dropout(x) A^T B^T`, the base weight and bias held by the op (they take
-/// no gradient). Composed it was a product, a scaling, an addition and their buffers for every
+/// no gradient). Composed, it would be a product, a scaling, an addition and their buffers for every
 /// adapted layer (each a pass over the layer's whole output), and in backward the same again:
 /// here the update is accumulated into the layer's output by `gemm` itself (its `beta` is the
 /// scale), and backward accumulates the adapter's share of the input gradient likewise. The
@@ -575,6 +575,52 @@ pub(crate) fn lora_dense_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (dx, da, db) = WithParams(op).gradients(x, (a, Some(b)), grad)?;
     Ok((dx, da, db.expect("B has a gradient")))
+}
+
+/// The gradients of `y = x w^T` (an output layer over rows `x`) from `grad` = dL/dy: the input's
+/// `grad w`, and the weight's `grad^T x`, which is added in place into `into` when given (the
+/// weight's gradient from earlier chunks of rows: a tensor nothing else reads) and returned as
+/// that tensor, else written into a buffer of its own. Through the dense layer's backward and
+/// `gemm`; `None` where that does not run (not CPU f32/f64, mixed dtypes or shapes): the caller
+/// takes candle's matmul then.
+pub fn linear_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    into: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let same = |t: &Tensor| t.dtype() == x.dtype();
+    let dims = match (x.dims(), w.dims(), grad.dims()) {
+        (&[n, h], &[v, h2], &[n2, v2]) => {
+            h == h2 && n == n2 && v == v2 && into.is_none_or(|a| a.dims() == [v, h])
+        }
+        _ => false,
+    };
+    if !fusable(x) || !same(w) || !same(grad) || !into.is_none_or(same) || !dims {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match into {
+        None => {
+            let (dx, dw, _) = dense_backward(&x, &w, None, grad)?;
+            Ok(Some((dx, dw)))
+        }
+        Some(acc) => {
+            let dx = dense_input_grad(&w, grad)?;
+            add_weight_grad(acc, grad, &x)?;
+            Ok(Some((dx, acc.clone())))
+        }
+    }
+}
+
+/// The input gradient `grad w` of `y = x w^T` alone (a frozen output layer), through `gemm`;
+/// `None` where that does not run (not CPU f32/f64, mixed dtypes or shapes).
+pub fn linear_input_grad(w: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    let fits = matches!((w.dims(), grad.dims()), (&[v, _], &[_, v2]) if v == v2);
+    if !fusable(grad) || w.dtype() != grad.dtype() || !fits {
+        return Ok(None);
+    }
+    Ok(Some(dense_input_grad(&w.contiguous()?, grad)?))
 }
 
 #[cfg(test)]

@@ -1,20 +1,20 @@
 //! LayerNorm and RMSNorm with their gain (and shift) in one op: `(x - mean) * inv * w + b` per
 //! row, with a hand-written backward that recomputes each row's statistics.
 //!
-//! As the normalisation kernel followed by the affine op, a norm was two graph nodes, and the
-//! normalised rows were kept for backward; here it is one node keeping only its input, and
+//! As the normalisation kernel followed by the affine op, a norm would be two graph nodes, and the
+//! normalised rows kept for backward; here it is one node keeping only its input, and
 //! backward makes one pass per row for the input's gradient plus the gain's and shift's column
 //! sums (in fixed blocks of rows, summed in order, so independent of the thread count).
 
 use candle_core::{CpuStorage, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::error::Result;
 use crate::kernels::{
     cpu, fusable, slice_of, sum_in_order, Element, Input, NormKind, ParamOp, Real, WithParams,
     SUM_ROWS,
 };
 use crate::math::lanes;
-use crate::Result;
 
 /// Mean (0 for RMSNorm) and `1 / sqrt(variance + eps)` of a row, in eight lanes.
 #[inline]

@@ -14,15 +14,15 @@ use candle_core::{CustomOp1, CustomOp3, DType, Device, Tensor, D};
 
 use std::sync::Arc;
 
-use serde_json::Value;
-
 pub(crate) use crate::attention::Kept;
 use crate::attention::{self, KeyRanges};
 use crate::backward::Grads;
 pub(crate) use crate::dropout::Dropout;
+use crate::error::{input_error, Error, Result};
+use crate::kernels;
 use crate::kernels::NormKind;
 use crate::norm::norm_affine;
-use crate::{kernels, Result};
+use crate::weights::Weights;
 
 /// Additive attention-mask value for a forbidden key. Finite, so that a fully masked row (a
 /// padding query) gives a uniform softmax instead of NaN; large enough that `exp` underflows to
@@ -83,11 +83,13 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    pub(crate) fn new(w: &crate::Weights, name: &str) -> Linear {
+    pub(crate) fn new(w: &Weights, name: &str) -> Linear {
         Linear {
             w: w.get(&format!("{name}.weight")),
             b: w.maybe(&format!("{name}.bias")),
-            lora: w.adapter(name),
+            lora: w
+                .adapter(name)
+                .map(|a| Adapter::new(name, a.a, a.b, a.scale, a.dropout)),
         }
     }
 
@@ -117,7 +119,7 @@ impl Linear {
             // The own backward runs on the CPU in f32/f64, where the fused op always applies;
             // elsewhere candle's backward goes through the composition.
             let Some((op, a)) = self.fused(x, dropout_seed) else {
-                return crate::input_error("backward: an adapter the fused op does not take");
+                return input_error("backward: an adapter the fused op does not take");
             };
             // The base weight of an adapted layer is frozen (`lora::plan`).
             debug_assert!(!grads.wants(&self.w));
@@ -260,162 +262,6 @@ pub(crate) fn residual_dropout(x: &Tensor, h: &Tensor, d: &Dropout) -> Result<Te
     kernels::residual_dropout(x, h, d)
 }
 
-/// RoPE tables for positions `0..max_positions`, in the "rotate half" layout of `transformers`,
-/// kept in f32 whatever the model dtype (a bf16 angle loses integer positions above 256).
-#[derive(Debug, Clone)]
-pub(crate) struct Rope {
-    /// (max_positions, head_dim / 2): `cos(p f_i)`.
-    cos: Tensor,
-    /// (max_positions, head_dim / 2): `sin(p f_i)`.
-    sin: Tensor,
-}
-
-/// How the RoPE frequencies are scaled (`transformers`' `rope_type`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub enum RopeScaling {
-    #[default]
-    None,
-    /// Every frequency divided by `factor` (positions interpolated).
-    Linear { factor: f64 },
-    /// Llama 3.1+: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
-}
-
-impl RopeScaling {
-    /// `transformers`' inverse frequencies after the scaling, in f32 as it computes them.
-    pub(crate) fn apply(&self, inv_freq: &mut [f32]) {
-        match *self {
-            RopeScaling::None => {}
-            RopeScaling::Linear { factor } => {
-                inv_freq.iter_mut().for_each(|f| *f /= factor as f32);
-            }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings: old,
-            } => {
-                let (factor, low, high, old) = (
-                    factor as f32,
-                    low_freq_factor as f32,
-                    high_freq_factor as f32,
-                    old as f32,
-                );
-                let (low_wavelen, high_wavelen) = (old / low, old / high);
-                for f in inv_freq.iter_mut() {
-                    let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_wavelen {
-                        *f / factor
-                    } else {
-                        *f
-                    };
-                    *f = if wavelen < high_wavelen || wavelen > low_wavelen {
-                        scaled
-                    } else {
-                        let smooth = (old / wavelen - low) / (high - low);
-                        (1.0 - smooth) * scaled / factor + smooth * scaled
-                    };
-                }
-            }
-        }
-    }
-}
-
-/// `rope_scaling` (or transformers 5's `rope_parameters`): its type and numbers, refusing what
-/// is not implemented by name. `dynamic` NTK scaling only changes frequencies for sequences
-/// longer than `max_position_embeddings`, which this crate never runs: it is the identity here.
-pub(crate) fn rope_scaling(field: &str, v: &Value) -> std::result::Result<RopeScaling, String> {
-    let rope_type = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |k: &str| -> std::result::Result<f64, String> {
-        match v.get(k).and_then(Value::as_f64) {
-            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
-            Some(x) => Err(format!("{field}.{k} {x} must be positive")),
-            None => Err(format!(
-                "{field}.{k} is required for rope_type {rope_type:?}"
-            )),
-        }
-    };
-    match rope_type {
-        "default" | "dynamic" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: num("factor")?,
-        }),
-        "llama3" => {
-            let s = RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            };
-            match s {
-                RopeScaling::Llama3 {
-                    low_freq_factor: l,
-                    high_freq_factor: h,
-                    ..
-                } if h <= l => Err(format!(
-                    "{field}: high_freq_factor {h} must be above low_freq_factor {l}"
-                )),
-                s => Ok(s),
-            }
-        }
-        other => Err(format!(
-            "{field}.rope_type {other:?} is not supported (default, linear, dynamic, llama3)"
-        )),
-    }
-}
-
-impl Rope {
-    pub(crate) fn new(
-        theta: f64,
-        head_dim: usize,
-        max_positions: usize,
-        scaling: &RopeScaling,
-        device: &Device,
-    ) -> Result<Rope> {
-        let half = head_dim / 2;
-        // As transformers: inv_freq and the angle are f32 values; only cos/sin are taken more
-        // precisely (torch's f32 cos is accurate to an ulp, so this matches it closely).
-        let mut inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
-        scaling.apply(&mut inv_freq);
-        let angles = || {
-            (0..max_positions).flat_map(|p| inv_freq.iter().map(move |&f| ((p as f32) * f) as f64))
-        };
-        let cos: Vec<f32> = angles().map(|a| a.cos() as f32).collect();
-        let sin: Vec<f32> = angles().map(|a| a.sin() as f32).collect();
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
-        })
-    }
-
-    /// The tables at `positions` (b, t) for [`apply_rope`], each (b, t, 1, head_dim) to
-    /// broadcast over heads: `[cos | cos]` and `[-sin | sin]` (the sign of `rotate_half`).
-    pub(crate) fn gather(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (b, t) = positions.dims2()?;
-        let flat = positions.flatten_all()?;
-        let cos = self.cos.index_select(&flat, 0)?;
-        let sin = self.sin.index_select(&flat, 0)?;
-        let cos = Tensor::cat(&[&cos, &cos], 1)?;
-        let sin = Tensor::cat(&[&sin.neg()?, &sin], 1)?;
-        let shape = (b, t, 1, cos.dim(1)?);
-        Ok((
-            cos.reshape(shape)?.to_dtype(dtype)?,
-            sin.reshape(shape)?.to_dtype(dtype)?,
-        ))
-    }
-}
-
 /// [`apply_rope`] then heads first: (b, t, heads, head_dim) -> (b, heads, t, head_dim),
 /// contiguous, as attention takes it. One fused pass on the CPU.
 pub(crate) fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -499,7 +345,7 @@ pub(crate) fn attention(
             let y = q.apply_op3(
                 k,
                 v,
-                attention::Split {
+                attention::SeparateQkv {
                     keys,
                     dropout,
                     kept,
@@ -523,7 +369,7 @@ pub(crate) fn attention_qkv(
 ) -> Result<Tensor> {
     if let Some(keys) = fused_keys(qkv, mask) {
         let dropout = dropout.filter(|d| d.p > 0.0).copied();
-        let op = attention::Qkv {
+        let op = attention::FusedQkv {
             heads,
             keys,
             dropout,
@@ -549,7 +395,7 @@ pub(crate) fn attention_qkv_backward(
     let Some(keys) = fused_keys(qkv, mask) else {
         return Err(not_fused("attention"));
     };
-    let op = attention::Qkv {
+    let op = attention::FusedQkv {
         heads,
         keys,
         dropout: dropout.filter(|d| d.p > 0.0).copied(),
@@ -572,7 +418,7 @@ pub(crate) fn attention_backward(
         return Err(not_fused("attention"));
     };
     let (b, heads, t, d) = q.dims4()?;
-    let op = attention::Split {
+    let op = attention::SeparateQkv {
         keys,
         dropout: dropout.filter(|d| d.p > 0.0).copied(),
         kept: kept.cloned(),
@@ -587,8 +433,8 @@ pub(crate) fn attention_backward(
     ))
 }
 
-fn not_fused(what: &str) -> crate::Error {
-    crate::Error::Input {
+fn not_fused(what: &str) -> Error {
+    Error::Input {
         reason: format!("{what}: the model's own backward pass needs the fused CPU kernels"),
     }
 }
@@ -691,6 +537,7 @@ pub(crate) fn segment_mask(segments: &Tensor, dtype: DType) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::dropout::DRAW_BLOCK;
+    use crate::rope::{Rope, RopeScaling};
     use crate::testing::max_diff;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;

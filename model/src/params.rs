@@ -1,6 +1,6 @@
 //! The parameter list of each architecture (names, shapes, initialisation) and seeded init.
 //!
-//! [`param_specs`] is the single source of truth for which tensors a model has: initialisation,
+//! `Family::param_specs` is the single source of truth for which tensors a model has: initialisation,
 //! checkpoint loading (missing/extra/mis-shaped checks), saving and the parameter count all read
 //! it, and the forward passes look their weights up by the same names.
 
@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use crate::Result;
+use crate::error::{Error, Result};
 
 /// How a parameter starts in a fresh model.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,15 +55,7 @@ impl ParamSpec {
     }
 }
 
-pub(crate) fn spec(name: String, shape: &[usize], init: Init) -> ParamSpec {
-    let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
-    let last = module.rsplit('.').next().unwrap_or(module);
-    let kind = match last {
-        "embed_tokens" | "wte" | "wpe" => Kind::Embedding,
-        "lm_head" => Kind::Head,
-        _ if last.contains("norm") || last.starts_with("ln_") => Kind::Norm,
-        _ => Kind::Linear,
-    };
+pub(crate) fn spec(name: String, shape: &[usize], init: Init, kind: Kind) -> ParamSpec {
     ParamSpec {
         name,
         shape: shape.to_vec(),
@@ -152,7 +144,7 @@ pub(crate) fn var_from_f32(
             shape,
             device,
         )?,
-        other => return Err(crate::Error::UnsupportedDtype { dtype: other }),
+        other => return Err(Error::UnsupportedDtype { dtype: other }),
     };
     Ok(var)
 }

@@ -4,6 +4,8 @@
 
 use serde_json::{json, Value};
 
+use crate::gpt::GPT_MODEL_TYPE;
+
 /// Every preset name, smallest first.
 pub const NAMES: &[&str] = &[
     "tiny-gpt",
@@ -26,19 +28,19 @@ pub fn preset(name: &str) -> Option<Value> {
     let v = match name {
         // Seconds per step on a laptop CPU: smoke tests and demos.
         "tiny-gpt" => json!({
-            "model_type": crate::GPT_MODEL_TYPE,
+            "model_type": GPT_MODEL_TYPE,
             "n_embd": 64, "n_layer": 2, "n_head": 4, "block_size": 128,
             "dropout": 0.0, "bias": true, "tie_word_embeddings": true,
         }),
         // nanoGPT's config/train_shakespeare_char.py (10.7M parameters with a 65-char vocab).
         "nanogpt-char" => json!({
-            "model_type": crate::GPT_MODEL_TYPE,
+            "model_type": GPT_MODEL_TYPE,
             "n_embd": 384, "n_layer": 6, "n_head": 6, "block_size": 256,
             "dropout": 0.2, "bias": false, "tie_word_embeddings": true,
         }),
         // The nanopoet tutorial's model (and benchmark configuration (c)).
         "nanopoet-gpt" => json!({
-            "model_type": crate::GPT_MODEL_TYPE,
+            "model_type": GPT_MODEL_TYPE,
             "n_embd": 256, "n_layer": 8, "n_head": 8, "block_size": 256,
             "dropout": 0.1, "bias": true, "tie_word_embeddings": true,
         }),
@@ -144,7 +146,7 @@ pub fn preset(name: &str) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ModelConfig;
+    use crate::config::ModelConfig;
 
     #[test]
     fn every_preset_is_a_valid_config_once_given_a_vocabulary() {

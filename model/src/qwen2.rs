@@ -1,24 +1,22 @@
-//! The Qwen2-family decoder (Qwen2, Qwen3, Llama): the maths of `transformers`'
-//! `Qwen2ForCausalLM` / `Qwen3ForCausalLM` / `LlamaForCausalLM`, written with differentiable ops.
-
-use candle_core::{Device, Tensor};
-
-use crate::backward::Grads;
-use crate::kernels::{self, NormKind};
-use crate::ops::{self, rope_scaling, Linear, Rope, RopeScaling};
-use crate::{LayerKv, Result, Weights};
+//! The configs of Qwen2, Qwen3, Llama and Mistral (`transformers`' `Qwen2ForCausalLM`,
+//! `Qwen3ForCausalLM`, `LlamaForCausalLM`, `MistralForCausalLM`): what each `config.json` says,
+//! as the [`Layout`] of the shared decoder (`decoder.rs`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::family::{
-    default_initializer_range, foreign_trace, hf_generation_config, DecoderSizes, Family, Network,
+use crate::decoder::{Activation, Gain, Layout, NormNames};
+use crate::hf::{INPUT_NORM, POST_ATTN_NORM};
+use crate::hfconfig::{default_initializer_range, rope_scaling, DecoderSizes};
+use crate::rope::RopeScaling;
+
+/// Llama's norms: `post_attention_layernorm` is the MLP's input norm.
+const NORMS: NormNames = NormNames {
+    attn_in: INPUT_NORM,
+    attn_out: None,
+    mlp_in: POST_ATTN_NORM,
+    mlp_out: None,
 };
-use crate::hf::{
-    layer, DOWN, EMBED, GATE, HEAD, INPUT_NORM, K, K_NORM, NORM, O, POST_ATTN_NORM, Q, Q_NORM, UP,
-    V,
-};
-use crate::params::{spec, Init, ParamSpec};
 
 /// A decoder of the Qwen2 family, read from a Hugging Face `config.json`.
 ///
@@ -70,6 +68,9 @@ pub struct Qwen2Config {
     /// Mistral's attention window (`sliding_window`).
     #[serde(skip)]
     pub sliding_window: Option<usize>,
+    /// The decoder this config describes.
+    #[serde(skip)]
+    pub(crate) layout: Layout,
 }
 
 /// The serde image of `config.json` before defaults and validation.
@@ -115,7 +116,7 @@ const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 impl TryFrom<RawQwen2Config> for Qwen2Config {
     type Error = String;
 
-    fn try_from(raw: RawQwen2Config) -> std::result::Result<Self, String> {
+    fn try_from(raw: RawQwen2Config) -> Result<Self, String> {
         if !matches!(
             raw.model_type.as_str(),
             "qwen2" | "qwen3" | "llama" | "mistral"
@@ -201,7 +202,7 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
                 ))
             }
         };
-        DecoderSizes {
+        let sizes = DecoderSizes {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -211,12 +212,35 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
             head_dim,
             max_position_embeddings: raw.max_position_embeddings,
             rms_norm_eps: raw.rms_norm_eps,
-        }
-        .check()?;
+        };
+        sizes.check()?;
         let theta = theta.unwrap_or(DEFAULT_ROPE_THETA);
         if !(theta.is_finite() && theta > 0.0) {
             return Err(format!("rope_theta {theta} must be positive"));
         }
+        let model_type = raw.model_type.as_str();
+        let layout = Layout {
+            tie_word_embeddings: raw.tie_word_embeddings,
+            initializer_range: raw.initializer_range,
+            norm_names: NORMS,
+            gain: Gain::Plain,
+            activation: Activation::Silu,
+            // Qwen2's q/k/v always have a bias and its o_proj never; the others follow
+            // `attention_bias`.
+            qkv_bias: model_type == "qwen2" || raw.attention_bias == Some(true),
+            o_bias: model_type != "qwen2" && raw.attention_bias == Some(true),
+            mlp_bias,
+            qk_norm: model_type == "qwen3",
+            embed_scale: None,
+            query_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding: vec![sliding_window.is_some(); sizes.num_hidden_layers],
+            window: sliding_window,
+            rope_global: (theta, scaling),
+            rope_local: (theta, scaling),
+            sizes,
+        };
 
         Ok(Qwen2Config {
             model_type: raw.model_type,
@@ -240,6 +264,7 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
             rope_scaling: scaling,
             mlp_bias,
             sliding_window,
+            layout,
         })
     }
 }
@@ -248,431 +273,5 @@ impl Qwen2Config {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
-    }
-
-    pub(crate) fn qkv_bias(&self) -> bool {
-        self.model_type == "qwen2" || self.attention_bias == Some(true)
-    }
-
-    pub(crate) fn o_bias(&self) -> bool {
-        self.model_type != "qwen2" && self.attention_bias == Some(true)
-    }
-
-    pub(crate) fn qk_norm(&self) -> bool {
-        self.model_type == "qwen3"
-    }
-}
-
-impl Family for Qwen2Config {
-    fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
-    fn max_positions(&self) -> usize {
-        self.max_position_embeddings
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-    fn num_layers(&self) -> usize {
-        self.num_hidden_layers
-    }
-    fn tie_word_embeddings(&self) -> bool {
-        self.tie_word_embeddings
-    }
-
-    fn sliding_window(&self) -> Option<usize> {
-        self.sliding_window
-    }
-
-    fn to_json(&self) -> Value {
-        serde_json::to_value(self).expect("config fields are plain JSON data")
-    }
-
-    fn generation_config(&self) -> Option<Value> {
-        Some(hf_generation_config(&self.bos_token_id, &self.eos_token_id))
-    }
-
-    fn network(&self, w: &Weights, device: &Device) -> Result<Box<dyn Network>> {
-        let rope = Rope::new(
-            self.rope_theta,
-            self.head_dim(),
-            self.max_position_embeddings,
-            &self.rope_scaling,
-            device,
-        )?;
-        Ok(Box::new(Qwen2::new(self, w, rope)))
-    }
-
-    fn param_specs(&self) -> Vec<ParamSpec> {
-        let c = self;
-        let (h, hd) = (c.hidden_size, c.head_dim());
-        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let w = Init::Normal(c.initializer_range);
-        let mut specs = vec![spec(format!("{EMBED}.weight"), &[c.vocab_size, h], w)];
-        for i in 0..c.num_hidden_layers {
-            let p = |m: &str, t: &str| format!("{}.{m}.{t}", layer(i));
-            for (proj, out) in [(Q, q_out), (K, kv_out), (V, kv_out)] {
-                specs.push(spec(p(proj, "weight"), &[out, h], w));
-                if c.qkv_bias() {
-                    specs.push(spec(p(proj, "bias"), &[out], Init::Zeros));
-                }
-            }
-            specs.push(spec(p(O, "weight"), &[h, q_out], w));
-            if c.o_bias() {
-                specs.push(spec(p(O, "bias"), &[h], Init::Zeros));
-            }
-            if c.qk_norm() {
-                specs.push(spec(p(Q_NORM, "weight"), &[hd], Init::Ones));
-                specs.push(spec(p(K_NORM, "weight"), &[hd], Init::Ones));
-            }
-            for (proj, out, inp) in [
-                (GATE, c.intermediate_size, h),
-                (UP, c.intermediate_size, h),
-                (DOWN, h, c.intermediate_size),
-            ] {
-                specs.push(spec(p(proj, "weight"), &[out, inp], w));
-                if c.mlp_bias {
-                    specs.push(spec(p(proj, "bias"), &[out], Init::Zeros));
-                }
-            }
-            specs.push(spec(p(INPUT_NORM, "weight"), &[h], Init::Ones));
-            specs.push(spec(p(POST_ATTN_NORM, "weight"), &[h], Init::Ones));
-        }
-        specs.push(spec(format!("{NORM}.weight"), &[h], Init::Ones));
-        if !c.tie_word_embeddings {
-            specs.push(spec(format!("{HEAD}.weight"), &[c.vocab_size, h], w));
-        }
-        specs
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    input_norm: Tensor,
-    post_norm: Tensor,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct Qwen2 {
-    cfg: Qwen2Config,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
-    rope: Rope,
-}
-
-impl Qwen2 {
-    pub(crate) fn new(cfg: &Qwen2Config, w: &Weights, rope: Rope) -> Qwen2 {
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = |m: &str| format!("{}.{m}", layer(i));
-                Layer {
-                    q: Linear::new(w, &p(Q)),
-                    k: Linear::new(w, &p(K)),
-                    v: Linear::new(w, &p(V)),
-                    o: Linear::new(w, &p(O)),
-                    q_norm: w.maybe(&format!("{}.weight", p(Q_NORM))),
-                    k_norm: w.maybe(&format!("{}.weight", p(K_NORM))),
-                    gate: Linear::new(w, &p(GATE)),
-                    up: Linear::new(w, &p(UP)),
-                    down: Linear::new(w, &p(DOWN)),
-                    input_norm: w.get(&format!("{}.weight", p(INPUT_NORM))),
-                    post_norm: w.get(&format!("{}.weight", p(POST_ATTN_NORM))),
-                }
-            })
-            .collect();
-        let embed = w.get(&format!("{EMBED}.weight"));
-        let lm_head = match cfg.tie_word_embeddings {
-            true => embed.clone(),
-            false => w.get(&format!("{HEAD}.weight")),
-        };
-        Qwen2 {
-            cfg: cfg.clone(),
-            embed,
-            layers,
-            norm: w.get(&format!("{NORM}.weight")),
-            lm_head,
-            rope,
-        }
-    }
-
-    /// [`Qwen2::forward_hidden`] for training with [`Qwen2::backward`]: the hidden states and
-    /// the activations backward reads; `None` where a fused kernel does not apply (an odd head
-    /// dim). The weights must be detached (no graph is built).
-    pub(crate) fn forward_traced(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: &ops::Mask,
-        dropout_seed: Option<u64>,
-    ) -> Result<Option<(Tensor, Qwen2Trace)>> {
-        if !self.cfg.head_dim().is_multiple_of(2) {
-            return Ok(None);
-        }
-        let mut tr = Qwen2Trace {
-            ids: ids.flatten_all()?,
-            mask: mask.clone(),
-            dropout_seed,
-            tables: None,
-            layers: Vec::with_capacity(self.layers.len()),
-            last: None,
-        };
-        let hidden = self.run(
-            ids,
-            positions,
-            Some(mask),
-            None,
-            dropout_seed,
-            Some(&mut tr),
-        )?;
-        Ok(Some((hidden, tr)))
-    }
-
-    fn run(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&ops::Mask>,
-        mut kv: Option<&mut [LayerKv]>,
-        seed: Option<u64>,
-        mut keep: Option<&mut Qwen2Trace>,
-    ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let dtype = self.embed.dtype();
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.cfg.hidden_size,
-        ))?;
-        let (cos, sin) = self.rope.gather(positions, dtype)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cache = kv.as_deref_mut().map(|kv| &mut kv[i]);
-            let traced = keep.is_some();
-            let (out, acts) = self.layer(layer, &x, (&cos, &sin), mask, cache, traced, seed)?;
-            if let Some(tr) = keep.as_deref_mut() {
-                tr.layers.push(acts);
-            }
-            x = out;
-        }
-        let hidden = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        if let Some(tr) = keep {
-            tr.tables = Some((cos, sin));
-            tr.last = Some(x);
-        }
-        Ok(hidden)
-    }
-
-    /// A decoder layer's output, and its activations for [`Qwen2::backward`] (`traced`: with
-    /// the attention's probabilities kept).
-    #[allow(clippy::too_many_arguments)]
-    fn layer(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
-        mask: Option<&ops::Mask>,
-        cache: Option<&mut LayerKv>,
-        traced: bool,
-        seed: Option<u64>,
-    ) -> Result<(Tensor, LayerTrace)> {
-        let c = &self.cfg;
-        let (b, t, _) = x.dims3()?;
-        let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let eps = c.rms_norm_eps;
-
-        let h = ops::rms_norm(x, &l.input_norm, eps)?;
-        let q_in = l.q.forward(&h, seed)?.reshape((b, t, heads, hd))?;
-        let k_in = l.k.forward(&h, seed)?.reshape((b, t, kv_heads, hd))?;
-        let v = l.v.forward(&h, seed)?.reshape((b, t, kv_heads, hd))?;
-        let (q_pre, k_pre) = match (&l.q_norm, &l.k_norm) {
-            (Some(qn), Some(kn)) => (
-                ops::rms_norm(&q_in, qn, eps)?,
-                ops::rms_norm(&k_in, kn, eps)?,
-            ),
-            _ => (q_in.clone(), k_in.clone()),
-        };
-        let q = ops::rope_heads_first(&q_pre, cos, sin)?;
-        let k = ops::rope_heads_first(&k_pre, cos, sin)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v)?,
-            None => (k, v),
-        };
-        let probs = traced.then(ops::Kept::default);
-        let y = ops::attention(&q, &k, &v, mask, None, probs.as_ref())?;
-        let mid = (x + l.o.forward(&y, seed)?)?;
-
-        let h2 = ops::rms_norm(&mid, &l.post_norm, eps)?;
-        let gate = l.gate.forward(&h2, seed)?;
-        let up = l.up.forward(&h2, seed)?;
-        let m = ops::silu_mul(&gate, &up)?;
-        let out = (&mid + l.down.forward(&m, seed)?)?;
-        let acts = LayerTrace {
-            x: x.clone(),
-            h,
-            // Only the q/k norms' backward reads them (Qwen3); kept otherwise they would hold
-            // the projections' outputs (50 MB of a 0.5B model's 512-token step).
-            qk_in: l.q_norm.is_some().then_some((q_in, k_in)),
-            q,
-            k,
-            v,
-            probs,
-            y,
-            mid,
-            h2,
-            gate,
-            up,
-        };
-        Ok((out, acts))
-    }
-
-    /// The gradients of every parameter (into `grads`) from the gradient of the hidden states
-    /// (b, t, hidden) that [`Qwen2::forward_traced`] returned.
-    pub(crate) fn backward(&self, tr: Qwen2Trace, grad: &Tensor, grads: &mut Grads) -> Result<()> {
-        let c = &self.cfg;
-        let eps = c.rms_norm_eps;
-        let rms = |x: &Tensor, w: &Tensor, g: &Tensor, grads: &mut Grads| {
-            ops::norm_backward(NormKind::Rms, x, w, None, eps, g, grads)
-        };
-        let (cos, sin) = tr
-            .tables
-            .as_ref()
-            .expect("the forward pass keeps its tables");
-        let last = tr
-            .last
-            .as_ref()
-            .expect("the forward pass keeps the final norm's input");
-        let seed = tr.dropout_seed;
-        let mut dx = rms(last, &self.norm, grad, grads)?;
-        for (l, a) in self.layers.iter().zip(tr.layers).rev() {
-            let (b, t, _) = a.x.dims3()?;
-            // The down projection's input, recomputed (the same bits) rather than kept: for the
-            // 0.5B model it was 240 MB of a 512-token step's activations.
-            let m = ops::silu_mul(&a.gate, &a.up)?;
-            let dm = l.down.backward(&m, &dx, grads, seed)?;
-            drop(m);
-            let (dgate, dup) = kernels::silu_mul_backward(&a.gate, &a.up, &dm)?;
-            let dh2 = (l.gate.backward(&a.h2, &dgate, grads, seed)?
-                + l.up.backward(&a.h2, &dup, grads, seed)?)?;
-            // The residual branch's gradient first, as candle's backward adds them.
-            dx = (dx + rms(&a.mid, &l.post_norm, &dh2, grads)?)?;
-
-            let dy = l.o.backward(&a.y, &dx, grads, seed)?;
-            let (dq, dk, dv) = ops::attention_backward(
-                (&a.q, &a.k, &a.v),
-                &a.y,
-                &dy,
-                Some(&tr.mask),
-                None,
-                a.probs.as_ref(),
-            )?;
-            // Undo the heads-first layouts: rope's backward for q and k, a transpose for v.
-            let mut dq = kernels::rope_backward(&dq, cos, sin)?;
-            let mut dk = kernels::rope_backward(&dk, cos, sin)?;
-            if let (Some(qn), Some(kn), Some((q_in, k_in))) = (&l.q_norm, &l.k_norm, &a.qk_in) {
-                dq = rms(q_in, qn, &dq, grads)?;
-                dk = rms(k_in, kn, &dk, grads)?;
-            }
-            let dv = dv.transpose(1, 2)?.reshape((b, t, ()))?;
-            let dh_v = l.v.backward(&a.h, &dv, grads, seed)?;
-            let dh_k = l.k.backward(&a.h, &dk.reshape((b, t, ()))?, grads, seed)?;
-            let dh_q = l.q.backward(&a.h, &dq.reshape((b, t, ()))?, grads, seed)?;
-            // In the order candle's backward meets the three projections.
-            let dh = ((dh_v + dh_k)? + dh_q)?;
-            dx = (dx + rms(&a.x, &l.input_norm, &dh, grads)?)?;
-        }
-        let dx = dx.flatten_to(1)?;
-        grads.put_rows(&self.embed, &tr.ids, &dx)?;
-        Ok(())
-    }
-}
-
-/// What [`Qwen2::backward`] reads of a training forward pass.
-pub(crate) struct Qwen2Trace {
-    /// Flat token ids (the embedding's gradient adds up at them).
-    ids: Tensor,
-    mask: ops::Mask,
-    /// The training step's dropout seed (LoRA's dropout masks are drawn again from it).
-    dropout_seed: Option<u64>,
-    /// The rope tables at the batch's positions.
-    tables: Option<(Tensor, Tensor)>,
-    layers: Vec<LayerTrace>,
-    /// The input of the final norm.
-    last: Option<Tensor>,
-}
-
-/// A layer's activations: the inputs of its norms, products, rope, attention and SwiGLU, and the
-/// attention's probabilities and output.
-struct LayerTrace {
-    x: Tensor,
-    h: Tensor,
-    /// q and k before their norms and rope, (b, t, heads, head_dim), with q/k norms (Qwen3).
-    qk_in: Option<(Tensor, Tensor)>,
-    /// q, k and v as attention read them, heads first.
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    /// Where the attention kept its probabilities (None outside a training trace).
-    probs: Option<ops::Kept>,
-    y: Tensor,
-    mid: Tensor,
-    h2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-}
-
-impl Network for Qwen2 {
-    fn lm_head(&self) -> &Tensor {
-        &self.lm_head
-    }
-
-    fn forward_hidden(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&ops::Mask>,
-        kv: Option<&mut [LayerKv]>,
-        dropout_seed: Option<u64>,
-    ) -> Result<Tensor> {
-        self.run(ids, positions, mask, kv, dropout_seed, None)
-    }
-
-    fn forward_traced(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: &ops::Mask,
-        dropout_seed: Option<u64>,
-    ) -> Result<Option<(Tensor, Box<dyn std::any::Any>)>> {
-        Ok(
-            Qwen2::forward_traced(self, ids, positions, mask, dropout_seed)?
-                .map(|(h, tr)| (h, Box::new(tr) as Box<dyn std::any::Any>)),
-        )
-    }
-
-    fn backward(
-        &self,
-        trace: Box<dyn std::any::Any>,
-        grad: &Tensor,
-        grads: &mut Grads,
-    ) -> Result<()> {
-        match trace.downcast::<Qwen2Trace>() {
-            Ok(tr) => Qwen2::backward(self, *tr, grad, grads),
-            Err(_) => foreign_trace(),
-        }
-    }
-
-    fn rebuild(&self, w: &Weights) -> Box<dyn Network> {
-        Box::new(Qwen2::new(&self.cfg, w, self.rope.clone()))
     }
 }

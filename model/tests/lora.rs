@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use sft_model::lora::{read_adapter_config, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use sft_model::{read_adapter_config, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use sft_model::{AttentionMask, LoraConfig, Model};
 
 const ROWS: [[u32; 7]; 2] = [[3, 9, 27, 3, 50, 9, 3], [7, 1, 8, 2, 8, 18, 28]];
@@ -297,7 +297,7 @@ fn adapters_give_pefts_logits_both_ways() {
         ]
     );
     // The PEFT-made adapter's base is found from its own adapter_config.json ("../qwen2-untied").
-    let base = sft_model::lora::base_dir(
+    let base = sft_model::base_dir(
         &fixture("qwen2-untied-lora-peft"),
         &read_adapter_config(&fixture("qwen2-untied-lora-peft"))
             .unwrap()

@@ -288,11 +288,11 @@ pub fn remove_dir(path: &Path) -> Result<()> {
 
 /// Files a checkpoint must hold to resume from, as alternatives (any one of a group will do).
 const RESUME_FILES: &[&[&str]] = &[
-    &["config.json", sft_model::lora::ADAPTER_CONFIG_FILE],
+    &["config.json", sft_model::ADAPTER_CONFIG_FILE],
     &[
         "model.safetensors",
         "model.safetensors.index.json",
-        sft_model::lora::ADAPTER_WEIGHTS_FILE,
+        sft_model::ADAPTER_WEIGHTS_FILE,
     ],
     &["tokenizer.json", "char_tokenizer.json"],
     &[OPTIMIZER_FILE],

@@ -266,7 +266,7 @@ pub fn resumed_model(
     dtype: DType,
     device: &Device,
 ) -> Result<Model> {
-    if sft_model::lora::is_adapter_dir(dir) {
+    if sft_model::is_adapter_dir(dir) {
         return Ok(base_model(cfg, tok, dtype, device)?.load_adapter(dir)?);
     }
     Ok(Model::load(dir, dtype, device)?)
@@ -291,7 +291,7 @@ pub fn load_for_inference(
 ) -> Result<Model> {
     let (base, adapter) = match adapter {
         Some(a) => (Some(path), a),
-        None if sft_model::lora::is_adapter_dir(path) => (None, path),
+        None if sft_model::is_adapter_dir(path) => (None, path),
         None => return Ok(Model::load(path, dtype, device)?),
     };
     let base = match base {
@@ -314,9 +314,7 @@ pub fn inference_tokenizer(model: &Path, adapter: Option<&Path>) -> Result<Token
     let dir = match adapter {
         Some(a) if has_tokenizer(a) => a.to_path_buf(),
         Some(_) => model.to_path_buf(),
-        None if sft_model::lora::is_adapter_dir(model) && !has_tokenizer(model) => {
-            adapter_base(model)?
-        }
+        None if sft_model::is_adapter_dir(model) && !has_tokenizer(model) => adapter_base(model)?,
         None => model.to_path_buf(),
     };
     Ok(Tokenizer::from_path(&dir)?)
@@ -325,14 +323,14 @@ pub fn inference_tokenizer(model: &Path, adapter: Option<&Path>) -> Result<Token
 /// Where an adapter directory's base checkpoint is: `base_model_name_or_path` as a directory
 /// (as written, or beside the adapter), else as a hub id in the local cache.
 pub fn adapter_base(adapter: &Path) -> Result<PathBuf> {
-    let ac = sft_model::lora::read_adapter_config(adapter)?;
+    let ac = sft_model::read_adapter_config(adapter)?;
     let Some(base) = ac.base else {
         return Err(Error::Config(format!(
             "{}: base_model_name_or_path is not set; give the base with --base",
-            adapter.join(sft_model::lora::ADAPTER_CONFIG_FILE).display()
+            adapter.join(sft_model::ADAPTER_CONFIG_FILE).display()
         )));
     };
-    match sft_model::lora::base_dir(adapter, &base) {
+    match sft_model::base_dir(adapter, &base) {
         Ok(dir) => Ok(dir),
         Err(not_a_dir) => match crate::hub::HubId::parse(&base) {
             Some(_) => crate::hub::resolve_model(Path::new(&base)),

@@ -48,7 +48,7 @@ fn group_heads(group: &str) -> Vec<String> {
     heads
 }
 
-/// Every name that follows `crate::` in `code`, braces expanded one level.
+/// Every name that follows `crate::` in `code`, braces expanded one level, macros aside.
 pub fn crate_paths(code: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = code;
@@ -74,7 +74,11 @@ pub fn crate_paths(code: &str) -> Vec<String> {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            out.push(name);
+            // An exported macro (`crate::with_avx2!`) sits at the root wherever it is written,
+            // so naming one says nothing about where things are defined.
+            if !rest[name.len()..].starts_with('!') {
+                out.push(name);
+            }
         }
     }
     out
@@ -92,12 +96,31 @@ fn module_of(src: &Path, path: &Path) -> String {
     first.trim_end_matches(".rs").to_string()
 }
 
+/// Where a file's inline test module starts (`#[cfg(test)] mod tests {`); a test-only
+/// declaration (`#[cfg(test)] mod testing;`) is not one.
+fn tests_start(text: &str) -> usize {
+    let mut from = 0;
+    while let Some(at) = text[from..].find("#[cfg(test)]") {
+        let at = from + at;
+        let rest = text[at + "#[cfg(test)]".len()..].trim_start();
+        let inline = rest.strip_prefix("mod ").is_some_and(|r| {
+            let name_end = r
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(r.len());
+            r[name_end..].trim_start().starts_with('{')
+        });
+        if inline {
+            return at;
+        }
+        from = at + 1;
+    }
+    text.len()
+}
+
 /// The code of a file without its tests and comments.
 fn code_of(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.split("#[cfg(test)]")
-        .next()
-        .unwrap_or("")
+    text[..tests_start(&text)]
         .lines()
         .filter(|l| !l.trim_start().starts_with("//"))
         .collect::<Vec<_>>()
@@ -167,7 +190,7 @@ mod tests {
     #[test]
     fn use_groups_are_read_item_by_item() {
         let code =
-            "use crate::{kernels::{self, NormKind}, Result};\nlet x = crate::ops::slide(m);";
+            "use crate::{kernels::{self, NormKind}, Result};\nlet x = crate::ops::slide(m);\ncrate::with_avx2!(f())";
         assert_eq!(crate_paths(code), ["kernels", "Result", "ops"]);
     }
 
@@ -180,7 +203,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let write = |f: &str, s: &str| std::fs::write(dir.join(f), s).unwrap();
-        write("lib.rs", "mod a;\nmod b;\npub use crate::b::Result;\npub use crate::a::g;\n");
+        write(
+            "lib.rs",
+            "mod a;\n#[cfg(test)]\nmod testing;\nmod b;\npub use crate::b::Result;\npub use crate::a::g;\n",
+        );
         write("a.rs", "use crate::Result;\npub fn g() {}\n");
         write("b.rs", "pub type Result = ();\n");
         let loops = import_loops(&dir);

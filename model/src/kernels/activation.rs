@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use rayon::prelude::*;
 
 use super::base::*;
-use crate::Result;
+use crate::error::Result;
 
 // GELU with the tanh approximation (GPT-2's `gelu_new`, candle's `gelu`):
 // y = x/2 (1 + tanh(u)), u = c (x + k x^3), c = sqrt(2/pi), k = 0.044715.

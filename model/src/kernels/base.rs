@@ -8,8 +8,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storag
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::error::Result;
 pub(crate) use crate::math::Real;
-use crate::Result;
 
 /// The float types the kernels run on, with typed access to candle's CPU storage.
 pub(crate) trait Element: Real + candle_core::WithDType {

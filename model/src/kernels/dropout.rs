@@ -5,10 +5,10 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 use super::base::*;
 use crate::dropout::{Dropout, DRAW_BLOCK};
-use crate::Result;
+use crate::error::Result;
 
 // Residual dropout, `x + dropout(h)`, as one op that draws its own mask: as `Dropout::apply`
-// and an addition it was two graph nodes, a mask tensor drawn on one thread, a multiplication
+// and an addition it would be two graph nodes, a mask tensor drawn on one thread, a multiplication
 // and an addition each way, and one more gradient edge for candle's backward.
 pub(super) struct ResidualDropout(Dropout);
 

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, Layout, Tensor};
 
 use super::base::*;
-use crate::Result;
+use crate::error::Result;
 
 /// The rows of `src` (n, h) summed per id of `ids` (n): the distinct ids in order of first
 /// appearance, and their sums (distinct, h), each starting from zero and adding its rows in

@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::base::*;
-use crate::Result;
+use crate::error::Result;
 
 /// Which normalisation a [`Norm`] computes over the last dim.
 #[derive(Debug, Clone, Copy)]

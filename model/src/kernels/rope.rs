@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::base::*;
-use crate::Result;
+use crate::error::Result;
 
 // Rotary position embedding, fused with the transpose attention wants: x (b, t, h, d) in,
 // (b, h, t, d) out, `out[j] = x[j] c[j] + x[j ^ half] s[j]` with the gathered tables

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::base::*;
-use crate::Result;
+use crate::error::Result;
 
 /// softmax(scores + mask) over the last dim; scores (b, h, t, tk), mask (b or 1, 1, t, tk).
 pub(super) struct MaskedSoftmax;
