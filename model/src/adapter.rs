@@ -19,6 +19,7 @@ use crate::error::{input_error, Error, Result};
 use crate::lora::{adapter_specs, plan, LoraConfig, Plan, ALL_LINEAR};
 use crate::model::{Adapters, Model, Parts};
 use crate::params::{self, ParamSpec};
+use crate::quant::QWeight;
 use crate::weights::{lora_a_name, lora_b_name};
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
@@ -323,15 +324,27 @@ impl Model {
     ) -> Result<Model> {
         let mut adapters: HashMap<String, Var> = adapters.into_iter().collect();
         let adapted: BTreeSet<&str> = plan.adapted.iter().map(|(m, _, _)| m.as_str()).collect();
+        let mut base: HashMap<String, Var> = self.params.into_iter().collect();
+        let quantized: BTreeSet<&str> = self.quantized.iter().map(|(n, _)| n.as_str()).collect();
         let (mut params, mut frozen) = (Vec::new(), Vec::new());
-        for (name, var) in self.params {
+        for spec in self.cfg.param_specs() {
+            let name = spec.name;
             let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
             let takes_adapter = name.ends_with(".weight") && adapted.contains(module);
-            if plan.saved.contains(&name) {
-                let var = replace.remove(&name).unwrap_or(var);
-                params.push((name.clone(), var));
+            if quantized.contains(name.as_str()) {
+                if plan.saved.contains(&name) {
+                    return input_error(format!(
+                        "lora.modules_to_save: {name} is kept quantized and cannot be trained"
+                    ));
+                }
             } else {
-                frozen.push((name.clone(), var));
+                let var = base.remove(&name).expect("every parameter is in the model");
+                if plan.saved.contains(&name) {
+                    let var = replace.remove(&name).unwrap_or(var);
+                    params.push((name.clone(), var));
+                } else {
+                    frozen.push((name.clone(), var));
+                }
             }
             if takes_adapter {
                 for n in [lora_a_name(module), lora_b_name(module)] {
@@ -340,10 +353,11 @@ impl Model {
                 }
             }
         }
-        debug_assert!(adapters.is_empty() && replace.is_empty());
+        debug_assert!(adapters.is_empty() && replace.is_empty() && base.is_empty());
         let parts = Parts {
             params,
             frozen,
+            quantized: self.quantized,
             lora: Some(Adapters { config, plan }),
         };
         Model::assemble(self.cfg, parts, self.dtype, &self.device, false, None)
@@ -395,10 +409,25 @@ impl Model {
             .chain(&self.frozen)
             .map(|(n, v)| (n.as_str(), v))
             .collect();
+        let quantized: HashMap<&str, &QWeight> = self
+            .quantized
+            .iter()
+            .map(|(n, q)| (n.as_str(), q))
+            .collect();
         let scale = self.lora.as_ref().map(|l| l.config.scale());
         let mut params = Vec::new();
         for spec in self.cfg.param_specs() {
-            let w = by_name[spec.name.as_str()].as_tensor();
+            let blocks;
+            let w = match quantized.get(spec.name.as_str()) {
+                Some(q) => {
+                    blocks = q
+                        .dequantize()?
+                        .to_dtype(self.dtype)?
+                        .to_device(&self.device)?;
+                    &blocks
+                }
+                None => by_name[spec.name.as_str()].as_tensor(),
+            };
             let module = spec.module();
             let t = match (scale, by_name.get(lora_a_name(module).as_str())) {
                 (Some(scale), Some(a)) if spec.name.ends_with(".weight") => {
@@ -412,7 +441,7 @@ impl Model {
         }
         Model::assemble(
             self.cfg.clone(),
-            Parts::full(params),
+            Parts::full(params, Vec::new()),
             self.dtype,
             &self.device,
             false,

@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
 use half::{bf16, f16};
@@ -23,6 +24,7 @@ use crate::config::ModelConfig;
 use crate::error::{input_error, Error, Result};
 use crate::model::{check_dtype, dtype_name, Model, Parts};
 use crate::params::var_from_f32;
+use crate::quant::{fitting_type, QWeight};
 
 pub(crate) const CONFIG_FILE: &str = "config.json";
 const GENERATION_CONFIG_FILE: &str = "generation_config.json";
@@ -99,11 +101,42 @@ pub(crate) fn checkpoint_error(path: &Path, reason: impl Into<String>) -> Error 
     }
 }
 
+/// Which tensors [`Model::load_with`] keeps as ggml blocks, and in what type: those named, each
+/// in `dtype`, or in what llama.cpp falls back to when its rows are not whole blocks of it
+/// ([`crate::quant::fitting_type`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantize {
+    pub dtype: GgmlDType,
+    pub names: BTreeSet<String>,
+}
+
+impl Quantize {
+    /// The type tensor `name` of `shape` is kept in, or `None` to keep it in the model's dtype.
+    pub fn type_for(&self, name: &str, shape: &[usize]) -> Option<GgmlDType> {
+        match shape {
+            [_, cols] if self.names.contains(name) => Some(fitting_type(self.dtype, *cols)),
+            _ => None,
+        }
+    }
+}
+
 impl Model {
     /// Loads `dir/config.json` and its weights, cast to `dtype`. A directory with an
     /// `sft_manifest.json` must hold every file it lists ([`crate::manifest`]): a checkpoint cut
     /// short is an error naming what is missing, never a model built from part of it.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+        Model::load_with(dir, dtype, device, None)
+    }
+
+    /// [`Model::load`], keeping the tensors `quantize` names as ggml blocks (frozen; see
+    /// [`Quantize`]), each quantized as it is read, so the whole model never sits in memory in
+    /// `dtype`.
+    pub fn load_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<&Quantize>,
+    ) -> Result<Model> {
         check_dtype(dtype)?;
         crate::manifest::check_complete(dir)?;
         let cfg = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
@@ -182,6 +215,7 @@ impl Model {
             }
         };
         let mut params = Vec::with_capacity(specs.len());
+        let mut quantized = Vec::new();
         for spec in &specs {
             let Some((file, view)) = stored.get(&spec.name) else {
                 return Err(Error::MissingTensor {
@@ -189,17 +223,29 @@ impl Model {
                     path: missing_path(),
                 });
             };
-            let var = view_to_var(view, dtype, device).map_err(|e| match e {
+            let named = |e: Error| match e {
                 Error::Candle(e) => {
                     checkpoint_error(&files[*file], format!("tensor {}: {e}", spec.name))
                 }
                 e => e,
-            })?;
+            };
+            let blocks = quantize.and_then(|q| q.type_for(&spec.name, &spec.shape));
+            match blocks {
+                Some(t) => {
+                    let values = view_to_var(view, DType::F32, &Device::Cpu).map_err(named)?;
+                    let q = QWeight::quantize(values.as_tensor(), t).map_err(named)?;
+                    quantized.push((spec.name.clone(), q));
+                }
+                None => {
+                    let var = view_to_var(view, dtype, device).map_err(named)?;
+                    params.push((spec.name.clone(), var));
+                }
+            }
             // SAFETY: the views come from the files' read-only mappings (`MmapedSafetensors`).
             unsafe { release_pages(view.data()) };
-            params.push((spec.name.clone(), var));
         }
-        Model::assemble(cfg, Parts::full(params), dtype, device, false, None)
+        let parts = Parts::full(params, quantized);
+        Model::assemble(cfg, parts, dtype, device, false, None)
     }
 
     /// Writes `dir/config.json`, `dir/generation_config.json` (Qwen family) and
@@ -231,11 +277,22 @@ impl Model {
 
         let path = dir.join(WEIGHTS_FILE);
         let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
-        let tensors: Vec<(&str, Tensor)> = self
-            .params
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_detached_tensor()))
+        // A tensor kept as blocks is written as its values (the rest of the file's dtype).
+        let mut tensors: Vec<(&str, Tensor)> = Vec::with_capacity(self.params.len());
+        for (n, v) in &self.params {
+            tensors.push((n.as_str(), v.as_detached_tensor()));
+        }
+        for (n, q) in &self.quantized {
+            tensors.push((n.as_str(), q.dequantize()?));
+        }
+        let order: HashMap<String, usize> = self
+            .cfg
+            .param_specs()
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (s.name, i))
             .collect();
+        tensors.sort_by_key(|(n, _)| order.get(*n).copied());
         let written = write_safetensors(&tmp, &tensors, dtype);
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);

@@ -10,6 +10,8 @@
 //! forward pass that keeps what the own backward reads, and that backward, which gives candle's
 //! gradients bit for bit (terms with several consumers are added in candle's order).
 
+use std::any::Any;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::backward::Grads;
@@ -22,7 +24,7 @@ use crate::kv::LayerKv;
 use crate::ops::{self, Linear};
 use crate::params::{spec, Init, Kind, ParamSpec};
 use crate::rope::{Rope, RopeScaling};
-use crate::weights::Weights;
+use crate::weights::{Weight, Weights};
 
 /// How a family's RMSNorms multiply by their gain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,10 +296,10 @@ struct Layer {
 #[derive(Debug, Clone)]
 pub(crate) struct Decoder {
     layout: Layout,
-    embed: Tensor,
+    embed: Weight,
     layers: Vec<Layer>,
     norm: Norm,
-    lm_head: Tensor,
+    lm_head: Weight,
     rope_global: Rope,
     rope_local: Rope,
 }
@@ -347,10 +349,10 @@ impl Decoder {
                 }
             })
             .collect();
-        let embed = w.get(&format!("{EMBED}.weight"));
+        let embed = w.weight(&format!("{EMBED}.weight"));
         let lm_head = match layout.tie_word_embeddings {
             true => embed.clone(),
-            false => w.get(&format!("{HEAD}.weight")),
+            false => w.weight(&format!("{HEAD}.weight")),
         };
         Decoder {
             layout: layout.clone(),
@@ -396,44 +398,9 @@ impl Decoder {
         })
     }
 
-    fn run(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&ops::Mask>,
-        mut kv: Option<&mut [LayerKv]>,
-        seed: Option<u64>,
-        mut keep: Option<&mut DecoderTrace>,
-    ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let dtype = self.embed.dtype();
-        let cached = kv.as_deref().map_or(0, |kv| kv[0].len());
-        let ctx = self.context(positions, mask, cached + t, dtype)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
-        if let Some(s) = self.layout.embed_scale {
-            x = x.affine(s, 0.0)?;
-        }
-        let mut x = x.reshape((b, t, self.layout.sizes.hidden_size))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cache = kv.as_deref_mut().map(|kv| &mut kv[i]);
-            let traced = keep.is_some();
-            let (out, acts) = self.layer(layer, &x, &ctx, cache, traced, seed)?;
-            if let Some(tr) = keep.as_deref_mut() {
-                tr.layers.push(acts);
-            }
-            x = out;
-        }
-        let hidden = self.norm.forward(&x, self.layout.sizes.rms_norm_eps)?;
-        if let Some(tr) = keep {
-            tr.ctx = Some(ctx);
-            tr.last = Some(x);
-        }
-        Ok(hidden)
-    }
-
-    /// A decoder layer's output, and its activations for [`Decoder::backward`] (`traced`:
-    /// with the attention's probabilities kept).
-    fn layer(
+    /// A decoder layer's output, and its activations for [`Decoder::layer_backward`]
+    /// (`traced`: with the attention's probabilities kept).
+    fn run_layer(
         &self,
         l: &Layer,
         x: &Tensor,
@@ -513,87 +480,71 @@ impl Decoder {
         Ok((out, acts))
     }
 
-    /// The gradients of every parameter (into `grads`) from the gradient of the hidden states
-    /// (b, t, hidden) that the traced forward pass returned.
-    fn backward(&self, tr: DecoderTrace, grad: &Tensor, grads: &mut Grads) -> Result<()> {
+    /// The gradient of a layer's input from its output's (`dx`); its parameters' gradients go
+    /// to `grads`.
+    fn backward_layer(
+        &self,
+        l: &Layer,
+        a: LayerTrace,
+        mut dx: Tensor,
+        ctx: &Context,
+        grads: &mut Grads,
+        seed: Option<u64>,
+    ) -> Result<Tensor> {
         let c = &self.layout;
         let eps = c.sizes.rms_norm_eps;
-        let ctx = tr.ctx.as_ref().expect("the forward pass keeps its tables");
-        let last = tr
-            .last
-            .as_ref()
-            .expect("the forward pass keeps the final norm's input");
-        let seed = tr.dropout_seed;
-        let mut dx = self.norm.backward(last, grad, eps, grads)?;
-        for (l, a) in self.layers.iter().zip(tr.layers).rev() {
-            let (b, t, _) = a.x.dims3()?;
-            let (mask, (cos, sin)) = ctx.of(l.sliding);
-            let df = match (&l.mlp_out, &a.f) {
-                (Some(n), Some(f)) => n.backward(f, &dx, eps, grads)?,
-                _ => dx.clone(),
-            };
-            // The down projection's input, recomputed (the same bits) rather than kept.
-            let m = c.activation.forward(&a.gate, &a.up)?;
-            let dm = l.down.backward(&m, &df, grads, seed)?;
-            drop(m);
-            let (dgate, dup) = c.activation.backward(&a.gate, &a.up, &dm)?;
-            let dh2 = (l.gate.backward(&a.h2, &dgate, grads, seed)?
-                + l.up.backward(&a.h2, &dup, grads, seed)?)?;
-            // The residual branch's gradient first, as candle's backward adds them.
-            dx = (dx + l.mlp_in.backward(&a.mid, &dh2, eps, grads)?)?;
+        let (b, t, _) = a.x.dims3()?;
+        let (mask, (cos, sin)) = ctx.of(l.sliding);
+        let df = match (&l.mlp_out, &a.f) {
+            (Some(n), Some(f)) => n.backward(f, &dx, eps, grads)?,
+            _ => dx.clone(),
+        };
+        // The down projection's input, recomputed (the same bits) rather than kept.
+        let m = c.activation.forward(&a.gate, &a.up)?;
+        let dm = l.down.backward(&m, &df, grads, seed)?;
+        drop(m);
+        let (dgate, dup) = c.activation.backward(&a.gate, &a.up, &dm)?;
+        let dh2 = (l.gate.backward(&a.h2, &dgate, grads, seed)?
+            + l.up.backward(&a.h2, &dup, grads, seed)?)?;
+        // The residual branch's gradient first, as candle's backward adds them.
+        dx = (dx + l.mlp_in.backward(&a.mid, &dh2, eps, grads)?)?;
 
-            let da = match (&l.attn_out, &a.a) {
-                (Some(n), Some(out)) => n.backward(out, &dx, eps, grads)?,
-                _ => dx.clone(),
-            };
-            let dy = l.o.backward(&a.y, &da, grads, seed)?;
-            let (dq, dk, dv) = ops::attention_backward(
-                (&a.q, &a.k, &a.v),
-                &a.y,
-                &dy,
-                mask,
-                None,
-                a.probs.as_ref(),
-            )?;
-            let dq = match c.query_scale {
-                Some(s) => dq.affine(s, 0.0)?,
-                None => dq,
-            };
-            // Undo the heads-first layouts: rope's backward for q and k, a transpose for v.
-            let mut dq = kernels::rope_backward(&dq, cos, sin)?;
-            let mut dk = kernels::rope_backward(&dk, cos, sin)?;
-            if let (Some(qn), Some(kn), Some((q_in, k_in))) = (&l.q_norm, &l.k_norm, &a.qk_in) {
-                dq = qn.backward(q_in, &dq, eps, grads)?;
-                dk = kn.backward(k_in, &dk, eps, grads)?;
-            }
-            let dv = dv.transpose(1, 2)?.reshape((b, t, ()))?;
-            let dh_v = l.v.backward(&a.h, &dv, grads, seed)?;
-            let dh_k = l.k.backward(&a.h, &dk.reshape((b, t, ()))?, grads, seed)?;
-            let dh_q = l.q.backward(&a.h, &dq.reshape((b, t, ()))?, grads, seed)?;
-            // In the order candle's backward meets the three projections.
-            let dh = ((dh_v + dh_k)? + dh_q)?;
-            dx = (dx + l.attn_in.backward(&a.x, &dh, eps, grads)?)?;
+        let da = match (&l.attn_out, &a.a) {
+            (Some(n), Some(out)) => n.backward(out, &dx, eps, grads)?,
+            _ => dx.clone(),
+        };
+        let dy = l.o.backward(&a.y, &da, grads, seed)?;
+        let (dq, dk, dv) =
+            ops::attention_backward((&a.q, &a.k, &a.v), &a.y, &dy, mask, None, a.probs.as_ref())?;
+        let dq = match c.query_scale {
+            Some(s) => dq.affine(s, 0.0)?,
+            None => dq,
+        };
+        // Undo the heads-first layouts: rope's backward for q and k, a transpose for v.
+        let mut dq = kernels::rope_backward(&dq, cos, sin)?;
+        let mut dk = kernels::rope_backward(&dk, cos, sin)?;
+        if let (Some(qn), Some(kn), Some((q_in, k_in))) = (&l.q_norm, &l.k_norm, &a.qk_in) {
+            dq = qn.backward(q_in, &dq, eps, grads)?;
+            dk = kn.backward(k_in, &dk, eps, grads)?;
         }
-        let mut dx = dx.flatten_to(1)?;
-        if let Some(s) = c.embed_scale {
-            dx = dx.affine(s, 0.0)?;
-        }
-        grads.put_rows(&self.embed, &tr.ids, &dx)?;
-        Ok(())
+        let dv = dv.transpose(1, 2)?.reshape((b, t, ()))?;
+        let dh_v = l.v.backward(&a.h, &dv, grads, seed)?;
+        let dh_k = l.k.backward(&a.h, &dk.reshape((b, t, ()))?, grads, seed)?;
+        let dh_q = l.q.backward(&a.h, &dq.reshape((b, t, ()))?, grads, seed)?;
+        // In the order candle's backward meets the three projections.
+        let dh = ((dh_v + dh_k)? + dh_q)?;
+        Ok((dx + l.attn_in.backward(&a.x, &dh, eps, grads)?)?)
+    }
+
+    /// The dtype of the residual stream: the norms' (never kept as blocks).
+    fn dtype(&self) -> DType {
+        self.norm.w.dtype()
     }
 }
 
-/// What [`Decoder::backward`] reads of a training forward pass.
-pub(crate) struct DecoderTrace {
-    /// Flat token ids (the embedding's gradient adds up at them).
-    ids: Tensor,
-    /// The training step's dropout seed (LoRA's dropout masks are drawn again from it).
-    dropout_seed: Option<u64>,
-    /// The masks and rope tables of the pass.
-    ctx: Option<Context>,
-    layers: Vec<LayerTrace>,
-    /// The input of the final norm.
-    last: Option<Tensor>,
+/// The context of a pass as the network was given it.
+fn context_of(ctx: &dyn Any) -> Result<&Context> {
+    ctx.downcast_ref::<Context>().map_or_else(foreign_trace, Ok)
 }
 
 /// A layer's activations: the inputs of its norms, products, rope, attention and gated MLP, and
@@ -621,63 +572,103 @@ struct LayerTrace {
 }
 
 impl Network for Decoder {
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> &Weight {
         &self.lm_head
     }
 
-    fn forward_hidden(
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn context(
         &self,
-        ids: &Tensor,
         positions: &Tensor,
         mask: Option<&ops::Mask>,
-        kv: Option<&mut [LayerKv]>,
-        dropout_seed: Option<u64>,
-    ) -> Result<Tensor> {
-        self.run(ids, positions, mask, kv, dropout_seed, None)
+        t_k: usize,
+    ) -> Result<Box<dyn Any>> {
+        Ok(Box::new(Decoder::context(
+            self,
+            positions,
+            mask,
+            t_k,
+            self.dtype(),
+        )?))
     }
 
-    /// `None` with an attention soft-cap: the fused attention has no such step, so those
-    /// models train through candle's backward.
-    fn forward_traced(
+    fn owns(&self, ctx: &dyn Any) -> bool {
+        ctx.is::<Context>()
+    }
+
+    fn embed(&self, ids: &Tensor, _positions: &Tensor, _seed: Option<u64>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = ops::embedding(&self.embed, ids, self.dtype())?;
+        if let Some(s) = self.layout.embed_scale {
+            x = x.affine(s, 0.0)?;
+        }
+        Ok(x.reshape((b, t, self.layout.sizes.hidden_size))?)
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &dyn Any,
+        cache: Option<&mut LayerKv>,
+        seed: Option<u64>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Box<dyn Any>>)> {
+        let ctx = context_of(ctx)?;
+        let (out, acts) = self.run_layer(&self.layers[i], x, ctx, cache, keep, seed)?;
+        Ok((out, keep.then(|| Box::new(acts) as Box<dyn Any>)))
+    }
+
+    fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x, self.layout.sizes.rms_norm_eps)
+    }
+
+    /// Not with an attention soft-cap: the fused attention has no such step, so those models
+    /// train through candle's backward.
+    fn own_backward(&self) -> bool {
+        self.layout.attn_softcap.is_none()
+    }
+
+    fn finish_backward(&self, x: &Tensor, grad: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        self.norm
+            .backward(x, grad, self.layout.sizes.rms_norm_eps, grads)
+    }
+
+    fn layer_backward(
+        &self,
+        i: usize,
+        acts: Box<dyn Any>,
+        grad: &Tensor,
+        ctx: &dyn Any,
+        grads: &mut Grads,
+        seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let Ok(acts) = acts.downcast::<LayerTrace>() else {
+            return foreign_trace();
+        };
+        let ctx = context_of(ctx)?;
+        self.backward_layer(&self.layers[i], *acts, grad.clone(), ctx, grads, seed)
+    }
+
+    fn embed_backward(
         &self,
         ids: &Tensor,
-        positions: &Tensor,
-        mask: &ops::Mask,
-        dropout_seed: Option<u64>,
-    ) -> Result<Option<(Tensor, Box<dyn std::any::Any>)>> {
-        if self.layout.attn_softcap.is_some() {
-            return Ok(None);
-        }
-        let mut tr = DecoderTrace {
-            ids: ids.flatten_all()?,
-            dropout_seed,
-            ctx: None,
-            layers: Vec::with_capacity(self.layers.len()),
-            last: None,
-        };
-        let hidden = self.run(
-            ids,
-            positions,
-            Some(mask),
-            None,
-            dropout_seed,
-            Some(&mut tr),
-        )?;
-        // The sliding mask fits the fused attention whenever the full one does (`Model` checks
-        // that): a window cuts each query's contiguous key range to a contiguous range.
-        Ok(Some((hidden, Box::new(tr))))
-    }
-
-    fn backward(
-        &self,
-        trace: Box<dyn std::any::Any>,
+        _positions: &Tensor,
         grad: &Tensor,
         grads: &mut Grads,
+        _seed: Option<u64>,
     ) -> Result<()> {
-        match trace.downcast::<DecoderTrace>() {
-            Ok(tr) => Decoder::backward(self, *tr, grad, grads),
-            Err(_) => foreign_trace(),
+        let mut dx = grad.flatten_to(1)?;
+        if let Some(s) = self.layout.embed_scale {
+            dx = dx.affine(s, 0.0)?;
         }
+        if let Weight::Dense(embed) = &self.embed {
+            grads.put_rows(embed, &ids.flatten_all()?, &dx)?;
+        }
+        Ok(())
     }
 
     fn rebuild(&self, w: &Weights) -> Box<dyn Network> {

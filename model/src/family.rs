@@ -12,7 +12,7 @@ use crate::error::{input_error, Result};
 use crate::kv::LayerKv;
 use crate::ops::Mask;
 use crate::params::ParamSpec;
-use crate::weights::Weights;
+use crate::weights::{Weight, Weights};
 
 pub(crate) trait Family {
     fn vocab_size(&self) -> usize;
@@ -36,33 +36,61 @@ pub(crate) trait Family {
     fn network(&self, w: &Weights, device: &Device) -> Result<Box<dyn Network>>;
 }
 
-/// A family's network over a set of weights: what `Model` runs, through one `dyn` call per
-/// forward or backward pass.
+/// A family's network over a set of weights: an embedding, a stack of layers and a final
+/// norm, each with its backward. `passes.rs` walks them (forward, traced forward with or
+/// without activation checkpointing, the own backward, the layer-by-layer backward through
+/// candle's graph), with one `dyn` call per piece.
 pub(crate) trait Network: std::fmt::Debug + Send + Sync {
     /// (vocab, hidden): the embedding when tied, else the head's weight.
-    fn lm_head(&self) -> &Tensor;
-    /// Hidden states after the final norm. `mask` is additive; `kv`, when given, holds one entry
-    /// per layer that this call extends; `dropout_seed: Some(_)` is training mode.
-    fn forward_hidden(
+    fn lm_head(&self) -> &Weight;
+    fn num_layers(&self) -> usize;
+    /// What every layer of a pass reads besides its input (masks, rope tables), for queries at
+    /// `positions` (b, t) over `t_k` keys (cached and new). `mask` is additive; `None`: every
+    /// key is visible.
+    fn context(&self, positions: &Tensor, mask: Option<&Mask>, t_k: usize) -> Result<Box<dyn Any>>;
+    /// Whether `ctx` is a context this network made (a trace from another network is refused).
+    fn owns(&self, ctx: &dyn Any) -> bool;
+    /// The first layer's input (b, t, hidden). `seed: Some(_)` is training mode (dropout).
+    fn embed(&self, ids: &Tensor, positions: &Tensor, seed: Option<u64>) -> Result<Tensor>;
+    /// Layer `i`'s output on `x`; with `keep`, also the activations [`Network::layer_backward`]
+    /// reads (the weights must then be detached). `cache`, when given, is extended.
+    fn layer(
         &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&Mask>,
-        kv: Option<&mut [LayerKv]>,
-        dropout_seed: Option<u64>,
+        i: usize,
+        x: &Tensor,
+        ctx: &dyn Any,
+        cache: Option<&mut LayerKv>,
+        seed: Option<u64>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Box<dyn Any>>)>;
+    /// The hidden states: the final norm of the last layer's output.
+    fn finish(&self, x: &Tensor) -> Result<Tensor>;
+    /// Whether the own backward runs (every op of the network has a fused backward).
+    fn own_backward(&self) -> bool {
+        true
+    }
+    /// The gradient of the last layer's output `x` from the hidden states' (parameters'
+    /// gradients into `grads`).
+    fn finish_backward(&self, x: &Tensor, grad: &Tensor, grads: &mut Grads) -> Result<Tensor>;
+    /// The gradient of layer `i`'s input from its output's.
+    fn layer_backward(
+        &self,
+        i: usize,
+        acts: Box<dyn Any>,
+        grad: &Tensor,
+        ctx: &dyn Any,
+        grads: &mut Grads,
+        seed: Option<u64>,
     ) -> Result<Tensor>;
-    /// [`Network::forward_hidden`] keeping what [`Network::backward`] reads (the weights must
-    /// be detached); `None` where the family's own backward does not run.
-    fn forward_traced(
+    /// The embeddings' gradients from the first layer's input's.
+    fn embed_backward(
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: &Mask,
-        dropout_seed: Option<u64>,
-    ) -> Result<Option<(Tensor, Box<dyn Any>)>>;
-    /// Every parameter's gradient (into `grads`) from the hidden states' (`trace` from this
-    /// family's `forward_traced`).
-    fn backward(&self, trace: Box<dyn Any>, grad: &Tensor, grads: &mut Grads) -> Result<()>;
+        grad: &Tensor,
+        grads: &mut Grads,
+        seed: Option<u64>,
+    ) -> Result<()>;
     /// The same network (config, tables) on other views of its weights.
     fn rebuild(&self, w: &Weights) -> Box<dyn Network>;
 }

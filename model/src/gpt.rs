@@ -5,6 +5,8 @@
 //! embedding; layer `i` has `1 + 3i` (attention probabilities), `2 + 3i` (attention output) and
 //! `3 + 3i` (MLP output).
 
+use std::any::Any;
+
 use candle_core::{Device, Tensor};
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +19,7 @@ use crate::kernels::{self, NormKind};
 use crate::kv::LayerKv;
 use crate::ops::{self, Dropout, Linear};
 use crate::params::{spec, Init, Kind, ParamSpec};
-use crate::weights::Weights;
+use crate::weights::{Weight, Weights};
 
 /// The `model_type` of [`GptConfig`].
 pub const GPT_MODEL_TYPE: &str = "sft-gpt";
@@ -244,11 +246,11 @@ struct Block {
 #[derive(Debug, Clone)]
 pub(crate) struct Gpt {
     cfg: GptConfig,
-    wte: Tensor,
+    wte: Weight,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: Norm,
-    lm_head: Tensor,
+    lm_head: Weight,
 }
 
 impl Gpt {
@@ -266,10 +268,10 @@ impl Gpt {
                 }
             })
             .collect();
-        let wte = w.get(&format!("{WTE}.weight"));
+        let wte = w.weight(&format!("{WTE}.weight"));
         let lm_head = match cfg.tie_word_embeddings {
             true => wte.clone(),
-            false => w.get(&format!("{HEAD}.weight")),
+            false => w.weight(&format!("{HEAD}.weight")),
         };
         Gpt {
             cfg: cfg.clone(),
@@ -285,36 +287,6 @@ impl Gpt {
         ops::layer_norm(x, &n.w, n.b.as_ref(), self.cfg.layer_norm_eps)
     }
 
-    /// [`Gpt::forward_hidden`] for training with [`Gpt::backward`]: the hidden states and the
-    /// activations backward reads. The weights must be detached (no graph is built).
-    pub(crate) fn forward_traced(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        mask: &ops::Mask,
-        dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, GptTrace)> {
-        let mut blocks = Vec::with_capacity(self.blocks.len());
-        let mut last = None;
-        let hidden = self.run(
-            ids,
-            positions,
-            Some(mask),
-            None,
-            dropout_seed,
-            Some((&mut blocks, &mut last)),
-        )?;
-        let trace = GptTrace {
-            ids: ids.flatten_all()?,
-            positions: positions.flatten_all()?,
-            mask: mask.clone(),
-            dropout_seed,
-            blocks,
-            last: last.expect("the forward pass keeps ln_f's input"),
-        };
-        Ok((hidden, trace))
-    }
-
     fn dropout(&self, dropout_seed: Option<u64>, site: u64) -> Option<Dropout> {
         dropout_seed
             .filter(|_| self.cfg.dropout > 0.0)
@@ -325,123 +297,99 @@ impl Gpt {
             })
     }
 
-    fn run(
+    /// Block `i` on `x`, and its activations for [`Gpt::backward_block`] (`keep`: with the
+    /// attention's probabilities kept).
+    fn block(
         &self,
-        ids: &Tensor,
-        positions: &Tensor,
+        i: usize,
+        x: &Tensor,
         mask: Option<&ops::Mask>,
-        mut kv: Option<&mut [LayerKv]>,
-        dropout_seed: Option<u64>,
-        mut keep: Option<(&mut Vec<BlockTrace>, &mut Option<Tensor>)>,
-    ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let e = self.cfg.n_embd;
+        kv: Option<&mut LayerKv>,
+        seed: Option<u64>,
+        keep: bool,
+    ) -> Result<(Tensor, BlockTrace)> {
+        let blk = &self.blocks[i];
         let heads = self.cfg.n_head;
-        let dropout = |site: u64| self.dropout(dropout_seed, site);
-        let drop = |x: Tensor, site: u64| -> Result<Tensor> {
-            match dropout(site) {
-                Some(d) => d.apply(&x),
-                None => Ok(x),
-            }
-        };
+        let site = 1 + 3 * i as u64;
+        let dropout = |site: u64| self.dropout(seed, site);
         let residual = |x: &Tensor, h: Tensor, site: u64| -> Result<Tensor> {
             match dropout(site) {
                 Some(d) => ops::residual_dropout(x, &h, &d),
                 None => Ok((x + h)?),
             }
         };
-
-        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
-        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
-        let mut x = drop((tok + pos)?.reshape((b, t, e))?, 0)?;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let site = 1 + 3 * i as u64;
-            let h1 = self.norm(&blk.ln_1, &x)?;
-            let qkv = blk.c_attn.forward(&h1, dropout_seed)?;
-            let probs = keep.is_some().then(ops::Kept::default);
-            let y = match kv.as_deref_mut() {
-                None => {
-                    ops::attention_qkv(&qkv, heads, mask, dropout(site).as_ref(), probs.as_ref())?
-                }
-                Some(kv) => {
-                    let (q, k, v) = ops::split_qkv(&qkv, heads)?;
-                    let (k, v) = kv[i].append(k, v)?;
-                    ops::attention(&q, &k, &v, mask, dropout(site).as_ref(), None)?
-                }
-            };
-            let mid = residual(&x, blk.attn_proj.forward(&y, dropout_seed)?, site + 1)?;
-            let h2 = self.norm(&blk.ln_2, &mid)?;
-            let f = blk.c_fc.forward(&h2, dropout_seed)?;
-            let g = ops::gelu(&f)?;
-            let out = residual(&mid, blk.mlp_proj.forward(&g, dropout_seed)?, site + 2)?;
-            if let Some((blocks, _)) = keep.as_mut() {
-                blocks.push(BlockTrace {
-                    x,
-                    h1,
-                    qkv,
-                    probs,
-                    y,
-                    mid,
-                    h2,
-                    f,
-                    g,
-                });
+        let h1 = self.norm(&blk.ln_1, x)?;
+        let qkv = blk.c_attn.forward(&h1, seed)?;
+        let probs = keep.then(ops::Kept::default);
+        let y = match kv {
+            None => ops::attention_qkv(&qkv, heads, mask, dropout(site).as_ref(), probs.as_ref())?,
+            Some(kv) => {
+                let (q, k, v) = ops::split_qkv(&qkv, heads)?;
+                let (k, v) = kv.append(k, v)?;
+                ops::attention(&q, &k, &v, mask, dropout(site).as_ref(), None)?
             }
-            x = out;
-        }
-        let hidden = self.norm(&self.ln_f, &x)?;
-        if let Some((_, last)) = keep {
-            *last = Some(x);
-        }
-        Ok(hidden)
+        };
+        let mid = residual(x, blk.attn_proj.forward(&y, seed)?, site + 1)?;
+        let h2 = self.norm(&blk.ln_2, &mid)?;
+        let f = blk.c_fc.forward(&h2, seed)?;
+        let g = ops::gelu(&f)?;
+        let out = residual(&mid, blk.mlp_proj.forward(&g, seed)?, site + 2)?;
+        let acts = BlockTrace {
+            x: x.clone(),
+            h1,
+            qkv,
+            probs,
+            y,
+            mid,
+            h2,
+            f,
+            g,
+        };
+        Ok((out, acts))
     }
 
-    /// The gradients of every parameter (into `grads`) from the gradient of the hidden states
-    /// (b, t, n_embd) that [`Gpt::forward_traced`] returned.
-    pub(crate) fn backward(&self, tr: GptTrace, grad: &Tensor, grads: &mut Grads) -> Result<()> {
-        let heads = self.cfg.n_head;
-        let seed = tr.dropout_seed;
-        let dropout = |site: u64| self.dropout(seed, site);
-        // x + dropout(h): x takes the gradient as it is, h the gradient times the mask.
-        let branch = |g: &Tensor, site: u64| -> Result<Tensor> {
-            match dropout(site) {
-                Some(d) => Ok(kernels::dropout_backward(&d, g)?),
-                None => Ok(g.clone()),
-            }
-        };
-        let mut dx = self.norm_backward(&self.ln_f, &tr.last, grad, grads)?;
-        for (i, (blk, a)) in self.blocks.iter().zip(tr.blocks).enumerate().rev() {
-            let site = 1 + 3 * i as u64;
-            let dg = blk
-                .mlp_proj
-                .backward(&a.g, &branch(&dx, site + 2)?, grads, seed)?;
-            let df = kernels::gelu_backward(&a.f, &dg)?;
-            let dh2 = blk.c_fc.backward(&a.h2, &df, grads, seed)?;
-            // The residual branch's gradient first, as candle's backward adds them.
-            dx = (dx + self.norm_backward(&blk.ln_2, &a.mid, &dh2, grads)?)?;
-            let dy = blk
-                .attn_proj
-                .backward(&a.y, &branch(&dx, site + 1)?, grads, seed)?;
-            let dqkv = ops::attention_qkv_backward(
-                &a.qkv,
-                &a.y,
-                &dy,
-                heads,
-                Some(&tr.mask),
-                dropout(site).as_ref(),
-                a.probs.as_ref(),
-            )?;
-            let dh1 = blk.c_attn.backward(&a.h1, &dqkv, grads, seed)?;
-            dx = (dx + self.norm_backward(&blk.ln_1, &a.x, &dh1, grads)?)?;
+    /// x + dropout(h): x takes the gradient as it is, h the gradient times the mask.
+    fn branch(&self, g: &Tensor, seed: Option<u64>, site: u64) -> Result<Tensor> {
+        match self.dropout(seed, site) {
+            Some(d) => Ok(kernels::dropout_backward(&d, g)?),
+            None => Ok(g.clone()),
         }
-        let dx = dx.flatten_to(1)?;
-        let dx = match dropout(0) {
-            Some(d) => d.apply(&dx)?,
-            None => dx,
-        };
-        grads.put_rows(&self.wte, &tr.ids, &dx)?;
-        grads.put_rows(&self.wpe, &tr.positions, &dx)?;
-        Ok(())
+    }
+
+    /// The gradient of block `i`'s input from its output's (`dx`); its parameters' gradients
+    /// go to `grads`.
+    fn backward_block(
+        &self,
+        i: usize,
+        a: BlockTrace,
+        mut dx: Tensor,
+        mask: Option<&ops::Mask>,
+        grads: &mut Grads,
+        seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let blk = &self.blocks[i];
+        let site = 1 + 3 * i as u64;
+        let dg = blk
+            .mlp_proj
+            .backward(&a.g, &self.branch(&dx, seed, site + 2)?, grads, seed)?;
+        let df = kernels::gelu_backward(&a.f, &dg)?;
+        let dh2 = blk.c_fc.backward(&a.h2, &df, grads, seed)?;
+        // The residual branch's gradient first, as candle's backward adds them.
+        dx = (dx + self.norm_backward(&blk.ln_2, &a.mid, &dh2, grads)?)?;
+        let dy = blk
+            .attn_proj
+            .backward(&a.y, &self.branch(&dx, seed, site + 1)?, grads, seed)?;
+        let dqkv = ops::attention_qkv_backward(
+            &a.qkv,
+            &a.y,
+            &dy,
+            self.cfg.n_head,
+            mask,
+            self.dropout(seed, site).as_ref(),
+            a.probs.as_ref(),
+        )?;
+        let dh1 = blk.c_attn.backward(&a.h1, &dqkv, grads, seed)?;
+        Ok((dx + self.norm_backward(&blk.ln_1, &a.x, &dh1, grads)?)?)
     }
 
     fn norm_backward(
@@ -454,18 +402,6 @@ impl Gpt {
         let eps = self.cfg.layer_norm_eps;
         ops::norm_backward(NormKind::Layer, x, &n.w, n.b.as_ref(), eps, grad, grads)
     }
-}
-
-/// What [`Gpt::backward`] reads of a training forward pass.
-pub(crate) struct GptTrace {
-    /// Flat token ids and positions (the embedding lookups' gradients add up at them).
-    ids: Tensor,
-    positions: Tensor,
-    mask: ops::Mask,
-    dropout_seed: Option<u64>,
-    blocks: Vec<BlockTrace>,
-    /// The input of `ln_f`.
-    last: Tensor,
 }
 
 /// A block's activations: the inputs of its norms, products, attention and GELU, and the
@@ -483,43 +419,103 @@ struct BlockTrace {
     g: Tensor,
 }
 
+/// A pass's mask, as the blocks read it.
+struct Context(Option<ops::Mask>);
+
+fn mask_of(ctx: &dyn Any) -> Result<Option<&ops::Mask>> {
+    match ctx.downcast_ref::<Context>() {
+        Some(c) => Ok(c.0.as_ref()),
+        None => foreign_trace(),
+    }
+}
+
 impl Network for Gpt {
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> &Weight {
         &self.lm_head
     }
 
-    fn forward_hidden(
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn context(
         &self,
-        ids: &Tensor,
-        positions: &Tensor,
+        _positions: &Tensor,
         mask: Option<&ops::Mask>,
-        kv: Option<&mut [LayerKv]>,
-        dropout_seed: Option<u64>,
-    ) -> Result<Tensor> {
-        self.run(ids, positions, mask, kv, dropout_seed, None)
+        _t_k: usize,
+    ) -> Result<Box<dyn Any>> {
+        Ok(Box::new(Context(mask.cloned())))
     }
 
-    fn forward_traced(
+    fn owns(&self, ctx: &dyn Any) -> bool {
+        ctx.is::<Context>()
+    }
+
+    fn embed(&self, ids: &Tensor, positions: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let tok = ops::embedding(&self.wte, ids, self.wpe.dtype())?;
+        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
+        let x = (tok + pos)?.reshape((b, t, self.cfg.n_embd))?;
+        match self.dropout(seed, 0) {
+            Some(d) => d.apply(&x),
+            None => Ok(x),
+        }
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &dyn Any,
+        cache: Option<&mut LayerKv>,
+        seed: Option<u64>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Box<dyn Any>>)> {
+        let (out, acts) = self.block(i, x, mask_of(ctx)?, cache, seed, keep)?;
+        Ok((out, keep.then(|| Box::new(acts) as Box<dyn Any>)))
+    }
+
+    fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm(&self.ln_f, x)
+    }
+
+    fn finish_backward(&self, x: &Tensor, grad: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        self.norm_backward(&self.ln_f, x, grad, grads)
+    }
+
+    fn layer_backward(
+        &self,
+        i: usize,
+        acts: Box<dyn Any>,
+        grad: &Tensor,
+        ctx: &dyn Any,
+        grads: &mut Grads,
+        seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let Ok(acts) = acts.downcast::<BlockTrace>() else {
+            return foreign_trace();
+        };
+        self.backward_block(i, *acts, grad.clone(), mask_of(ctx)?, grads, seed)
+    }
+
+    fn embed_backward(
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: &ops::Mask,
-        dropout_seed: Option<u64>,
-    ) -> Result<Option<(Tensor, Box<dyn std::any::Any>)>> {
-        let (h, tr) = Gpt::forward_traced(self, ids, positions, mask, dropout_seed)?;
-        Ok(Some((h, Box::new(tr))))
-    }
-
-    fn backward(
-        &self,
-        trace: Box<dyn std::any::Any>,
         grad: &Tensor,
         grads: &mut Grads,
+        seed: Option<u64>,
     ) -> Result<()> {
-        match trace.downcast::<GptTrace>() {
-            Ok(tr) => Gpt::backward(self, *tr, grad, grads),
-            Err(_) => foreign_trace(),
+        let dx = grad.flatten_to(1)?;
+        let dx = match self.dropout(seed, 0) {
+            Some(d) => d.apply(&dx)?,
+            None => dx,
+        };
+        if let Weight::Dense(wte) = &self.wte {
+            grads.put_rows(wte, &ids.flatten_all()?, &dx)?;
         }
+        grads.put_rows(&self.wpe, &positions.flatten_all()?, &dx)?;
+        Ok(())
     }
 
     fn rebuild(&self, w: &Weights) -> Box<dyn Network> {

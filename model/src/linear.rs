@@ -7,6 +7,7 @@
 //! product's starting value), backward the two products of the gradients and the bias's column
 //! sums, all through `gemm` with the same threading candle's matmul uses.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use gemm::Parallelism;
 
@@ -15,6 +16,8 @@ use crate::error::Result;
 use crate::kernels::{
     column_sums, cpu, fusable, matmul, slice_of, written_by, Element, Input, ParamOp, WithParams,
 };
+use crate::quant::QWeight;
+use crate::weights::Weight;
 use rayon::prelude::*;
 
 /// Split every product over the current pool, as candle's matmul does.
@@ -349,7 +352,7 @@ pub(crate) fn dense_backward_input(x: &Tensor, w: &Tensor, grad: &Tensor) -> Res
 /// scale), and backward accumulates the adapter's share of the input gradient likewise. The
 /// dropped input and `u = dropout(x) A^T` are recomputed in backward, not kept.
 pub(crate) struct LoraDense {
-    pub(crate) w: Tensor,
+    pub(crate) w: Weight,
     pub(crate) b: Option<Tensor>,
     pub(crate) scale: f64,
     pub(crate) dropout: Option<Dropout>,
@@ -358,20 +361,26 @@ pub(crate) struct LoraDense {
 /// (rows, n_in, n_out, r) of `x` (.., n_in), `w` (n_out, n_in), `a` (r, n_in), `b` (n_out, r).
 fn lora_dims(
     x: &Layout,
-    w: &Layout,
+    (n_out, w_in): (usize, usize),
     a: &Layout,
     b: &Layout,
 ) -> candle_core::Result<(usize, usize, usize, usize)> {
-    let (rows, n_in, n_out) = dims(x, w)?;
+    let n_in = *x.dims().last().unwrap_or(&0);
+    if w_in != n_in {
+        candle_core::bail!(
+            "dense: input {:?} against weight ({n_out}, {w_in})",
+            x.dims()
+        );
+    }
+    let rows = x.shape().elem_count() / n_in.max(1);
     match (a.dims(), b.dims()) {
         (&[r, a_in], &[b_out, r2]) if a_in == n_in && b_out == n_out && r2 == r => {
             Ok((rows, n_in, n_out, r))
         }
         _ => candle_core::bail!(
-            "lora: A {:?} and B {:?} do not fit the weight {:?}",
+            "lora: A {:?} and B {:?} do not fit the weight ({n_out}, {n_in})",
             a.dims(),
             b.dims(),
-            w.dims()
         ),
     }
 }
@@ -384,9 +393,43 @@ impl LoraDense {
         let n_in = x.dims().last().copied().unwrap_or(0);
         fusable(x)
             && x.elem_count() > 0
-            && [&self.w, a, b].into_iter().all(same)
+            && [a, b].into_iter().all(same)
+            && self.w.dense().is_none_or(same)
             && self.b.as_ref().is_none_or(same)
-            && matches!(self.w.dims(), &[_, i] if i == n_in)
+            && matches!(self.w.dims2(), Ok((_, i)) if i == n_in)
+    }
+
+    /// The base product `x W^T + b` (rows of `x`), through the blocks of a quantized base.
+    fn base_product<T: Element>(
+        &self,
+        xv: &[T],
+        bias: Option<&[T]>,
+        (rows, n_in, n_out): (usize, usize, usize),
+    ) -> candle_core::Result<Vec<T>> {
+        match &self.w {
+            Weight::Dense(w) => {
+                let (ws, wl) = w.storage_and_layout();
+                let wv = slice_of::<T>(cpu(&ws)?, wl, "lora: the weight")?;
+                Ok(dense_rows(xv, wv, bias, (rows, n_in, n_out)))
+            }
+            Weight::Quant(q) => q.product(xv, rows, bias).map_err(candle_error),
+        }
+    }
+
+    /// The base's input gradient `g W`.
+    fn base_input_grad<T: Element>(
+        &self,
+        g: &[T],
+        (rows, n_in, n_out): (usize, usize, usize),
+    ) -> candle_core::Result<Vec<T>> {
+        match &self.w {
+            Weight::Dense(w) => {
+                let (ws, wl) = w.storage_and_layout();
+                let wv = slice_of::<T>(cpu(&ws)?, wl, "lora: the weight")?;
+                Ok(input_grad(g, wv, (rows, n_in, n_out)))
+            }
+            Weight::Quant(q) => q.input_grad(g, rows, None).map_err(candle_error),
+        }
     }
 
     fn dropped<'a, T: Element>(&self, x: &'a [T]) -> std::borrow::Cow<'a, [T]> {
@@ -432,9 +475,7 @@ impl ParamOp for LoraDense {
         params: &[Input<'_>],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (a, b) = (params[0], params[1]);
-        let (ws, wl) = self.w.storage_and_layout();
-        let (rows, n_in, n_out, r) = lora_dims(x.1, wl, a.1, b.1)?;
-        let wv = slice_of::<T>(cpu(&ws)?, wl, "lora: the weight")?;
+        let (rows, n_in, n_out, r) = lora_dims(x.1, self.w.dims2()?, a.1, b.1)?;
         let xv = slice_of::<T>(x.0, x.1, "lora: the input")?;
         let (av, bv) = (
             slice_of::<T>(a.0, a.1, "lora: A")?,
@@ -445,7 +486,7 @@ impl ParamOp for LoraDense {
             Some((bs, bl)) => Some(slice_of::<T>(cpu(bs)?, bl, "lora: the bias")?),
             None => None,
         };
-        let mut y = dense_rows(xv, wv, bias_v, (rows, n_in, n_out));
+        let mut y = self.base_product(xv, bias_v, (rows, n_in, n_out))?;
         let (_, u) = self.down(xv, av, (rows, n_in, r));
         // SAFETY: y is rows x n_out, u rows x r, B n_out x r, all contiguous.
         unsafe {
@@ -470,18 +511,16 @@ impl ParamOp for LoraDense {
     ) -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)> {
         let (a, b) = (params[0], params[1]);
         let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = self.w.storage_and_layout();
         let (a_s, al) = a.storage_and_layout();
         let (bs, bl) = b.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let (rows, n_in, n_out, r) = lora_dims(xl, wl, al, bl)?;
+        let (rows, n_in, n_out, r) = lora_dims(xl, self.w.dims2()?, al, bl)?;
         let xv = slice_of::<T>(cpu(&xs)?, xl, "lora: the input")?;
-        let wv = slice_of::<T>(cpu(&ws)?, wl, "lora: the weight")?;
         let av = slice_of::<T>(cpu(&a_s)?, al, "lora: A")?;
         let bv = slice_of::<T>(cpu(&bs)?, bl, "lora: B")?;
         let g = slice_of::<T>(cpu(&gs)?, gl, "lora: the gradient")?;
         let scale = T::of(self.scale);
-        let mut dx = input_grad(g, wv, (rows, n_in, n_out));
+        let mut dx = self.base_input_grad(g, (rows, n_in, n_out))?;
         let (xd, u) = self.down(xv, av, (rows, n_in, r));
         // SAFETY (each product): the operands are contiguous with the dims given, and a product
         // that does not accumulate writes every element of its output.
@@ -575,6 +614,137 @@ pub(crate) fn lora_dense_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (dx, da, db) = WithParams(op).gradients(x, (a, Some(b)), grad)?;
     Ok((dx, da, db.expect("B has a gradient")))
+}
+
+/// A frozen dense layer over ggml blocks, `x W^T + b`, as one op whose backward gives only
+/// the input its gradient (a quantized weight and its bias are frozen).
+struct QuantDense {
+    w: QWeight,
+    b: Option<Tensor>,
+}
+
+impl QuantDense {
+    fn run<T: Element>(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, cols) = self.w.dims();
+        let n_in = *l.dims().last().unwrap_or(&0);
+        if n_in != cols {
+            candle_core::bail!(
+                "dense: input {:?} against weight ({rows}, {cols})",
+                l.dims()
+            );
+        }
+        let xv = slice_of::<T>(s, l, "dense: the input")?;
+        let bias = self.b.as_ref().map(|b| b.storage_and_layout());
+        let bias_v = match &bias {
+            Some((bs, bl)) => Some(slice_of::<T>(cpu(bs)?, bl, "dense: the bias")?),
+            None => None,
+        };
+        let n = xv.len() / cols.max(1);
+        let y = self.w.product(xv, n, bias_v).map_err(candle_error)?;
+        Ok((T::storage(y), output_shape(l, rows)))
+    }
+}
+
+impl candle_core::CustomOp1 for QuantDense {
+    fn name(&self) -> &'static str {
+        "sft-quant-dense"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s.dtype() {
+            DType::F32 => self.run::<f32>(s, l),
+            DType::F64 => self.run::<f64>(s, l),
+            other => {
+                candle_core::bail!("a quantized weight's product takes f32 or f64, not {other:?}")
+            }
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = quant_input_grad(&self.w, grad).map_err(candle_error)?;
+        Ok(Some(dx))
+    }
+}
+
+/// `x W^T + b` for a quantized `W` (frozen): on the CPU, in f32 or f64 (half precision computes
+/// in f32 and rounds the output back); the gradient reaches `x` through candle's backward too.
+pub(crate) fn quant_dense(x: &Tensor, w: &QWeight, b: Option<&Tensor>) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return Err(candle_core::Error::Msg("a quantized base runs on the CPU only".into()).into());
+    }
+    let dtype = x.dtype();
+    let compute = match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    };
+    let xc = x.to_dtype(compute)?.contiguous()?;
+    let b = b.map(|b| b.detach().to_dtype(compute)).transpose()?;
+    let y = xc.apply_op1(QuantDense { w: w.clone(), b })?;
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// `grad W` for a quantized `W`: the input gradient of [`quant_dense`], in `grad`'s dtype and
+/// with the input's shape (`grad` is (.., rows)).
+pub(crate) fn quant_input_grad(w: &QWeight, grad: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = w.dims();
+    let dtype = grad.dtype();
+    let mut shape = grad.dims().to_vec();
+    match shape.last_mut() {
+        Some(last) if *last == rows => *last = cols,
+        _ => {
+            return Err(candle_core::Error::Msg(format!(
+                "dense: gradient {:?} against weight ({rows}, {cols})",
+                grad.dims()
+            ))
+            .into())
+        }
+    }
+    let n = grad.elem_count() / rows.max(1);
+    let dx = match dtype {
+        DType::F64 => {
+            let g = grad.flatten_all()?.to_vec1::<f64>()?;
+            Tensor::from_vec(w.input_grad(&g, n, None)?, shape, grad.device())?
+        }
+        _ => {
+            let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Tensor::from_vec(w.input_grad(&g, n, None)?, shape, grad.device())?.to_dtype(dtype)?
+        }
+    };
+    Ok(dx)
+}
+
+impl Weight {
+    /// `x W^T` for rows `x` (n, cols): the output layer's logits, say. No graph is recorded
+    /// for blocks.
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(x.matmul(&w.t()?)?),
+            Weight::Quant(q) => quant_dense(x, q, None),
+        }
+    }
+
+    /// `g W` for `g` (n, rows): the input gradient of [`Weight::product`], through `gemm`
+    /// where it runs.
+    pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => match linear_input_grad(w, g)? {
+                Some(dx) => Ok(dx),
+                None => Ok(g.matmul(w)?),
+            },
+            Weight::Quant(q) => quant_input_grad(q, g),
+        }
+    }
+}
+
+fn candle_error(e: crate::error::Error) -> candle_core::Error {
+    match e {
+        crate::error::Error::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
 }
 
 /// The gradients of `y = x w^T` (an output layer over rows `x`) from `grad` = dL/dy: the input's

@@ -271,3 +271,17 @@ pub(crate) fn adapter_specs(plan: &Plan, r: usize) -> Vec<ParamSpec> {
         })
         .collect()
 }
+
+/// The matrices a LoRA configuration leaves frozen, which a quantized base keeps as ggml blocks:
+/// linear weights, the embeddings and an untied head (norms and biases stay in the training
+/// dtype, as do `modules_to_save`).
+pub fn frozen_matrices(cfg: &ModelConfig, lora: &LoraConfig) -> Result<BTreeSet<String>, String> {
+    let plan = plan(cfg, lora)?;
+    let specs = cfg.param_specs();
+    Ok(specs
+        .into_iter()
+        .filter(|s| s.shape.len() == 2 && !plan.saved.contains(&s.name))
+        .filter(|s| matches!(s.kind, Kind::Linear | Kind::Embedding | Kind::Head))
+        .map(|s| s.name)
+        .collect())
+}

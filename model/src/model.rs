@@ -8,11 +8,12 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use crate::backward::Grads;
 use crate::config::ModelConfig;
 use crate::error::{input_error, Error, Result};
-use crate::family::Network;
+use crate::family::{foreign_trace, Network};
 use crate::kv::KvCache;
 use crate::lora::{LoraConfig, Plan};
-use crate::weights::Weights;
-use crate::{ops, params};
+use crate::quant::QWeight;
+use crate::weights::{Weight, Weights};
+use crate::{ops, params, passes};
 
 /// Which key positions each query may attend to.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +36,8 @@ pub struct Model {
     pub(crate) params: Vec<(String, Var)>,
     /// Base tensors that LoRA training leaves as they are.
     pub(crate) frozen: Vec<(String, Var)>,
+    /// Frozen matrices kept as ggml blocks (a quantized base).
+    pub(crate) quantized: Vec<(String, QWeight)>,
     pub(crate) lora: Option<Adapters>,
     net: Box<dyn Network>,
     /// The network over detached copies of the weights (same storage, no graph), for
@@ -42,6 +45,8 @@ pub struct Model {
     /// a frozen one to `None`.
     plain: Box<dyn Network>,
     slots: HashMap<TensorId, Option<usize>>,
+    /// Activation checkpointing in training passes.
+    checkpointing: bool,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
 }
@@ -50,15 +55,17 @@ pub struct Model {
 pub(crate) struct Parts {
     pub(crate) params: Vec<(String, Var)>,
     pub(crate) frozen: Vec<(String, Var)>,
+    pub(crate) quantized: Vec<(String, QWeight)>,
     pub(crate) lora: Option<Adapters>,
 }
 
 impl Parts {
-    /// Every tensor trainable, no adapters: full fine-tuning.
-    pub(crate) fn full(params: Vec<(String, Var)>) -> Parts {
+    /// Every tensor trainable but those kept as blocks (frozen), no adapters.
+    pub(crate) fn full(params: Vec<(String, Var)>, quantized: Vec<(String, QWeight)>) -> Parts {
         Parts {
             params,
             frozen: Vec::new(),
+            quantized,
             lora: None,
         }
     }
@@ -72,7 +79,7 @@ pub(crate) struct Adapters {
 }
 
 /// The activations a training forward pass keeps for [`Model::backward`].
-pub struct Trace(Box<dyn std::any::Any>);
+pub struct Trace(passes::Trace);
 
 impl Model {
     /// A fresh model: Normal(0, initializer_range) Linear and Embedding weights (nanoGPT's
@@ -82,7 +89,8 @@ impl Model {
         check_dtype(dtype)?;
         let specs = cfg.param_specs();
         let params = params::init_params(&specs, seed, dtype, device)?;
-        Model::assemble(cfg.clone(), Parts::full(params), dtype, device, false, None)
+        let parts = Parts::full(params, Vec::new());
+        Model::assemble(cfg.clone(), parts, dtype, device, false, None)
     }
 
     /// Builds the network on `parts`; `detached` builds it on graph-free views of them. Frozen
@@ -98,6 +106,7 @@ impl Model {
         let Parts {
             params,
             frozen,
+            quantized,
             lora,
         } = parts;
         let lora_weights = lora.as_ref().map(|l| (l.config.scale(), l.config.dropout));
@@ -117,6 +126,7 @@ impl Model {
                         .map(|(n, v)| (n.clone(), v.as_detached_tensor())),
                 )
                 .collect(),
+            quant: quantized.iter().cloned().collect(),
             lora: lora_weights,
         };
         // `like`: the same network on other views (its tables are reused); else a fresh one.
@@ -141,10 +151,12 @@ impl Model {
             cfg,
             params,
             frozen,
+            quantized,
             lora,
             net,
             plain,
             slots,
+            checkpointing: false,
             dtype,
             device: device.clone(),
         })
@@ -161,9 +173,22 @@ impl Model {
         &self.params
     }
 
-    /// The base tensors LoRA training leaves unchanged (empty without LoRA).
+    /// The base tensors LoRA training leaves unchanged (empty without LoRA), but those kept as
+    /// blocks.
     pub fn frozen(&self) -> &[(String, Var)] {
         &self.frozen
+    }
+
+    /// The frozen matrices kept as ggml blocks (a quantized base).
+    pub fn quantized(&self) -> &[(String, QWeight)] {
+        &self.quantized
+    }
+
+    /// Scalars that training leaves as they are: [`Model::frozen`] and [`Model::quantized`].
+    pub fn frozen_count(&self) -> usize {
+        let dense: usize = self.frozen.iter().map(|(_, v)| v.elem_count()).sum();
+        let blocks: usize = self.quantized.iter().map(|(_, q)| q.elem_count()).sum();
+        dense + blocks
     }
 
     /// The LoRA settings when the model carries adapters.
@@ -188,8 +213,15 @@ impl Model {
     }
 
     /// (vocab, hidden): the embedding when tied, else `lm_head.weight`. The head has no bias.
-    pub fn lm_head_weight(&self) -> &Tensor {
+    pub fn lm_head_weight(&self) -> &Weight {
         self.net.lm_head()
+    }
+
+    /// The index in [`Model::params`] of the output head when it is trained.
+    pub fn head_index(&self) -> Option<usize> {
+        self.lm_head_weight()
+            .dense()
+            .and_then(|t| self.param_index(t))
     }
 
     /// A copy whose weights share storage with the trainable ones but record no gradient graph:
@@ -211,6 +243,7 @@ impl Model {
         Parts {
             params: self.params.clone(),
             frozen: self.frozen.clone(),
+            quantized: self.quantized.clone(),
             lora: self.lora.clone(),
         }
     }
@@ -243,14 +276,16 @@ impl Model {
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let mask = self.mask(input_ids, positions, mask)?;
-        self.net
-            .forward_hidden(input_ids, positions, Some(&mask), None, dropout_seed)
+        let net = self.net.as_ref();
+        passes::forward_hidden(net, input_ids, positions, Some(&mask), None, dropout_seed)
     }
 
-    /// [`Model::forward_hidden`] for training with the model's own backward pass
-    /// ([`Model::backward`]): the hidden states (no graph) and the activations backward needs.
-    /// `None` where that pass does not run (half precision, other devices: they train through
-    /// candle's backward of `forward_hidden`).
+    /// [`Model::forward_hidden`] for training with [`Model::backward`]: the hidden states (no
+    /// graph) and what backward needs, the activations of every layer or, with activation
+    /// checkpointing ([`Model::set_checkpointing`]), every layer's input. `None` where neither
+    /// backward applies: the own backward does not run (half precision, other devices, Gemma
+    /// 2's soft-capped attention) and nothing is checkpointed; training then goes through
+    /// candle's backward of `forward_hidden`.
     pub fn forward_traced(
         &self,
         input_ids: &Tensor,
@@ -258,26 +293,43 @@ impl Model {
         mask: &AttentionMask<'_>,
         dropout_seed: Option<u64>,
     ) -> Result<Option<(Tensor, Trace)>> {
-        if !self.device.is_cpu() || !matches!(self.dtype, DType::F32 | DType::F64) {
+        let own = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
+        if !own && !self.checkpointing {
             return Ok(None);
         }
         let mask = self.mask(input_ids, positions, mask)?;
-        if !mask.fits_fused() {
-            return Ok(None);
-        }
-        let traced = self
-            .plain
-            .forward_traced(input_ids, positions, &mask, dropout_seed)?;
+        let own = own && mask.fits_fused();
+        let traced = passes::forward_traced(
+            self.plain.as_ref(),
+            input_ids,
+            positions,
+            &mask,
+            dropout_seed,
+            own,
+            self.checkpointing,
+        )?;
         Ok(traced.map(|(h, tr)| (h, Trace(tr))))
+    }
+
+    /// Whether [`Model::forward_traced`] keeps only each layer's input and backward recomputes
+    /// the layer (activation checkpointing): the same gradients, bit for bit, for a fraction of
+    /// the activations' memory and about a third more compute.
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     /// The gradients of `sum(hidden * grad_hidden)` for the hidden states (batch, seq, hidden)
     /// of the [`Model::forward_traced`] call that returned `trace`, one entry per
     /// [`Model::params`] entry, each added to its entry of `seeds` where that has one (`seeds`
     /// is empty or one entry per parameter). A seeded embedding table has its looked-up rows
-    /// added in place, so a seed must be a tensor nothing else reads: the trainer seeds a tied
-    /// output layer with the loss's gradient of it. Unseeded, the gradients equal candle's
-    /// backward through `forward_hidden` bit for bit; seeded, `seed + that`.
+    /// added in place by the own backward, so a seed must be a tensor nothing else reads: the
+    /// trainer seeds a tied output layer with the loss's gradient of it. Unseeded, the
+    /// gradients equal candle's backward through `forward_hidden` bit for bit; seeded,
+    /// `seed + that`.
     pub fn backward(
         &self,
         trace: Trace,
@@ -293,8 +345,25 @@ impl Model {
                 self.params.len()
             ));
         }
+        let trace = trace.0;
+        if !trace.fits(self.plain.as_ref(), self.cfg.hidden_size()) {
+            return foreign_trace();
+        }
+        if trace.through_graph() {
+            let mut out = seeds;
+            let mut put = |i: usize, g: Tensor| -> Result<()> {
+                out[i] = Some(match out[i].take() {
+                    None => g,
+                    Some(prev) => (&prev + g.to_dtype(prev.dtype())?)?,
+                });
+                Ok(())
+            };
+            let net = self.net.as_ref();
+            passes::backward_through_graph(net, trace, grad_hidden, &self.params, &mut put)?;
+            return Ok(out);
+        }
         let mut grads = Grads::new(&self.slots, seeds);
-        self.plain.backward(trace.0, grad_hidden, &mut grads)?;
+        passes::backward(self.plain.as_ref(), trace, grad_hidden, &mut grads)?;
         Ok(grads.into_vec())
     }
 
@@ -380,7 +449,8 @@ impl Model {
                 &self.device,
             )?)?),
         };
-        let hidden = self.net.forward_hidden(
+        let hidden = passes::forward_hidden(
+            self.net.as_ref(),
             input_ids,
             &positions,
             mask.as_ref(),
@@ -392,7 +462,8 @@ impl Model {
     }
 
     pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = ops::linear(hidden, self.lm_head_weight(), None)?.to_dtype(DType::F32)?;
+        let logits =
+            ops::linear_weight(hidden, self.lm_head_weight(), None)?.to_dtype(DType::F32)?;
         Ok(match self.logit_softcap() {
             Some(c) => (logits / c)?.tanh()?.affine(c, 0.0)?,
             None => logits,

@@ -22,7 +22,7 @@ use crate::error::{input_error, Error, Result};
 use crate::kernels;
 use crate::kernels::NormKind;
 use crate::norm::norm_affine;
-use crate::weights::Weights;
+use crate::weights::{Weight, Weights};
 
 /// Additive attention-mask value for a forbidden key. Finite, so that a fully masked row (a
 /// padding query) gives a uniform softmax instead of NaN; large enough that `exp` underflows to
@@ -73,11 +73,32 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     Ok(y.reshape(out_dims)?)
 }
 
+/// `x @ W^T + b` for a weight that may be ggml blocks (a frozen base).
+pub(crate) fn linear_weight(x: &Tensor, w: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
+    match w {
+        Weight::Dense(w) => linear(x, w, b),
+        Weight::Quant(q) => crate::linear::quant_dense(x, q, b),
+    }
+}
+
+/// The rows of an embedding table at `ids` (any shape, flattened), in `dtype`.
+pub(crate) fn embedding(table: &Weight, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    let ids = ids.flatten_all()?;
+    match table {
+        Weight::Dense(t) => Ok(t.index_select(&ids, 0)?),
+        Weight::Quant(q) => {
+            let rows = q.rows_at::<f32>(&ids.to_vec1::<u32>()?)?;
+            let t = Tensor::from_vec(rows, (ids.dim(0)?, q.dims().1), ids.device())?;
+            Ok(t.to_dtype(dtype)?)
+        }
+    }
+}
+
 /// A projection `x @ w^T + b` with the Hugging Face names `{name}.weight` and, when the
 /// checkpoint has one, `{name}.bias`.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    w: Tensor,
+    w: Weight,
     b: Option<Tensor>,
     lora: Option<Adapter>,
 }
@@ -85,7 +106,7 @@ pub(crate) struct Linear {
 impl Linear {
     pub(crate) fn new(w: &Weights, name: &str) -> Linear {
         Linear {
-            w: w.get(&format!("{name}.weight")),
+            w: w.weight(&format!("{name}.weight")),
             b: w.maybe(&format!("{name}.bias")),
             lora: w
                 .adapter(name)
@@ -99,7 +120,7 @@ impl Linear {
         if let Some((op, a)) = self.fused(x, dropout_seed) {
             return crate::linear::lora_dense(op, x, &a.a, &a.b);
         }
-        let y = linear(x, &self.w, self.b.as_ref())?;
+        let y = linear_weight(x, &self.w, self.b.as_ref())?;
         match &self.lora {
             None => Ok(y),
             Some(a) => Ok((y + a.forward(x, dropout_seed)?)?),
@@ -122,17 +143,21 @@ impl Linear {
                 return input_error("backward: an adapter the fused op does not take");
             };
             // The base weight of an adapted layer is frozen (`lora::plan`).
-            debug_assert!(!grads.wants(&self.w));
+            debug_assert!(self.w.dense().is_none_or(|w| !grads.wants(w)));
             let (dx, da, db) = crate::linear::lora_dense_backward(op, x, &a.a, &a.b, grad)?;
             grads.put(&a.a, da)?;
             grads.put(&a.b, db)?;
             return Ok(dx);
         }
-        if !grads.wants(&self.w) {
-            return crate::linear::dense_backward_input(x, &self.w, grad);
+        let w = match &self.w {
+            Weight::Quant(q) => return crate::linear::quant_input_grad(q, grad),
+            Weight::Dense(w) => w,
+        };
+        if !grads.wants(w) {
+            return crate::linear::dense_backward_input(x, w, grad);
         }
-        let (dx, dw, db) = crate::linear::dense_backward(x, &self.w, self.b.as_ref(), grad)?;
-        grads.put(&self.w, dw)?;
+        let (dx, dw, db) = crate::linear::dense_backward(x, w, self.b.as_ref(), grad)?;
+        grads.put(w, dw)?;
         if let (Some(b), Some(db)) = (&self.b, db) {
             grads.put(b, db)?;
         }

@@ -2,12 +2,49 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+
+use crate::quant::QWeight;
+
+/// A weight matrix as a network holds it: a tensor, or frozen ggml blocks.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quant(QWeight),
+}
+
+impl Weight {
+    /// (rows, cols).
+    pub fn dims2(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Weight::Dense(t) => t.dims2(),
+            Weight::Quant(q) => Ok(q.dims()),
+        }
+    }
+
+    /// The tensor, when the weight is one (a trainable weight always is).
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) => Some(t),
+            Weight::Quant(_) => None,
+        }
+    }
+
+    /// The dtype products with it compute in: the tensor's, or f32 for blocks.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Quant(_) => DType::F32,
+        }
+    }
+}
 
 /// The tensors a network is built on, by their Hugging Face names, and LoRA's settings when
 /// they include adapters.
 pub(crate) struct Weights {
     pub(crate) map: HashMap<String, Tensor>,
+    /// Frozen matrices kept as ggml blocks.
+    pub(crate) quant: HashMap<String, QWeight>,
     /// LoRA's (scale, dropout) when the map holds adapters (`<module>.lora_A.weight`, ...).
     pub(crate) lora: Option<(f64, f64)>,
 }
@@ -31,6 +68,15 @@ impl Weights {
 
     pub(crate) fn maybe(&self, name: &str) -> Option<Tensor> {
         self.map.get(name).cloned()
+    }
+
+    /// A matrix that may be kept as ggml blocks (a linear layer's weight, an embedding, the
+    /// head).
+    pub(crate) fn weight(&self, name: &str) -> Weight {
+        match self.quant.get(name) {
+            Some(q) => Weight::Quant(q.clone()),
+            None => Weight::Dense(self.get(name)),
+        }
     }
 
     /// The adapter of the linear module `name`, when it has one.

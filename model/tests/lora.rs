@@ -82,7 +82,7 @@ fn adapter_gradients_agree_with_finite_differences() {
             .forward_hidden(&ids(&rows), &positions(2, 7), &mask, Some(5))
             .unwrap();
         let logits = h
-            .broadcast_matmul(&m.lm_head_weight().t().unwrap())
+            .broadcast_matmul(&m.lm_head_weight().dense().unwrap().t().unwrap())
             .unwrap();
         masked_ce(&logits, &targets)
     };

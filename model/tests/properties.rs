@@ -79,7 +79,7 @@ fn loss(model: &Model, dropout_seed: Option<u64>) -> Tensor {
         )
         .unwrap();
     let logits = hidden
-        .broadcast_matmul(&model.lm_head_weight().t().unwrap())
+        .broadcast_matmul(&model.lm_head_weight().dense().unwrap().t().unwrap())
         .unwrap();
     let targets = vec![
         vec![9, 27, 14, 50, 2, -100],

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::kernels::accumulate;
 use crate::Result;
 use sft_model::math::{exp_f32, lanes};
+use sft_model::Weight;
 
 /// What one pass over a set of target rows produced.
 #[derive(Debug)]
@@ -41,7 +42,7 @@ pub const DEFAULT_CHUNK_ELEMS: usize = 32 << 20;
 /// treated as constants (no graph is built).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
-    head: &Tensor,
+    head: &Weight,
     targets: &[u32],
     grad_scale: Option<f64>,
     head_grad: bool,
@@ -52,11 +53,16 @@ pub fn linear_cross_entropy(
     let (vocab, h2) = head.dims2()?;
     if h != h2 || targets.len() != n {
         return Err(candle_core::Error::Msg(format!(
-            "linear_cross_entropy: hidden {:?}, head {:?}, {} targets",
+            "linear_cross_entropy: hidden {:?}, head ({vocab}, {h2}), {} targets",
             hidden.dims(),
-            head.dims(),
             targets.len()
         ))
+        .into());
+    }
+    if head_grad && head.dense().is_none() {
+        return Err(candle_core::Error::Msg(
+            "linear_cross_entropy: a head kept as blocks is frozen".into(),
+        )
         .into());
     }
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
@@ -77,7 +83,10 @@ pub fn linear_cross_entropy(
     }
     // Logits and their gradients in f32 whatever the model dtype.
     let hidden = hidden.detach().to_dtype(DType::F32)?;
-    let head = head.detach().to_dtype(DType::F32)?;
+    let head = match head {
+        Weight::Dense(t) => Weight::Dense(t.detach().to_dtype(DType::F32)?),
+        blocks => blocks.clone(),
+    };
     let rows_per_chunk = (chunk_elems / vocab).clamp(1, n);
     let mut grad_hidden_chunks = Vec::new();
     let mut grad_head: Option<Tensor> = None;
@@ -85,7 +94,7 @@ pub fn linear_cross_entropy(
     while start < n {
         let len = rows_per_chunk.min(n - start);
         let h_chunk = hidden.narrow(0, start, len)?;
-        let mut logits = h_chunk.matmul(&head.t()?)?;
+        let mut logits = head.product(&h_chunk)?;
         // d(c tanh(z / c)) / dz = 1 - tanh^2, applied to the capped logits' gradient below.
         let mut cap_slope = None;
         if let Some(c) = softcap {
@@ -103,24 +112,23 @@ pub fn linear_cross_entropy(
             logits = (logits * slope)?;
         }
         if grad_scale.is_some() && !head_grad {
-            let gh = match sft_model::linear_input_grad(&head, &logits)? {
-                Some(gh) => gh,
-                None => logits.matmul(&head)?,
-            };
-            grad_hidden_chunks.push(gh);
+            grad_hidden_chunks.push(head.input_grad(&logits)?);
         } else if grad_scale.is_some() {
+            let head = head
+                .dense()
+                .expect("checked above: a trained head is a tensor");
             // `logits` now holds scale * (softmax - onehot).
             // Through the dense layer's backward where it runs, the head's gradient summed
             // over chunks by `gemm` in place: candle's matmul of the transposed logits made a
             // second (vocab x hidden) buffer per chunk and copied into it, and each chunk's
             // product was then added to the sum.
-            match sft_model::linear_grads(&h_chunk, &head, &logits, grad_head.as_ref())? {
+            match sft_model::linear_grads(&h_chunk, head, &logits, grad_head.as_ref())? {
                 Some((gh, g)) => {
                     grad_hidden_chunks.push(gh);
                     grad_head = Some(g);
                 }
                 None => {
-                    grad_hidden_chunks.push(logits.matmul(&head)?);
+                    grad_hidden_chunks.push(logits.matmul(head)?);
                     let g = logits.t()?.matmul(&h_chunk)?;
                     match grad_head.as_mut() {
                         None => grad_head = Some(g),
@@ -318,7 +326,7 @@ mod tests {
         for chunk_elems in [1, v * 2, v * 5, v * n, 1 << 20] {
             let out = linear_cross_entropy(
                 &hidden,
-                &head,
+                &Weight::Dense(head.clone()),
                 &targets,
                 Some(scale),
                 true,
@@ -336,7 +344,7 @@ mod tests {
             // A frozen head: the same hidden gradient, bit for bit, and no head gradient.
             let frozen = linear_cross_entropy(
                 &hidden,
-                &head,
+                &Weight::Dense(head.clone()),
                 &targets,
                 Some(scale),
                 false,
@@ -369,7 +377,7 @@ mod tests {
         for chunk_elems in [v * 2, 1 << 20] {
             let out = linear_cross_entropy(
                 &hidden,
-                &head,
+                &Weight::Dense(head.clone()),
                 &targets,
                 Some(scale),
                 true,
@@ -384,9 +392,16 @@ mod tests {
             );
             assert!(max_abs_diff(out.grad_hidden.as_ref().unwrap(), &ref_dh) < 1e-6);
             assert!(max_abs_diff(out.grad_head.as_ref().unwrap(), &ref_dw) < 1e-6);
-            let eval =
-                linear_cross_entropy(&hidden, &head, &targets, None, true, Some(2.0), chunk_elems)
-                    .unwrap();
+            let eval = linear_cross_entropy(
+                &hidden,
+                &Weight::Dense(head.clone()),
+                &targets,
+                None,
+                true,
+                Some(2.0),
+                chunk_elems,
+            )
+            .unwrap();
             assert!((eval.loss_sum - out.loss_sum).abs() < 1e-9 * out.loss_sum.abs().max(1.0));
         }
     }
@@ -408,15 +423,40 @@ mod tests {
     fn accuracy_and_empty_inputs() {
         let head = Tensor::new(&[[1f32, 0.], [0., 1.], [-1., -1.]], &Device::Cpu).unwrap();
         let hidden = Tensor::new(&[[5f32, 0.], [0., 5.], [5., 0.]], &Device::Cpu).unwrap();
-        let out =
-            linear_cross_entropy(&hidden, &head, &[0, 1, 1], None, true, None, 1 << 20).unwrap();
+        let out = linear_cross_entropy(
+            &hidden,
+            &Weight::Dense(head.clone()),
+            &[0, 1, 1],
+            None,
+            true,
+            None,
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(out.n_correct, 2);
         assert!(out.grad_hidden.is_none());
         let empty = hidden.narrow(0, 0, 0).unwrap();
-        let out = linear_cross_entropy(&empty, &head, &[], Some(1.0), true, None, 1 << 20).unwrap();
+        let out = linear_cross_entropy(
+            &empty,
+            &Weight::Dense(head.clone()),
+            &[],
+            Some(1.0),
+            true,
+            None,
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!((out.loss_sum, out.n_targets), (0.0, 0));
-        let err = linear_cross_entropy(&hidden, &head, &[0, 1, 3], None, true, None, 1 << 20)
-            .unwrap_err();
+        let err = linear_cross_entropy(
+            &hidden,
+            &Weight::Dense(head.clone()),
+            &[0, 1, 3],
+            None,
+            true,
+            None,
+            1 << 20,
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("outside the output vocabulary"),
             "{err}"

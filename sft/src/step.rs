@@ -203,7 +203,7 @@ fn target_loss(
     let selected = hidden
         .reshape((batch.batch_size * batch.seq_len, width))?
         .index_select(&inp.rows, 0)?;
-    let head_grad = model.param_index(model.lm_head_weight()).is_some();
+    let head_grad = model.head_index().is_some();
     let ce = linear_cross_entropy(
         &selected,
         model.lm_head_weight(),
@@ -234,7 +234,7 @@ pub fn backward(model: &Model, f: ForwardLoss, acc: &mut GradAccumulator) -> Res
         .expect("asked for gradients")
         .to_dtype(selected.dtype())?;
     // A frozen output layer (LoRA) has no slot and no gradient.
-    let head_i = model.param_index(model.lm_head_weight());
+    let head_i = model.head_index();
     let mut head = ce.grad_head.take();
     let body = match own {
         Some(OwnBackward { trace, rows, dims }) => {
