@@ -1,15 +1,21 @@
 //! AdamW with decoupled weight decay, PyTorch-identical, fused and in place; global-norm
-//! gradient clipping; optimizer state save/restore.
+//! gradient clipping; f32 master weights for half-precision parameters and dynamic loss scaling
+//! for f16; optimizer state save/restore.
 //!
 //! candle-nn's `AdamW` allocates about ten full-size temporaries per parameter per step, has no
 //! parameter groups and cannot save its state; this one updates each weight and its two moments
 //! in one pass ([`crate::kernels`]) and folds the clipping factor into that pass.
+//!
+//! A bf16 or f16 parameter updated in place loses every update smaller than half a step of its
+//! precision (at lr 1e-5 most of them, and every norm gain's): with master weights (the default,
+//! as PyTorch's AMP and the HF Trainer), the optimizer keeps an f32 copy, updates it, and writes
+//! the rounded copy back into the parameter after each step.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::{self, AdamWStep, Moments};
@@ -38,6 +44,15 @@ pub struct OptimConfig {
     /// Global-norm clipping threshold (HF default 1.0); `0` turns clipping off.
     #[serde(default = "default_max_grad_norm")]
     pub max_grad_norm: f64,
+    /// Half-precision parameters (`model.dtype = "bf16"` or `"f16"`) are updated through f32
+    /// copies kept by the optimizer; `false` updates them in place, which rounds small updates
+    /// away. No effect on f32 parameters.
+    #[serde(default = "default_true")]
+    pub master_weights: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_lr() -> f64 {
@@ -69,6 +84,7 @@ impl Default for OptimConfig {
             beta2: default_beta2(),
             eps: default_eps(),
             max_grad_norm: default_max_grad_norm(),
+            master_weights: true,
         }
     }
 }
@@ -100,6 +116,8 @@ struct Param {
     var: Var,
     decay: bool,
     moments: Moments,
+    /// The f32 weights a half-precision parameter is updated through (master weights).
+    master: Option<Var>,
 }
 
 pub struct AdamW {
@@ -107,15 +125,46 @@ pub struct AdamW {
     cfg: OptimConfig,
     /// Optimizer steps taken so far (PyTorch's `state["step"]`).
     t: u64,
+    /// Steps skipped for overflowing gradients (f16 loss scaling): they count as training steps
+    /// but not in `t`.
+    skipped: u64,
+    scaler: Option<LossScaler>,
+}
+
+/// Dynamic loss scaling, as PyTorch's `GradScaler`: the loss is multiplied by `scale` so that
+/// f16 gradients do not underflow; a step whose gradients overflow is skipped and the scale
+/// halved; after `GROWTH_INTERVAL` steps without overflow it doubles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Steps since the last overflow or growth.
+    pub good_steps: u64,
+}
+
+impl LossScaler {
+    /// `GradScaler`'s defaults: init_scale 2^16, growth_interval 2000.
+    pub const INIT_SCALE: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: u64 = 2000;
+
+    fn new() -> LossScaler {
+        LossScaler {
+            scale: LossScaler::INIT_SCALE,
+            good_steps: 0,
+        }
+    }
 }
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
-    /// Global L2 norm of the gradients before clipping.
+    /// Global L2 norm of the gradients before clipping (of the unscaled gradients under loss
+    /// scaling; infinite for a skipped step).
     pub grad_norm: f64,
     /// Factor the gradients were multiplied by (1 when not clipped).
     pub clip_scale: f64,
+    /// Loss scaling: the scale this step's gradients carried, the scale for the next step, and
+    /// whether the step was skipped for an overflow.
+    pub loss_scale: Option<(f64, f64, bool)>,
 }
 
 const STATE_FORMAT: &str = "sft-adamw-v1";
@@ -123,26 +172,48 @@ const STATE_FORMAT: &str = "sft-adamw-v1";
 impl AdamW {
     pub fn new(params: &[(String, Var)], cfg: &OptimConfig) -> Result<AdamW> {
         cfg.validate().map_err(Error::Config)?;
+        let half = |v: &Var| matches!(v.dtype(), DType::BF16 | DType::F16);
         let params = params
             .iter()
             .map(|(name, var)| {
+                let master = match cfg.master_weights && half(var) {
+                    true => Some(Var::from_tensor(&var.as_tensor().to_dtype(DType::F32)?)?),
+                    false => None,
+                };
+                let updated = master.as_ref().unwrap_or(var);
                 Ok(Param {
                     name: name.clone(),
                     decay: var.as_tensor().rank() >= cfg.decay_min_rank,
-                    moments: Moments::zeros(var.as_tensor())?,
+                    moments: Moments::zeros(updated.as_tensor())?,
                     var: var.clone(),
+                    master,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // f16's range needs the loss scaled (bf16 has f32's range).
+        let f16 = params.iter().any(|p| p.var.dtype() == DType::F16);
         Ok(AdamW {
             params,
             cfg: cfg.clone(),
             t: 0,
+            skipped: 0,
+            scaler: f16.then(LossScaler::new),
         })
     }
 
+    /// Training steps taken so far: updates and steps skipped for overflow.
     pub fn steps_taken(&self) -> u64 {
-        self.t
+        self.t + self.skipped
+    }
+
+    /// The factor the loss is multiplied by before backward (1 without loss scaling).
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.map_or(1.0, |s| s.scale)
+    }
+
+    /// Whether parameter `i` is updated through f32 master weights.
+    pub fn has_master(&self, i: usize) -> bool {
+        self.params.get(i).is_some_and(|p| p.master.is_some())
     }
 
     /// Names of the parameters that get weight decay.
@@ -154,8 +225,10 @@ impl AdamW {
     }
 
     /// Clips by global norm and applies one update at learning rate `lr`. `grads[i]` belongs to
-    /// parameter `i`; `None` means the parameter got no gradient and is left untouched (decay
-    /// included, as in PyTorch). A non-finite gradient norm is an error and changes nothing.
+    /// parameter `i`, computed from the loss times [`AdamW::loss_scale`]; `None` means the
+    /// parameter got no gradient and is left untouched (decay included, as in PyTorch). A
+    /// non-finite gradient norm is an error and changes nothing, except under loss scaling,
+    /// where the step is skipped and the scale halved.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<StepStats> {
         if grads.len() != self.params.len() {
             return Err(Error::Config(format!(
@@ -164,11 +237,24 @@ impl AdamW {
                 self.params.len()
             )));
         }
-        let grad_norm = global_norm(grads)?;
+        let scale = self.loss_scale();
+        let grad_norm = global_norm(grads)? / scale;
         if !grad_norm.is_finite() {
-            return Err(Error::NonFinite {
-                what: "gradient norm".into(),
-                value: grad_norm,
+            let Some(s) = self.scaler.as_mut() else {
+                return Err(Error::NonFinite {
+                    what: "gradient norm".into(),
+                    value: grad_norm,
+                });
+            };
+            *s = LossScaler {
+                scale: s.scale * 0.5,
+                good_steps: 0,
+            };
+            self.skipped += 1;
+            return Ok(StepStats {
+                grad_norm,
+                clip_scale: 1.0,
+                loss_scale: Some((scale, s.scale, true)),
             });
         }
         let clip_scale = if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm {
@@ -187,44 +273,75 @@ impl AdamW {
                 eps: self.cfg.eps,
                 weight_decay: if p.decay { self.cfg.weight_decay } else { 0.0 },
                 t: self.t,
-                grad_scale: clip_scale,
+                // Unscaling folded in with the clipping: one multiplication in the update.
+                grad_scale: clip_scale / scale,
             };
-            kernels::adamw_update(&p.var, g, &mut p.moments, step)?;
+            match &p.master {
+                None => kernels::adamw_update(&p.var, g, &mut p.moments, step)?,
+                Some(master) => {
+                    let g = g.to_dtype(DType::F32)?;
+                    kernels::adamw_update(master, &g, &mut p.moments, step)?;
+                    p.var.set(&master.as_tensor().to_dtype(p.var.dtype())?)?;
+                }
+            }
         }
+        let loss_scale = self.scaler.as_mut().map(|s| {
+            s.good_steps += 1;
+            if s.good_steps == LossScaler::GROWTH_INTERVAL {
+                *s = LossScaler {
+                    scale: s.scale * 2.0,
+                    good_steps: 0,
+                };
+            }
+            (scale, s.scale, false)
+        });
         Ok(StepStats {
             grad_norm,
             clip_scale,
+            loss_scale,
         })
     }
 
-    /// Writes the moments to a safetensors file (`exp_avg.<name>`, `exp_avg_sq.<name>`, f32) with
-    /// the step count in its metadata.
+    /// Writes the moments (and master weights) to a safetensors file (`exp_avg.<name>`,
+    /// `exp_avg_sq.<name>`, `master.<name>`, f32) with the step count (and the loss scaler's
+    /// state) in its metadata.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut host = Vec::with_capacity(self.params.len());
         for p in &self.params {
-            host.push((p, p.moments.to_host()?));
+            let master = match &p.master {
+                Some(m) => Some(m.as_tensor().flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            host.push((p, p.moments.to_host()?, master));
         }
-        let mut views: Vec<(String, F32View<'_>)> = Vec::with_capacity(2 * host.len());
-        for (p, (m, v)) in &host {
+        let mut views: Vec<(String, F32View<'_>)> = Vec::with_capacity(3 * host.len());
+        for (p, (m, v), master) in &host {
             let shape = p.var.as_tensor().dims().to_vec();
-            views.push((
-                format!("exp_avg.{}", p.name),
-                F32View {
-                    data: m,
-                    shape: shape.clone(),
-                },
-            ));
-            views.push((format!("exp_avg_sq.{}", p.name), F32View { data: v, shape }));
+            let view = |data| F32View {
+                data,
+                shape: shape.clone(),
+            };
+            views.push((format!("exp_avg.{}", p.name), view(m)));
+            views.push((format!("exp_avg_sq.{}", p.name), view(v)));
+            if let Some(w) = master {
+                views.push((format!("master.{}", p.name), view(w)));
+            }
         }
-        let meta = HashMap::from([
+        let mut meta = HashMap::from([
             ("format".to_string(), STATE_FORMAT.to_string()),
             ("step".to_string(), self.t.to_string()),
+            ("skipped".to_string(), self.skipped.to_string()),
         ]);
+        if let Some(s) = &self.scaler {
+            meta.insert("loss_scale".into(), s.scale.to_string());
+            meta.insert("loss_scale_good_steps".into(), s.good_steps.to_string());
+        }
         safetensors::serialize_to_file(views, Some(meta), path)
             .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
     }
 
-    /// Restores moments and step count saved by [`AdamW::save`] for the same parameters.
+    /// Restores what [`AdamW::save`] wrote for the same parameters: moments, master weights,
+    /// step counts and the loss scaler.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |reason: String| Error::Checkpoint(format!("{}: {reason}", path.display()));
@@ -237,15 +354,37 @@ impl AdamW {
                 meta.get("format")
             )));
         }
-        let t: u64 = meta
-            .get("step")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("missing step in metadata".into()))?;
+        let number = |key: &str| -> Result<Option<u64>> {
+            match meta.get(key) {
+                None => Ok(None),
+                Some(s) => s
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| bad(format!("metadata {key}: {s:?} is not a count"))),
+            }
+        };
+        let t = number("step")?.ok_or_else(|| bad("missing step in metadata".into()))?;
+        let skipped = number("skipped")?.unwrap_or(0);
+        let scaler = match (meta.get("loss_scale"), self.scaler) {
+            (Some(s), Some(_)) => Some(LossScaler {
+                scale: s
+                    .parse()
+                    .map_err(|_| bad(format!("metadata loss_scale: {s:?} is not a number")))?,
+                good_steps: number("loss_scale_good_steps")?.unwrap_or(0),
+            }),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(bad(
+                    "loss scaling (f16) in the state and in this run differ".into(),
+                ))
+            }
+        };
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let expected = 2 * self.params.len();
+        let masters = self.params.iter().filter(|p| p.master.is_some()).count();
+        let expected = 2 * self.params.len() + masters;
         if st.len() != expected {
             return Err(bad(format!(
-                "{} tensors, expected {expected} (2 per parameter)",
+                "{} tensors, expected {expected} (2 per parameter, and {masters} master weights)",
                 st.len()
             )));
         }
@@ -271,12 +410,25 @@ impl AdamW {
             let shape = p.var.as_tensor().dims();
             let m = read(&format!("exp_avg.{}", p.name), shape)?;
             let v = read(&format!("exp_avg_sq.{}", p.name), shape)?;
-            restored.push(Moments::from_host(p.var.as_tensor(), m, v)?);
+            let master = match &p.master {
+                Some(w) => {
+                    let values = read(&format!("master.{}", p.name), shape)?;
+                    Some(Tensor::from_vec(values, shape, w.device())?)
+                }
+                None => None,
+            };
+            let updated = p.master.as_ref().unwrap_or(&p.var);
+            restored.push((Moments::from_host(updated.as_tensor(), m, v)?, master));
         }
-        for (p, m) in self.params.iter_mut().zip(restored) {
+        for (p, (m, master)) in self.params.iter_mut().zip(restored) {
             p.moments = m;
+            if let (Some(w), Some(values)) = (&p.master, master) {
+                w.set(&values)?;
+            }
         }
         self.t = t;
+        self.skipped = skipped;
+        self.scaler = scaler;
         Ok(())
     }
 }
