@@ -166,8 +166,7 @@ mod tests {
 
     #[test]
     fn use_groups_are_read_item_by_item() {
-        let code =
-            "use crate::{kernels::{self, NormKind}, Result};\nlet x = crate::ops::slide(m);";
+        let code = "use crate::{kernels::{self, NormKind}, Result};\nlet x = crate::ops::slide(m);";
         assert_eq!(crate_paths(code), ["kernels", "Result", "ops"]);
     }
 
@@ -180,7 +179,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let write = |f: &str, s: &str| std::fs::write(dir.join(f), s).unwrap();
-        write("lib.rs", "mod a;\nmod b;\npub use crate::b::Result;\npub use crate::a::g;\n");
+        write(
+            "lib.rs",
+            "mod a;\nmod b;\npub use crate::b::Result;\npub use crate::a::g;\n",
+        );
         write("a.rs", "use crate::Result;\npub fn g() {}\n");
         write("b.rs", "pub type Result = ();\n");
         let loops = import_loops(&dir);
