@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use sft_data::{Format, LengthPolicy, TemplateChoice, TrainOn};
 use sft_model::LoraConfig;
 
+use crate::error::{Error, Result};
 use crate::optim::OptimConfig;
 use crate::schedule::ScheduleConfig;
-use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,8 +11,8 @@
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, D};
 use rayon::prelude::*;
 
+use crate::error::Result;
 use crate::kernels::accumulate;
-use crate::Result;
 use sft_model::math::{exp_f32, lanes};
 
 /// What one pass over a set of target rows produced.

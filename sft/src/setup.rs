@@ -12,7 +12,7 @@ use sft_tokenizer::{
 };
 
 use crate::config::{parse_dtype, BuildTokenizer, EvalSection, SpecialsPreset, TrainConfig};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The first CUDA GPU when `sft` is built with the `cuda` feature and the driver opens one, else
 /// the CPU. candle's `cuda_is_available` only says that the feature is compiled in, so the GPU is

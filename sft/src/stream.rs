@@ -20,7 +20,7 @@ use sft_data::{
 };
 use sft_tokenizer::Tokenizer;
 
-use crate::Result;
+use crate::error::Result;
 
 /// The source of a streamed run's micro-batches.
 pub(crate) struct StreamFeed<'a> {

@@ -24,13 +24,14 @@ use sft_tokenizer::Tokenizer;
 
 use crate::checkpoint::{self, Cleaned, ResumeFrom, TrainerState};
 use crate::config::{parse_dtype, ConfigChange, DataSource, TrainConfig, RESUME_MUTABLE};
+use crate::error::{Error, Result};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
+use crate::plot;
 use crate::prepcache::PrepCache;
 use crate::setup;
 use crate::step::{accumulate_micro_batch, evaluate_batch, GradAccumulator, LossStats};
 use crate::stream::StreamFeed;
-use crate::{plot, Error, Result};
 
 /// What the caller is told while the run goes (the CLI draws progress from these).
 pub enum Event<'a> {
