@@ -19,6 +19,7 @@ pub mod plot;
 pub mod prepcache;
 pub mod quality;
 pub mod schedule;
+pub mod seeds;
 pub mod setup;
 pub mod step;
 mod stream;

@@ -21,6 +21,7 @@ use sft_data::{
 use sft_tokenizer::Tokenizer;
 
 use crate::error::Result;
+use crate::seeds::stream_seed;
 
 /// The source of a streamed run's micro-batches.
 pub(crate) struct StreamFeed<'a> {
@@ -54,8 +55,6 @@ pub(crate) struct StreamFeed<'a> {
 /// One micro-batch: rows of samples (one sample a row without packing).
 pub(crate) type Rows = Vec<Vec<Rendered>>;
 
-const TAG_STREAM: u64 = 0x5354_5245_414d;
-
 impl<'a> StreamFeed<'a> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -88,7 +87,7 @@ impl<'a> StreamFeed<'a> {
             records,
             read: 0,
             buffer: Vec::new(),
-            rng: ChaCha8Rng::seed_from_u64(crate::train::mix(seed, TAG_STREAM, 0)),
+            rng: ChaCha8Rng::seed_from_u64(stream_seed(seed, 0)),
             carry: None,
             position: 0,
             dropped: 0,
@@ -111,7 +110,7 @@ impl<'a> StreamFeed<'a> {
         self.records = RecordStream::new(self.files.clone(), self.format, self.policy);
         self.read = 0;
         self.buffer.clear();
-        self.rng = ChaCha8Rng::seed_from_u64(crate::train::mix(self.seed, TAG_STREAM, epoch));
+        self.rng = ChaCha8Rng::seed_from_u64(stream_seed(self.seed, epoch));
         self.carry = None;
         self.position = 0;
     }

@@ -29,6 +29,7 @@ use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
 use crate::plot;
 use crate::prepcache::PrepCache;
+use crate::seeds::dropout_seed;
 use crate::setup;
 use crate::step::{accumulate_micro_batch, evaluate_batch, GradAccumulator, LossStats};
 use crate::stream::StreamFeed;
@@ -519,12 +520,12 @@ pub fn train(
         if step_targets > 0 {
             let scale = 1.0 / step_targets as f64;
             for (k, batch) in batches.iter().enumerate() {
-                let dropout_seed = Some(mix(cfg.run.seed, state.step, k as u64));
+                let seed = dropout_seed(cfg.run.seed, state.step, k as u64);
                 stats.add(accumulate_micro_batch(
                     &model,
                     batch,
                     scale,
-                    dropout_seed,
+                    Some(seed),
                     &mut grads,
                 )?);
             }
@@ -1372,15 +1373,6 @@ impl<'a> EpochCache<'a> {
 
 fn ids_bytes(ids: &[u32]) -> Vec<u8> {
     ids.iter().flat_map(|i| i.to_le_bytes()).collect()
-}
-
-/// splitmix64 over (seed, step, micro-batch): independent dropout streams per micro-batch.
-pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
-    let mut z =
-        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
