@@ -80,7 +80,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     if prepared.samples.is_empty() {
         anyhow::bail!("{}: no sample to evaluate", args.data.display());
     }
-    let stats = sft::train::evaluate_prepared(
+    let stats = sft::eval::evaluate_prepared(
         &ck.model,
         &prepared,
         args.batch_size.max(1),

@@ -1,17 +1,16 @@
-//! Building the pieces of a run from its config: device, tokenizer, model, sample prompts.
+//! Building the pieces of a run from its config: device, tokenizer, template, model.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use sft_data::{Record, Sample, Template, TemplateOptions};
-use sft_model::generate::{generate, SamplingParams};
 use sft_model::{Model, ModelConfig};
 use sft_tokenizer::{
     train_bpe, BpeTrainOptions, CharRoles, CharTokenizer, Tokenizer, TokenizerConfig,
     CHATML_SPECIALS, POEM_SPECIALS,
 };
 
-use crate::config::{parse_dtype, BuildTokenizer, EvalSection, SpecialsPreset, TrainConfig};
+use crate::config::{parse_dtype, BuildTokenizer, SpecialsPreset, TrainConfig};
 use crate::error::{Error, Result};
 
 /// The first CUDA GPU when `sft` is built with the `cuda` feature and the driver opens one, else
@@ -412,33 +411,4 @@ pub fn checkpoint_dtype(dir: &Path) -> Option<DType> {
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let d = v.get("torch_dtype").or(v.get("dtype"))?.as_str()?;
     parse_dtype(d).ok()
-}
-
-/// Generations for the configured sample prompts: `(prompt as text, generated text)`.
-pub fn sample_generations(
-    model: &Model,
-    tok: &Tokenizer,
-    template: &Template,
-    eval: &EvalSection,
-    seed: u64,
-) -> Result<Vec<(String, String)>> {
-    let mut prompts = Vec::with_capacity(eval.samples.len());
-    for value in &eval.samples {
-        prompts.push(sft_data::prompt_ids(value, template, tok)?);
-    }
-    let params = SamplingParams {
-        max_new_tokens: eval.max_new_tokens,
-        temperature: eval.temperature,
-        top_k: eval.top_k,
-        top_p: eval.top_p,
-        repetition_penalty: 1.0,
-        stop_ids: template.stop_ids().to_vec(),
-        seed,
-    };
-    let generations = generate(model, &prompts, &params)?;
-    let mut out = Vec::with_capacity(prompts.len());
-    for (value, g) in eval.samples.iter().zip(generations) {
-        out.push((value.to_string(), tok.decode_skip_special(&g.ids)?));
-    }
-    Ok(out)
 }

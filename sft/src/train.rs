@@ -25,13 +25,14 @@ use sft_tokenizer::Tokenizer;
 use crate::checkpoint::{self, Cleaned, ResumeFrom, TrainerState};
 use crate::config::{parse_dtype, ConfigChange, DataSource, TrainConfig, RESUME_MUTABLE};
 use crate::error::{Error, Result};
+use crate::eval;
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
 use crate::plot;
 use crate::prepcache::PrepCache;
 use crate::seeds::dropout_seed;
 use crate::setup;
-use crate::step::{accumulate_micro_batch, evaluate_batch, GradAccumulator, LossStats};
+use crate::step::{accumulate_micro_batch, GradAccumulator, LossStats};
 use crate::stream::StreamFeed;
 
 /// What the caller is told while the run goes (the CLI draws progress from these).
@@ -593,15 +594,13 @@ pub fn train(
             .is_some_and(|n| state.step % n == 0 && step_targets > 0);
         if let Some(val) = &val {
             if eval_due || at_end {
-                let e = evaluate(
+                let e = eval::evaluate(
                     &model,
                     val,
-                    cfg,
-                    &tok,
-                    state.step,
-                    state.epoch,
-                    t0,
-                    elapsed_before,
+                    cfg.eval.batch_size.unwrap_or(cfg.train.batch_size),
+                    setup::pad_id(&tok),
+                    (state.step, state.epoch),
+                    &|| elapsed_before + t0.elapsed().as_secs_f64(),
                 )?;
                 metrics.write("eval", &e)?;
                 on_event(Event::Eval(&e));
@@ -645,7 +644,7 @@ pub fn train(
         }
         if (eval_due || at_end) && !cfg.eval.samples.is_empty() {
             for (prompt, text) in
-                setup::sample_generations(&model, &tok, &template, &cfg.eval, cfg.run.seed)?
+                eval::sample_generations(&model, &tok, &template, &cfg.eval, cfg.run.seed)?
             {
                 on_event(Event::Sample {
                     step: state.step,
@@ -909,53 +908,6 @@ fn export(
     state.write(dir)?;
     std::fs::write(dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
         .map_err(|e| Error::io(dir, e))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn evaluate(
-    model: &Model,
-    val: &Prepared,
-    cfg: &TrainConfig,
-    tok: &Tokenizer,
-    step: u64,
-    epoch: u64,
-    t0: Instant,
-    elapsed_before: f64,
-) -> Result<EvalMetrics> {
-    let stats = evaluate_prepared(
-        model,
-        val,
-        cfg.eval.batch_size.unwrap_or(cfg.train.batch_size),
-        setup::pad_id(tok),
-    )?;
-    Ok(EvalMetrics {
-        step,
-        epoch: epoch as f64,
-        val_loss: stats.mean(),
-        val_token_accuracy: stats.accuracy(),
-        val_targets: stats.n_targets,
-        elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
-    })
-}
-
-/// Loss over every target token of a prepared set: sum over targets / number of targets.
-pub fn evaluate_prepared(
-    model: &Model,
-    data: &Prepared,
-    batch_size: usize,
-    pad_id: u32,
-) -> Result<LossStats> {
-    let eval_model = model.detached();
-    let mut stats = LossStats::default();
-    // Sorting by length keeps padding low; the sum does not depend on the order.
-    let mut order: Vec<usize> = (0..data.samples.len()).collect();
-    order.sort_by_key(|&i| data.samples[i].1.len());
-    for chunk in order.chunks(batch_size.max(1)) {
-        let rows: Vec<Vec<&Rendered>> = chunk.iter().map(|&i| vec![&data.samples[i].1]).collect();
-        let batch = collate(&rows, pad_id, None);
-        stats.add(evaluate_batch(&eval_model, &batch)?);
-    }
-    Ok(stats)
 }
 
 /// Reads every source of `data.train` (or `data.validation`) in order. Returns the records and,
