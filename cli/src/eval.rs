@@ -51,7 +51,7 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let ck = common::open(&args.model, &args.adapter, &args.template)?;
-    let mut read = sft::setup::read_data(&args.data, args.format, InvalidPolicy::Error)?;
+    let mut read = sft::feed::read_data(&args.data, args.format, InvalidPolicy::Error)?;
     if let Some(n) = args.limit {
         if read.records.len() > n {
             eprintln!(

@@ -73,7 +73,7 @@ pub(crate) fn poems(args: PoemArgs) -> anyhow::Result<()> {
             chat_template: None,
         },
     )?;
-    let read = sft::setup::read_data(
+    let read = sft::feed::read_data(
         &args.data,
         Some(sft_data::Format::Poem),
         InvalidPolicy::Error,
@@ -183,7 +183,7 @@ pub(crate) struct AnswerArgs {
 
 pub(crate) fn answers(args: AnswerArgs) -> anyhow::Result<()> {
     let ck = common::open(&args.model, &args.adapter, &args.template)?;
-    let read = sft::setup::read_data(&args.data, None, InvalidPolicy::Error)?;
+    let read = sft::feed::read_data(&args.data, None, InvalidPolicy::Error)?;
     let r = answer_accuracy(
         &ck.model,
         &ck.tok,
