@@ -536,7 +536,19 @@ impl TrainConfig {
         toml::to_string(self).expect("the config always serialises")
     }
 
+    /// The rules a config follows beyond its types, section by section; the first one broken
+    /// is the error.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_run()?;
+        self.optim.validate()?;
+        self.schedule.validate()?;
+        Ok(())
+    }
+
+    /// `model`, `lora` and `tokenizer`.
+    fn validate_model(&self) -> std::result::Result<(), String> {
         let m = &self.model;
         match (&m.path, m.preset.is_some() || m.init.is_some()) {
             (Some(_), true) => {
@@ -581,6 +593,11 @@ impl TrainConfig {
                 "tokenizer: a fresh model needs `tokenizer.path` or `tokenizer.build`".into(),
             );
         }
+        Ok(())
+    }
+
+    /// `data`, with what streaming rules out elsewhere.
+    fn validate_data(&self) -> std::result::Result<(), String> {
         if self.data.train.is_empty() {
             return Err("data.train: at least one training file is required".into());
         }
@@ -695,6 +712,11 @@ impl TrainConfig {
         if self.data.max_len == Some(0) {
             return Err("data.max_len: must be positive".into());
         }
+        Ok(())
+    }
+
+    /// `train` and `run`.
+    fn validate_run(&self) -> std::result::Result<(), String> {
         if self.train.batch_size == 0 || self.train.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be positive".into());
         }
@@ -735,8 +757,6 @@ impl TrainConfig {
         {
             return Err("run: log_every, eval_every and save_every must be positive".into());
         }
-        self.optim.validate()?;
-        self.schedule.validate()?;
         Ok(())
     }
 }
