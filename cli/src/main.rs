@@ -18,6 +18,7 @@ mod quality;
 mod render;
 mod tokenize;
 mod train;
+mod training;
 
 #[global_allocator]
 static ALLOC: alloc::SplitAlloc = alloc::SplitAlloc;
