@@ -90,7 +90,7 @@ pub(crate) fn run(out: &Path, sets: &[String], json: bool) -> anyhow::Result<()>
     let model = sft_dir.join("final");
     let ck = common::open(
         &model,
-        &common::AdapterArg::default(),
+        None,
         &TemplateArgs {
             template: sft_data::TemplateChoice::Auto,
             chat_template: None,

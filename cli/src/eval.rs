@@ -11,17 +11,12 @@ use std::path::PathBuf;
 
 use sft_data::{prepare, Format, InvalidPolicy, LengthPolicy, RenderOptions, TrainOn};
 
-use crate::common::{self, TemplateArgs};
+use crate::common::{ModelArgs, TemplateArgs};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    pub(crate) threads: crate::Threads,
-    /// The checkpoint directory to evaluate.
-    #[arg(long)]
-    model: PathBuf,
-    #[command(flatten)]
-    adapter: common::AdapterArg,
+    pub(crate) model: ModelArgs,
     /// The JSONL file to evaluate on.
     #[arg(long)]
     data: PathBuf,
@@ -50,7 +45,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let ck = common::open(&args.model, &args.adapter, &args.template)?;
+    let ck = args.model.open(&args.template)?;
     let mut read = sft::feed::read_data(&args.data, args.format, InvalidPolicy::Error)?;
     if let Some(n) = args.limit {
         if read.records.len() > n {

@@ -97,22 +97,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // These two know their thread count only from their arguments or config.
         Command::Train(args) => train::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Eval(args) => on_pool(args.threads.threads, || eval::run(args)),
-        Command::Generate(args) => on_pool(args.threads.threads, || generate::run(args)),
-        Command::Chat(args) => on_pool(args.threads.threads, || chat::run(args)),
+        Command::Eval(args) => on_pool(args.model.threads.threads, || eval::run(args)),
+        Command::Generate(args) => on_pool(args.model.threads.threads, || generate::run(args)),
+        Command::Chat(args) => on_pool(args.model.threads.threads, || chat::run(args)),
         Command::Merge(args) => merge::run(args),
-        Command::EvalPoems(args) => on_pool(args.threads.threads, || quality::poems(args)),
-        Command::EvalAnswers(args) => on_pool(args.threads.threads, || quality::answers(args)),
+        Command::EvalPoems(args) => on_pool(args.model.threads.threads, || quality::poems(args)),
+        Command::EvalAnswers(args) => {
+            on_pool(args.model.threads.threads, || quality::answers(args))
+        }
     }
-}
-
-/// `--threads N` of the commands that run a model outside training (training takes
-/// `train.threads` from its config, the benchmarks their own flag).
-#[derive(clap::Args)]
-pub(crate) struct Threads {
-    /// Compute threads (default: the physical cores).
-    #[arg(long)]
-    pub(crate) threads: Option<usize>,
 }
 
 /// Runs `f` on a worker thread of rayon's global pool, of `threads` threads (default: candle's,
