@@ -308,7 +308,7 @@ pub struct TrainSection {
     /// `"30m"`, `"2h"`, `"1h30m"`. Training ends at the first optimizer step past it, and the
     /// schedule is planned for it: its total is estimated from the first steps' time per step
     /// and re-estimated at each evaluation (and every tenth of the run), so the decay ends with
-    /// the budget. `epochs` then no longer sets the length; `max_steps` still caps it. A resumed
+    /// the budget. `epochs` then does not set the length; `max_steps` still caps it. A resumed
     /// run continues the budget.
     pub max_time: Option<String>,
     /// Stop once the validation loss has not improved by `min_delta` for `patience`

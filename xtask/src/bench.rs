@@ -1,8 +1,8 @@
 //! `cargo xtask bench [--peer] [--configs a,b,c,d] [--threads N] [--steps N] [--warmup N]
 //! [--python PATH] [--skip-data] [--skip-generate] [--cuda] [--dtype f32|bf16]`.
 //!
-//! Training throughput of the release `sft` on the issue's configurations (models written with
-//! `init-model` into `target/bench/models`), optionally against PyTorch run by
+//! Training throughput of the release `sft` on the configurations of `docs/performance.md`
+//! (`CONFIGS`; models written with `init-model` into `target/bench/models`), optionally against PyTorch run by
 //! `tests/data/scripts/bench_peer.py` in the same invocation; then data preparation (`sft
 //! render`, 1 and N threads) and greedy generation. This machine's speed swings between minutes,
 //! so only ratios measured in one invocation mean anything: every peer number is measured right
@@ -51,7 +51,7 @@ pub(crate) struct Args {
     dtype: String,
 }
 
-/// One training configuration of the issue.
+/// One training configuration of the benchmark (a row of `docs/performance.md`).
 struct BenchConfig {
     name: &'static str,
     what: &'static str,
@@ -373,7 +373,8 @@ fn one_thread(
 }
 
 /// LoRA against full fine-tuning of the same model and batch (configurations `e-lora` and
-/// `e`), on each side that ran both: the issue's targets are RSS <= 40% and tokens/s >= 1.4x.
+/// `e`), on each side that ran both: LoRA is meant to take at most 40% of full fine-tuning's
+/// peak RSS and give at least 1.4x its tokens/s.
 fn lora_vs_full(results: &[Value], md: &mut String) {
     let find = |name: &str| results.iter().find(|r| r["config"] == name);
     let (Some(full), Some(lora)) = (find("e"), find("e-lora")) else {
