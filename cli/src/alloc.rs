@@ -2,19 +2,19 @@
 //! from the kernel.
 //!
 //! Data preparation makes millions of small short-lived allocations (the tokenizer's strings and
-//! per-token vectors, JSON values): under glibc, `malloc`/`free` were a third of `sft render`'s
-//! profile. Training is the opposite: tensor-sized blocks, which glibc serves best once tuned
-//! (`keep_freed_memory` in main.rs; mimalloc and jemalloc for everything were slower there). Each
+//! per-token vectors, JSON values): under glibc, `malloc`/`free` take a third of `sft render`'s
+//! time. Training is the opposite: tensor-sized blocks, which glibc serves best once tuned
+//! (`keep_freed_memory` in main.rs; mimalloc or jemalloc for everything is slower there). Each
 //! block goes to one allocator by its size, and `dealloc` receives the same size, so it always
 //! returns to the allocator that made it.
 //!
 //! glibc is told never to `mmap` (`keep_freed_memory` in main.rs), because tensors above its
-//! 32 MiB mmap limit paid a page fault and a kernel zeroing per page on every op. Blocks beyond
-//! [`HUGE`] (a big model's embedding, its gradient and optimizer moments) are mapped here
-//! instead: kept in the heap they fragmented it (a Qwen2.5-0.5B step peaked 1 GB higher). A
-//! freed one is kept mapped for the next block of its size ([`Spare`]), since each training step
-//! makes the same ones again (the tied head's gradient: 545 MB for Qwen2.5-0.5B, whose fresh
-//! pages were a quarter of a warm step on this machine's kernel).
+//! 32 MiB mmap limit would pay a page fault and a kernel zeroing per page on every op. Blocks
+//! beyond [`HUGE`] (a big model's embedding, its gradient and optimizer moments) are mapped here
+//! instead: kept in the heap they fragment it (a Qwen2.5-0.5B step peaks 1 GB higher). A freed
+//! one is kept mapped for the next block of its size ([`Spare`]), since each training step makes
+//! the same ones again (the tied head's gradient: 545 MB for Qwen2.5-0.5B, whose fresh pages
+//! would cost a quarter of a warm step).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 

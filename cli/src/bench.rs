@@ -24,6 +24,8 @@ use sft::config::{dtype_name, parse_dtype};
 use sft::setup::device_name;
 use sft_model::Model;
 
+use crate::common::Threads;
+
 #[derive(clap::Subcommand)]
 pub(crate) enum Command {
     /// Time full training steps of a checkpoint on random token ids.
@@ -42,8 +44,8 @@ pub(crate) struct GenerateArgs {
     prompt_len: usize,
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: Threads,
     #[arg(long)]
     json: bool,
 }
@@ -56,8 +58,8 @@ pub(crate) struct GemmArgs {
     /// Matrix dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: Threads,
     #[arg(long)]
     json: bool,
 }
@@ -85,9 +87,8 @@ pub(crate) struct TrainArgs {
     /// Weights and activations: f32, bf16 or f16 (the optimizer state stays f32).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
-    /// Compute threads (default: physical cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: Threads,
     /// Train LoRA adapters on every linear layer (alpha 2r, dropout 0.05: the `[lora]`
     /// defaults) instead of every weight.
     #[arg(long)]
@@ -107,9 +108,9 @@ pub(crate) struct TrainArgs {
 
 pub(crate) fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Train(args) => crate::on_pool(args.threads, || train(args)),
-        Command::Generate(args) => crate::on_pool(args.threads, || generate(args)),
-        Command::Gemm(args) => crate::on_pool(args.threads, || gemm(args)),
+        Command::Train(args) => crate::on_pool(args.threads.threads, || train(args)),
+        Command::Generate(args) => crate::on_pool(args.threads.threads, || generate(args)),
+        Command::Gemm(args) => crate::on_pool(args.threads.threads, || gemm(args)),
     }
 }
 

@@ -7,22 +7,16 @@
 //! `{"user":..,"assistant":..,"stopped":bool}` instead of streaming.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
 
 use sft_data::{Message, Role};
 use sft_model::generate::generate_streaming;
 
-use crate::common::{self, SamplingArgs, TemplateArgs};
+use crate::common::{ModelArgs, SamplingArgs, TemplateArgs};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    pub(crate) threads: crate::Threads,
-    /// The checkpoint directory to chat with.
-    #[arg(long)]
-    model: PathBuf,
-    #[command(flatten)]
-    adapter: common::AdapterArg,
+    pub(crate) model: ModelArgs,
     /// A system message for the conversation.
     #[arg(long)]
     system: Option<String>,
@@ -35,7 +29,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let ck = common::open(&args.model, &args.adapter, &args.template)?;
+    let ck = args.model.open(&args.template)?;
     let params = args.sampling.params(ck.template.stop_ids().to_vec())?;
     let interactive = std::io::stdin().is_terminal();
     let mut system = args.system.clone();
@@ -44,7 +38,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     if interactive {
         eprintln!(
             "chatting with {} (/reset, /system TEXT, /quit)",
-            args.model.display()
+            args.model.path.display()
         );
     }
     let mut lines = std::io::stdin().lock().lines();

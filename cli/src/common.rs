@@ -1,4 +1,5 @@
-//! What several subcommands share: opening a checkpoint and the sampling flags.
+//! What several subcommands share: the model flags, opening a checkpoint, the template and
+//! sampling flags.
 
 use std::path::{Path, PathBuf};
 
@@ -27,13 +28,35 @@ pub(crate) struct TemplateArgs {
     pub chat_template: Option<PathBuf>,
 }
 
-/// A LoRA adapter to run on the `--model` checkpoint.
-#[derive(clap::Args, Clone, Default)]
-pub(crate) struct AdapterArg {
+/// The model a command runs, and on how many threads: `[--threads N] --model DIR
+/// [--adapter DIR]`.
+#[derive(clap::Args)]
+pub(crate) struct ModelArgs {
+    #[command(flatten)]
+    pub threads: Threads,
+    /// The checkpoint directory to run (or a hub id in the local cache).
+    #[arg(long = "model", value_name = "MODEL")]
+    pub path: PathBuf,
     /// A LoRA adapter directory (PEFT's files) applied to `--model`, its base. `--model` may
     /// also name an adapter directory alone: its `base_model_name_or_path` is the base.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Opens the model for inference (see [`open`]).
+    pub fn open(&self, t: &TemplateArgs) -> anyhow::Result<Checkpoint> {
+        open(&self.path, self.adapter.as_deref(), t)
+    }
+}
+
+/// `--threads N`: the compute threads of a command that runs a model (`sft train` takes
+/// `train.threads` from its config).
+#[derive(clap::Args)]
+pub(crate) struct Threads {
+    /// Compute threads (default: the physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// Opens `dir` for inference: a checkpoint, an adapter directory on its base, or (with
@@ -41,14 +64,13 @@ pub(crate) struct AdapterArg {
 /// base's.
 pub(crate) fn open(
     dir: &Path,
-    adapter: &AdapterArg,
+    adapter: Option<&Path>,
     t: &TemplateArgs,
 ) -> anyhow::Result<Checkpoint> {
     // A hub id (`Qwen/Qwen2.5-0.5B-Instruct`) names its snapshot in the local HF cache.
     let dir = &sft::hub::resolve_model(dir)?;
     // A checkpoint cut short says what it lacks, before anything tries to read the missing part.
     sft_model::manifest::check_complete(dir)?;
-    let adapter = adapter.adapter.as_deref();
     if let Some(a) = adapter {
         sft_model::manifest::check_complete(a)?;
     }

@@ -66,7 +66,7 @@ pub(crate) fn run(out: &Path, sets: &[String], json: bool) -> anyhow::Result<()>
         sets,
     )?;
     eprintln!("\n== stage 1/2: pretraining on poem text ==");
-    crate::train::run_config(&cfg, None, json, None)?;
+    crate::training::run_config(&cfg, None, json, None)?;
 
     let sft_dir = out.join("sft");
     let cfg = stage(
@@ -85,12 +85,12 @@ pub(crate) fn run(out: &Path, sets: &[String], json: bool) -> anyhow::Result<()>
         "\n== stage 2/2: SFT on poem records (metadata kept with p = {}) ==",
         cfg.data.metadata_keep_prob
     );
-    crate::train::run_config(&cfg, None, json, None)?;
+    crate::training::run_config(&cfg, None, json, None)?;
 
     let model = sft_dir.join("final");
     let ck = common::open(
         &model,
-        &common::AdapterArg::default(),
+        None,
         &TemplateArgs {
             template: sft_data::TemplateChoice::Auto,
             chat_template: None,

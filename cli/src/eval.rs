@@ -11,17 +11,12 @@ use std::path::PathBuf;
 
 use sft_data::{prepare, Format, InvalidPolicy, LengthPolicy, RenderOptions, TrainOn};
 
-use crate::common::{self, TemplateArgs};
+use crate::common::{ModelArgs, TemplateArgs};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    pub(crate) threads: crate::Threads,
-    /// The checkpoint directory to evaluate.
-    #[arg(long)]
-    model: PathBuf,
-    #[command(flatten)]
-    adapter: common::AdapterArg,
+    pub(crate) model: ModelArgs,
     /// The JSONL file to evaluate on.
     #[arg(long)]
     data: PathBuf,
@@ -50,8 +45,8 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let ck = common::open(&args.model, &args.adapter, &args.template)?;
-    let mut read = sft::setup::read_data(&args.data, args.format, InvalidPolicy::Error)?;
+    let ck = args.model.open(&args.template)?;
+    let mut read = sft::feed::read_data(&args.data, args.format, InvalidPolicy::Error)?;
     if let Some(n) = args.limit {
         if read.records.len() > n {
             eprintln!(
@@ -80,7 +75,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     if prepared.samples.is_empty() {
         anyhow::bail!("{}: no sample to evaluate", args.data.display());
     }
-    let stats = sft::train::evaluate_prepared(
+    let stats = sft::eval::evaluate_prepared(
         &ck.model,
         &prepared,
         args.batch_size.max(1),

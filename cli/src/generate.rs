@@ -22,18 +22,13 @@ use anyhow::Context;
 use sft_data::{Message, Prompt};
 use sft_model::generate::generate;
 
-use crate::common::{self, SamplingArgs, TemplateArgs};
+use crate::common::{self, ModelArgs, SamplingArgs, TemplateArgs};
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "messages", "record"])))]
 pub(crate) struct Args {
     #[command(flatten)]
-    pub(crate) threads: crate::Threads,
-    /// The checkpoint directory to generate with.
-    #[arg(long)]
-    model: PathBuf,
-    #[command(flatten)]
-    adapter: common::AdapterArg,
+    pub(crate) model: ModelArgs,
     /// Raw text to continue.
     #[arg(long)]
     prompt: Option<String>,
@@ -61,9 +56,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let mut runs = vec![];
     if let Some(base) = &args.compare {
         runs.push(("base", base.as_path()));
-        runs.push(("tuned", args.model.as_path()));
+        runs.push(("tuned", args.model.path.as_path()));
     } else {
-        runs.push(("", args.model.as_path()));
+        runs.push(("", args.model.path.as_path()));
     }
     for (label, dir) in runs {
         let outputs = generate_with(dir, &prompt, &args)?;
@@ -123,7 +118,7 @@ fn prompt(args: &Args) -> anyhow::Result<Input> {
 type Output = (Vec<u32>, String, bool);
 
 fn generate_with(dir: &Path, input: &Input, args: &Args) -> anyhow::Result<Vec<Output>> {
-    let ck = common::open(dir, &args.adapter, &args.template)?;
+    let ck = common::open(dir, args.model.adapter.as_deref(), &args.template)?;
     let ids = match input {
         Input::Text(t) => ck.tok.encode(t)?,
         Input::Prompt(p) => p.ids(&ck.template, &ck.tok)?,

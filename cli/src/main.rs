@@ -18,6 +18,7 @@ mod quality;
 mod render;
 mod tokenize;
 mod train;
+mod training;
 
 #[global_allocator]
 static ALLOC: alloc::SplitAlloc = alloc::SplitAlloc;
@@ -96,22 +97,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // These two know their thread count only from their arguments or config.
         Command::Train(args) => train::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Eval(args) => on_pool(args.threads.threads, || eval::run(args)),
-        Command::Generate(args) => on_pool(args.threads.threads, || generate::run(args)),
-        Command::Chat(args) => on_pool(args.threads.threads, || chat::run(args)),
+        Command::Eval(args) => on_pool(args.model.threads.threads, || eval::run(args)),
+        Command::Generate(args) => on_pool(args.model.threads.threads, || generate::run(args)),
+        Command::Chat(args) => on_pool(args.model.threads.threads, || chat::run(args)),
         Command::Merge(args) => merge::run(args),
-        Command::EvalPoems(args) => on_pool(args.threads.threads, || quality::poems(args)),
-        Command::EvalAnswers(args) => on_pool(args.threads.threads, || quality::answers(args)),
+        Command::EvalPoems(args) => on_pool(args.model.threads.threads, || quality::poems(args)),
+        Command::EvalAnswers(args) => {
+            on_pool(args.model.threads.threads, || quality::answers(args))
+        }
     }
-}
-
-/// `--threads N` of the commands that run a model outside training (training takes
-/// `train.threads` from its config, the benchmarks their own flag).
-#[derive(clap::Args)]
-pub(crate) struct Threads {
-    /// Compute threads (default: the physical cores).
-    #[arg(long)]
-    pub(crate) threads: Option<usize>,
 }
 
 /// Runs `f` on a worker thread of rayon's global pool, of `threads` threads (default: candle's,
@@ -135,18 +129,17 @@ fn on_pool<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
 }
 
 /// Training allocates and frees tensors of megabytes in every op. By default glibc serves blocks
-/// above 128 KiB with `mmap` and returns them on free, so each op page-faults and the kernel
-/// zeroes its output afresh: a quarter of a training step in the profile. Serving blocks up to
-/// glibc's maximum (32 MiB) from the heap and never trimming it made a nanoGPT training step
-/// 1.4-1.6x faster here; jemalloc and mimalloc did not do better. Blocks above 32 MiB (a
-/// nanoGPT's attention probabilities, the output layer's logit chunks) still went to `mmap`
-/// until `M_MMAP_MAX = 0` sent everything to the heap: (c) and (a) of `docs/performance.md`
-/// 8-14% and 9% faster, for 2% more peak memory. Blocks over 256 MiB are mapped by `alloc.rs`.
+/// above 128 KiB with `mmap` and returns them on free, so each op would page-fault and have the
+/// kernel zero its output afresh (a quarter of a training step). So blocks up to glibc's largest
+/// mmap threshold (32 MiB) come from the heap, which is never trimmed, and `M_MMAP_MAX = 0`
+/// sends the larger ones (a nanoGPT's attention probabilities, the output layer's logit chunks)
+/// there too, for about 2% more peak memory; jemalloc and mimalloc do no better. Blocks over
+/// 256 MiB are mapped by `alloc.rs`.
 ///
 /// One arena: commands run on rayon's workers (`on_pool`), and glibc gives each new thread an
 /// arena of its own, made of 64 MiB mappings that it unmaps whenever one empties, whatever the
-/// trim threshold; each op's output then faulted in fresh zeroed pages again (`clear_page` was
-/// 15% of a (c) step). The main arena grows by `brk` and is never trimmed.
+/// trim threshold, so each op's output would fault in fresh zeroed pages again. The main arena
+/// grows by `brk` and is never trimmed.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: called first thing in main, before any other thread exists or anything was

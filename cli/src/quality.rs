@@ -19,7 +19,7 @@ use sft::quality::{
 };
 use sft_data::{InvalidPolicy, Sample};
 
-use crate::common::{self, TemplateArgs};
+use crate::common::{ModelArgs, TemplateArgs};
 
 /// The ci tunes the bundled poems have most of.
 const DEFAULT_TUNES: [&str; 6] = ["浣溪沙", "鹧鸪天", "蝶恋花", "西江月", "水调歌头", "沁园春"];
@@ -27,11 +27,7 @@ const DEFAULT_TUNES: [&str; 6] = ["浣溪沙", "鹧鸪天", "蝶恋花", "西江
 #[derive(clap::Args)]
 pub(crate) struct PoemArgs {
     #[command(flatten)]
-    pub(crate) threads: crate::Threads,
-    #[arg(long)]
-    model: PathBuf,
-    #[command(flatten)]
-    adapter: common::AdapterArg,
+    pub(crate) model: ModelArgs,
     /// Poem records: the ci patterns to check against and the poems for author conditioning.
     #[arg(long)]
     data: PathBuf,
@@ -65,15 +61,11 @@ fn poems_step(records: &[sft_data::Record], n: usize) -> Option<usize> {
 }
 
 pub(crate) fn poems(args: PoemArgs) -> anyhow::Result<()> {
-    let ck = common::open(
-        &args.model,
-        &args.adapter,
-        &TemplateArgs {
-            template: sft_data::TemplateChoice::Auto,
-            chat_template: None,
-        },
-    )?;
-    let read = sft::setup::read_data(
+    let ck = args.model.open(&TemplateArgs {
+        template: sft_data::TemplateChoice::Auto,
+        chat_template: None,
+    })?;
+    let read = sft::feed::read_data(
         &args.data,
         Some(sft_data::Format::Poem),
         InvalidPolicy::Error,
@@ -162,11 +154,7 @@ pub(crate) fn poems(args: PoemArgs) -> anyhow::Result<()> {
 #[derive(clap::Args)]
 pub(crate) struct AnswerArgs {
     #[command(flatten)]
-    pub(crate) threads: crate::Threads,
-    #[arg(long)]
-    model: PathBuf,
-    #[command(flatten)]
-    adapter: common::AdapterArg,
+    pub(crate) model: ModelArgs,
     /// Chat records whose last assistant turn is the reference answer.
     #[arg(long)]
     data: PathBuf,
@@ -182,8 +170,8 @@ pub(crate) struct AnswerArgs {
 }
 
 pub(crate) fn answers(args: AnswerArgs) -> anyhow::Result<()> {
-    let ck = common::open(&args.model, &args.adapter, &args.template)?;
-    let read = sft::setup::read_data(&args.data, None, InvalidPolicy::Error)?;
+    let ck = args.model.open(&args.template)?;
+    let read = sft::feed::read_data(&args.data, None, InvalidPolicy::Error)?;
     let r = answer_accuracy(
         &ck.model,
         &ck.tok,

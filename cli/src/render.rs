@@ -112,7 +112,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     } else {
         InvalidPolicy::Error
     };
-    let read = sft::setup::read_data(&args.data, args.format, policy)?;
+    let read = sft::feed::read_data(&args.data, args.format, policy)?;
     let opts = RenderOptions {
         train_on: args.train_on,
         max_len: args.max_len,

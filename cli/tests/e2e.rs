@@ -312,7 +312,7 @@ fn bundled_demo_runs_end_to_end() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `sft bench train --json` and `sft bench gemm --json`: the keys scripts read (issue 8), in
+/// `sft bench train --json` and `sft bench gemm --json`: the keys scripts read, in
 /// f32 and in bf16 (the composed ops a GPU runs), and a clear error for a dtype it lacks.
 #[test]
 fn bench_prints_its_json_contract() {

@@ -8,9 +8,9 @@ use serde::Serialize;
 use sft_data::{collate, Rendered};
 use sft_model::Model;
 
+use crate::error::Result;
 use crate::optim::{AdamW, OptimConfig};
 use crate::step::{backward, forward_loss, GradAccumulator};
-use crate::Result;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use sft_data::{Format, LengthPolicy, TemplateChoice, TrainOn};
 use sft_model::LoraConfig;
 
+use crate::error::{Error, Result};
 use crate::optim::OptimConfig;
 use crate::schedule::ScheduleConfig;
-use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,9 +32,10 @@ pub struct TrainConfig {
     pub run: RunSection,
     #[serde(default)]
     pub eval: EvalSection,
-    /// Acceptance check for `cargo xtask train` (CI): the run fails when it is not met.
-    #[serde(default)]
-    pub check: CheckSection,
+    /// The acceptance check of `cargo xtask train` (CI), which reads and validates it; a run
+    /// keeps it as written.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub check: toml::Table,
     /// LoRA: train low-rank adapters on the frozen `model.path` instead of every weight.
     pub lora: Option<LoraConfig>,
 }
@@ -307,7 +308,7 @@ pub struct TrainSection {
     /// `"30m"`, `"2h"`, `"1h30m"`. Training ends at the first optimizer step past it, and the
     /// schedule is planned for it: its total is estimated from the first steps' time per step
     /// and re-estimated at each evaluation (and every tenth of the run), so the decay ends with
-    /// the budget. `epochs` then no longer sets the length; `max_steps` still caps it. A resumed
+    /// the budget. `epochs` then does not set the length; `max_steps` still caps it. A resumed
     /// run continues the budget.
     pub max_time: Option<String>,
     /// Stop once the validation loss has not improved by `min_delta` for `patience`
@@ -467,33 +468,6 @@ impl Default for EvalSection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckSection {
-    /// The final validation loss must be below this.
-    pub max_val_loss: Option<f64>,
-    /// Chats whose last assistant turn the exported model must reproduce with greedy decoding
-    /// (`sft eval-answers`).
-    pub answers: Option<PathBuf>,
-    /// Exact-match share of `answers` the model must reach.
-    pub min_exact_match: Option<f64>,
-    /// Share of `answers` generations that must end at the end-of-turn token.
-    pub min_stop_rate: Option<f64>,
-    /// Poem records for `sft eval-poems` (the ci tune patterns to check against).
-    pub poems: Option<PathBuf>,
-    /// Styles to generate (default: `sft eval-poems`' list).
-    #[serde(default)]
-    pub poem_styles: Vec<String>,
-    /// Generations per style (default 50).
-    pub poems_per_style: Option<usize>,
-    /// Mean form compliance over `poem_styles` the model must reach.
-    pub min_poem_compliance: Option<f64>,
-    /// Form compliance each shi form of `poem_styles` must reach.
-    pub min_shi_compliance: Option<f64>,
-    /// Mean compliance over the ci tunes of `poem_styles` the model must reach.
-    pub min_ci_compliance: Option<f64>,
-}
-
 impl TrainConfig {
     /// Reads a TOML file and applies `--set` overrides (`section.key=value`).
     pub fn load(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
@@ -536,7 +510,19 @@ impl TrainConfig {
         toml::to_string(self).expect("the config always serialises")
     }
 
+    /// The rules a config follows beyond its types, section by section; the first one broken
+    /// is the error.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_run()?;
+        self.optim.validate()?;
+        self.schedule.validate()?;
+        Ok(())
+    }
+
+    /// `model`, `lora` and `tokenizer`.
+    fn validate_model(&self) -> std::result::Result<(), String> {
         let m = &self.model;
         match (&m.path, m.preset.is_some() || m.init.is_some()) {
             (Some(_), true) => {
@@ -581,6 +567,11 @@ impl TrainConfig {
                 "tokenizer: a fresh model needs `tokenizer.path` or `tokenizer.build`".into(),
             );
         }
+        Ok(())
+    }
+
+    /// `data`, with what streaming rules out elsewhere.
+    fn validate_data(&self) -> std::result::Result<(), String> {
         if self.data.train.is_empty() {
             return Err("data.train: at least one training file is required".into());
         }
@@ -695,6 +686,11 @@ impl TrainConfig {
         if self.data.max_len == Some(0) {
             return Err("data.max_len: must be positive".into());
         }
+        Ok(())
+    }
+
+    /// `train` and `run`.
+    fn validate_run(&self) -> std::result::Result<(), String> {
         if self.train.batch_size == 0 || self.train.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be positive".into());
         }
@@ -735,8 +731,6 @@ impl TrainConfig {
         {
             return Err("run: log_every, eval_every and save_every must be positive".into());
         }
-        self.optim.validate()?;
-        self.schedule.validate()?;
         Ok(())
     }
 }
@@ -1143,6 +1137,43 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.train.max_time_s(), Some(120.0));
         assert_eq!(cfg.train.early_stopping.unwrap().patience, 2);
+    }
+
+    /// `[check]` is `cargo xtask train`'s, which reads and validates it: a run keeps any table
+    /// there as written (through the saved config, and it may change on resume), while every
+    /// other section still refuses keys it does not know.
+    #[test]
+    fn check_is_kept_as_written() {
+        let text = format!("{BASE}\n[check]\nmax_val_loss = 2.5\nnot_read_here = \"kept\"\n");
+        let cfg = TrainConfig::from_toml_str(&text, &[]).unwrap();
+        assert_eq!(
+            cfg.check.get("max_val_loss"),
+            Some(&toml::Value::Float(2.5))
+        );
+        assert_eq!(
+            TrainConfig::from_toml_str(&cfg.to_toml_string(), &[]).unwrap(),
+            cfg
+        );
+        let set = TrainConfig::from_toml_str(&text, &["check.max_val_loss=1.5".into()]).unwrap();
+        assert_eq!(
+            set.check.get("max_val_loss"),
+            Some(&toml::Value::Float(1.5))
+        );
+        let plain = TrainConfig::from_toml_str(BASE, &[]).unwrap();
+        assert!(plain.check.is_empty());
+        assert!(!plain.to_toml_string().contains("check"));
+        let keys: Vec<String> = cfg
+            .resume_changes(&plain)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.key)
+            .collect();
+        assert_eq!(keys, ["check.max_val_loss", "check.not_read_here"]);
+        let err = TrainConfig::from_toml_str(&format!("check = 3\n{BASE}"), &[]).unwrap_err();
+        assert!(err.contains("check"), "{err}");
+        let err = TrainConfig::from_toml_str(&format!("{BASE}\n[eval]\nmax_new_tokns = 3\n"), &[])
+            .unwrap_err();
+        assert!(err.contains("max_new_tokns"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The hub cache directory, looked up in the order `huggingface_hub` uses: `HF_HUB_CACHE`
 /// (or the older `HUGGINGFACE_HUB_CACHE`), `HF_HOME/hub`, `XDG_CACHE_HOME/huggingface/hub`,

@@ -11,8 +11,8 @@
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, D};
 use rayon::prelude::*;
 
+use crate::error::Result;
 use crate::kernels::accumulate;
-use crate::Result;
 use sft_model::math::{exp_f32, lanes};
 use sft_model::Weight;
 
@@ -119,9 +119,9 @@ pub fn linear_cross_entropy(
                 .expect("checked above: a trained head is a tensor");
             // `logits` now holds scale * (softmax - onehot).
             // Through the dense layer's backward where it runs, the head's gradient summed
-            // over chunks by `gemm` in place: candle's matmul of the transposed logits made a
-            // second (vocab x hidden) buffer per chunk and copied into it, and each chunk's
-            // product was then added to the sum.
+            // over chunks by `gemm` in place (candle's matmul of the transposed logits would make
+            // a second (vocab x hidden) buffer per chunk, copy into it, and add each chunk's
+            // product to the sum).
             match sft_model::linear_grads(&h_chunk, head, &logits, grad_head.as_ref())? {
                 Some((gh, g)) => {
                     grad_hidden_chunks.push(gh);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// One optimizer step, as logged (`kind = "train"`).
 #[derive(Debug, Clone, PartialEq, Serialize)]

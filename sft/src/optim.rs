@@ -18,8 +18,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::kernels::{self, AdamWStep, Moments};
-use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -14,7 +14,7 @@ use sft_model::generate::{generate, SamplingParams};
 use sft_model::Model;
 use sft_tokenizer::Tokenizer;
 
-use crate::Result;
+use crate::error::{Error, Result};
 
 /// The four regulated shi forms: (style, characters per line, lines).
 pub const SHI_FORMS: [(&str, usize, usize); 4] = [
@@ -116,7 +116,7 @@ pub fn poem_compliance(
         let form = SHI_FORMS.iter().find(|f| f.0 == style);
         let tune = patterns.get(style);
         if form.is_none() && tune.is_none() {
-            return Err(crate::Error::Config(format!(
+            return Err(Error::Config(format!(
                 "style {style:?} is neither a shi form nor a ci tune of the data"
             )));
         }
@@ -192,7 +192,7 @@ pub fn author_conditioning(
         .filter(|a| !a.is_empty())
         .collect();
     if authors.len() < 2 {
-        return Err(crate::Error::Config(
+        return Err(Error::Config(
             "author conditioning needs poems by two authors or more".into(),
         ));
     }
@@ -277,7 +277,7 @@ pub fn answer_accuracy(
     let mut expected = vec![];
     for r in records {
         let Sample::Chat(conv) = &r.sample else {
-            return Err(crate::Error::Config(format!(
+            return Err(Error::Config(format!(
                 "{}: answer accuracy needs chat records",
                 r.source
             )));

@@ -1,18 +1,17 @@
-//! Building the pieces of a run from its config: device, tokenizer, model, sample prompts.
+//! Building the pieces of a run from its config: device, tokenizer, template, model.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use sft_data::{Record, Sample, Template, TemplateOptions};
-use sft_model::generate::{generate, SamplingParams};
 use sft_model::{Model, ModelConfig};
 use sft_tokenizer::{
     train_bpe, BpeTrainOptions, CharRoles, CharTokenizer, Tokenizer, TokenizerConfig,
     CHATML_SPECIALS, POEM_SPECIALS,
 };
 
-use crate::config::{parse_dtype, BuildTokenizer, EvalSection, SpecialsPreset, TrainConfig};
-use crate::{Error, Result};
+use crate::config::{parse_dtype, BuildTokenizer, SpecialsPreset, TrainConfig};
+use crate::error::{Error, Result};
 
 /// The first CUDA GPU when `sft` is built with the `cuda` feature and the driver opens one, else
 /// the CPU. candle's `cuda_is_available` only says that the feature is compiled in, so the GPU is
@@ -127,98 +126,6 @@ pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
             Ok(train_bpe(texts.into_iter(), &opts)?)
         }
     }
-}
-
-/// The files a data source reads: a file as it is, or a dataset directory's (or cached hub
-/// dataset's) files of the source's split (default `train`) and subset.
-pub fn data_files(source: &crate::config::DataSource) -> Result<Vec<PathBuf>> {
-    let (path, split, subset) = source.location();
-    let path = crate::hub::resolve_dataset(&path)?;
-    if path.is_dir() {
-        let split = split.as_deref().unwrap_or("train");
-        return Ok(sft_data::dataset_files(&path, subset.as_deref(), split)?);
-    }
-    if split.is_some() || subset.is_some() {
-        return Err(Error::Config(format!(
-            "{}: a split or subset names part of a dataset directory or hub dataset, not of a file",
-            path.display()
-        )));
-    }
-    if !path.exists() {
-        return Err(Error::Config(format!(
-            "{}: no such file or directory (nor a hub dataset id in the local cache)",
-            path.display()
-        )));
-    }
-    Ok(vec![path])
-}
-
-/// Every record of one data source as a user gives it on the command line or in `data.train`:
-/// a `.jsonl`, `.json` or `.parquet` file, a dataset directory, or a hub dataset id from the
-/// local cache, each with an optional `:SUBSET/SPLIT`.
-pub fn read_data(
-    spec: &Path,
-    format: Option<sft_data::Format>,
-    policy: sft_data::InvalidPolicy,
-) -> Result<sft_data::ReadOutcome> {
-    let source = crate::config::DataSource::Path(spec.to_path_buf());
-    let mut out = sft_data::ReadOutcome::default();
-    for file in data_files(&source)? {
-        out.extend(sft_data::read_records(&file, format, policy)?);
-    }
-    Ok(out)
-}
-
-/// `data.filter` and `data.field_map` as a [`sft_data::Selection`], its map files read.
-pub fn selection(cfg: &TrainConfig) -> Result<sft_data::Selection> {
-    use crate::config::FieldMap;
-    let mut maps = std::collections::BTreeMap::new();
-    for (field, map) in &cfg.data.field_map {
-        let table = match map {
-            FieldMap::Table(t) => t.clone(),
-            FieldMap::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-                serde_json::from_str(&text).map_err(|e| {
-                    Error::Config(format!(
-                        "data.field_map.{field}: {}: expected one JSON object of old -> new values: {e}",
-                        path.display()
-                    ))
-                })?
-            }
-        };
-        maps.insert(field.clone(), table);
-    }
-    Ok(sft_data::Selection {
-        filter: cfg
-            .data
-            .filter
-            .iter()
-            .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
-            .collect(),
-        any: cfg.data.filter_any,
-        maps,
-    })
-}
-
-/// The selection of one source of `data.train` or `data.validation`: its own `filter` (every
-/// listed field must match) in place of `data.filter`, with `data.field_map`.
-pub fn source_selection(
-    cfg: &TrainConfig,
-    source: &crate::config::DataSource,
-) -> Result<sft_data::Selection> {
-    let mut sel = selection(cfg)?;
-    if let crate::config::DataSource::Table(crate::config::DataSourceTable {
-        filter: Some(filter),
-        ..
-    }) = source
-    {
-        sel.filter = filter
-            .iter()
-            .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
-            .collect();
-        sel.any = false;
-    }
-    Ok(sel)
 }
 
 /// The chat template and its options from the `data` section.
@@ -383,6 +290,19 @@ pub fn check_vocab(model: &Model, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
+/// `data.max_len`, else the model's context; longer than the context is an error now rather
+/// than at the first sample that long, mid-run.
+pub fn max_len(cfg: &TrainConfig, model: &Model) -> Result<usize> {
+    let context = model.config().max_positions();
+    let max_len = cfg.data.max_len.unwrap_or(context);
+    if max_len > context {
+        return Err(Error::Config(format!(
+            "data.max_len = {max_len} is longer than the model's context of {context} positions"
+        )));
+    }
+    Ok(max_len)
+}
+
 /// Padding never reaches the loss or attention, so any valid id will do; the tokenizer's own
 /// pad (or eos) keeps batches readable when printed.
 pub fn pad_id(tok: &Tokenizer) -> u32 {
@@ -410,33 +330,4 @@ pub fn checkpoint_dtype(dir: &Path) -> Option<DType> {
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let d = v.get("torch_dtype").or(v.get("dtype"))?.as_str()?;
     parse_dtype(d).ok()
-}
-
-/// Generations for the configured sample prompts: `(prompt as text, generated text)`.
-pub fn sample_generations(
-    model: &Model,
-    tok: &Tokenizer,
-    template: &Template,
-    eval: &EvalSection,
-    seed: u64,
-) -> Result<Vec<(String, String)>> {
-    let mut prompts = Vec::with_capacity(eval.samples.len());
-    for value in &eval.samples {
-        prompts.push(sft_data::prompt_ids(value, template, tok)?);
-    }
-    let params = SamplingParams {
-        max_new_tokens: eval.max_new_tokens,
-        temperature: eval.temperature,
-        top_k: eval.top_k,
-        top_p: eval.top_p,
-        repetition_penalty: 1.0,
-        stop_ids: template.stop_ids().to_vec(),
-        seed,
-    };
-    let generations = generate(model, &prompts, &params)?;
-    let mut out = Vec::with_capacity(prompts.len());
-    for (value, g) in eval.samples.iter().zip(generations) {
-        out.push((value.to_string(), tok.decode_skip_special(&g.ids)?));
-    }
-    Ok(out)
 }

@@ -10,9 +10,9 @@ use candle_core::{Device, Tensor};
 use sft_data::{Batch, IGNORE_INDEX};
 use sft_model::{AttentionMask, Model, Trace};
 
+use crate::error::Result;
 use crate::kernels::accumulate;
 use crate::loss::{linear_cross_entropy, CeOutput, DEFAULT_CHUNK_ELEMS};
-use crate::Result;
 
 /// Loss statistics of a micro-batch or an evaluation pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -1,36 +1,35 @@
 //! The training run: `train(config) -> Summary`, readable top to bottom.
 //!
 //! 1. tokenizer (loaded, or built from the training text), 2. records and template,
-//! 3. model (checkpoint, preset or init; or the checkpoint being resumed), 4. preflight report,
-//! 5. the step loop: micro-batches -> accumulated gradients -> clip + AdamW -> log, evaluate,
-//!    save.
+//! 3. model (checkpoint, preset or init; or the checkpoint being resumed), 4. preflight report
+//!    and the state to start from, 5. the step loop: the feed's micro-batches -> accumulated
+//!    gradients -> clip + AdamW -> log; then evaluate, save, stop on a signal.
 //!
-//! Every random draw derives from `run.seed` and the position in the run, which is what makes
-//! resuming bit-identical without replaying data.
+//! Every random draw derives from `run.seed` and the position in the run (`seeds`), which is
+//! what makes resuming bit-identical without replaying data.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::DType;
 use serde::Serialize;
-use sft_data::{
-    collate, mixture_epoch, plan_epoch, prepare, read_records, split_train_val, BatchPlanOptions,
-    InvalidPolicy, Prepared, ReadOutcome, Record, RecordStream, RenderOptions, Rendered, Report,
-    Sample, Selection, Share, Template,
-};
+use sft_data::{Prepared, Report, Template};
 use sft_model::Model;
 use sft_tokenizer::Tokenizer;
 
 use crate::checkpoint::{self, Cleaned, ResumeFrom, TrainerState};
-use crate::config::{parse_dtype, ConfigChange, DataSource, TrainConfig, RESUME_MUTABLE};
-use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
+use crate::config::{dtype_name, parse_dtype, ConfigChange, TrainConfig, RESUME_MUTABLE};
+use crate::error::{Error, Result};
+use crate::eval;
+use crate::feed::{Feed, SourceReport, Step, TrainData};
+use crate::metrics::{self, EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
-use crate::prepcache::PrepCache;
+use crate::plot;
+use crate::seeds::dropout_seed;
 use crate::setup;
-use crate::step::{accumulate_micro_batch, evaluate_batch, GradAccumulator, LossStats};
-use crate::stream::StreamFeed;
-use crate::{plot, Error, Result};
+use crate::step::{accumulate_micro_batch, GradAccumulator, LossStats};
 
 /// What the caller is told while the run goes (the CLI draws progress from these).
 pub enum Event<'a> {
@@ -133,587 +132,589 @@ pub fn train(
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<Summary> {
     let t0 = Instant::now();
-    let out_dir = cfg.run.out_dir.clone();
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-    let cleaned = checkpoint::clean_leftovers(&out_dir)?;
-    if cleaned != Cleaned::default() {
-        on_event(Event::Cleaned(&cleaned));
-    }
-    let resume = opts
-        .resume
-        .as_deref()
-        .map(checkpoint::resolve_resume)
-        .transpose()?;
-    let resume_dir = resume.as_ref().map(|r| r.checkpoint.as_path());
-    // A previous run in out_dir is refused now, and (with overwrite) removed only once this
-    // run has set up without error, just before it writes its first file.
-    let (changes, previous_run) = match resume_dir {
-        Some(dir) => (resume_changes(cfg, dir)?, vec![]),
-        None => (vec![], previous_run_files(&out_dir, cfg.run.overwrite)?),
-    };
+    let dir = RunDir::open(cfg, opts, on_event)?;
     let device = setup::device()?;
     let dtype = parse_dtype(&cfg.model.dtype).map_err(Error::Config)?;
 
     // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.
     // Streaming reads only a first look (the preflight's records) here; the rest as it trains.
-    let selection = setup::selection(cfg)?;
-    let (train_read, train_files, source_of) = match cfg.data.streaming {
-        true => {
-            let (read, files) = stream_preview(cfg, &selection)?;
-            (read, files, vec![])
-        }
-        false => read_all("data.train", &cfg.data.train, cfg)?,
-    };
-    let tok = match resume_dir {
+    let data = TrainData::read(cfg)?;
+    let tok = match dir.resume_dir() {
         Some(dir) => Tokenizer::from_path(dir)?,
-        None if cfg.data.streaming && cfg.tokenizer.build.is_some() => {
-            setup::tokenizer(cfg, &char_covering_records(cfg, &train_files, &selection)?)?
-        }
-        None => setup::tokenizer(cfg, &train_read.records)?,
+        None => setup::tokenizer(cfg, &data.tokenizer_corpus(cfg)?)?,
     };
     let template = setup::template(cfg, &tok)?;
-    let (train_records, source_of, val_records) = split_records(cfg, train_read, source_of)?;
-    let mixture = Mixture::new(cfg, source_of);
+    let data = data.split(cfg)?;
 
     // 3. Model.
-    let model = match resume_dir {
+    let model = match dir.resume_dir() {
         Some(dir) => setup::resumed_model(cfg, &tok, dir, dtype, &device)?,
         None => setup::model(cfg, &tok, dtype, &device)?,
     };
     setup::check_vocab(&model, &tok)?;
-    let max_len = cfg.data.max_len.unwrap_or(model.config().max_positions());
-    if max_len > model.config().max_positions() {
-        // Found mid-run otherwise, at the first sample longer than the model's context.
-        return Err(Error::Config(format!(
-            "data.max_len = {max_len} is longer than the model's context of {} positions",
-            model.config().max_positions()
-        )));
-    }
-    let render_opts = RenderOptions {
-        train_on: cfg.data.train_on,
-        max_len: Some(max_len),
-        length_policy: cfg.data.length_policy,
-        metadata_keep_prob: cfg.data.metadata_keep_prob,
-        seed: cfg.run.seed,
-        check_invariants: true,
-    };
-    let stochastic = train_records
-        .records
-        .iter()
-        .any(|r| matches!(r.sample, Sample::Poem(_)))
-        && cfg.data.metadata_keep_prob < 1.0
-        && cfg.data.metadata_keep_prob > 0.0;
+    let max_len = setup::max_len(cfg, &model)?;
 
-    // 4. Preflight: the data exactly as epoch 0 will see it.
-    let prep_cache = match cfg.data.cache && !cfg.data.streaming {
-        true => {
-            let dir = cfg
-                .data
-                .cache_dir
-                .clone()
-                .unwrap_or_else(|| out_dir.join("cache"));
-            let val_files: Vec<Vec<PathBuf>> = cfg
-                .data
-                .validation
-                .iter()
-                .map(setup::data_files)
-                .collect::<Result<_>>()?;
-            let key = prep_cache_key(cfg, &tok, max_len, &train_files, &val_files)?;
-            Some(PrepCache::open(&dir, key)?)
+    // 4. Preflight: the data exactly as epoch 0 will see it; the state to start from.
+    let feed = Feed::new(cfg, data, (&template, &tok), max_len)?;
+    let mut run = Run::start(
+        cfg,
+        opts,
+        (dir, t0),
+        (&tok, &template),
+        model,
+        feed,
+        on_event,
+    )?;
+
+    // 5. The loop.
+    while run.state.step < run.state.total_steps && !run.interrupted {
+        let step = run.feed.next_step()?;
+        run.step(step)?;
+        run.after_step()?;
+    }
+    run.finish()
+}
+
+/// Where a run writes and what it continues from: `run.out_dir` cleaned of a crashed run's
+/// leftovers, and the checkpoint `--resume` names with what the config changes since, or the
+/// files of a previous run that `run.overwrite` replaces.
+struct RunDir {
+    out_dir: PathBuf,
+    resume: Option<ResumeFrom>,
+    changes: Vec<ConfigChange>,
+    /// Removed only once this run has set up without error, just before it writes its first
+    /// file.
+    previous_run: Vec<PathBuf>,
+}
+
+impl RunDir {
+    fn open(
+        cfg: &TrainConfig,
+        opts: &RunOptions,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<RunDir> {
+        let out_dir = cfg.run.out_dir.clone();
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        let cleaned = checkpoint::clean_leftovers(&out_dir)?;
+        if cleaned != Cleaned::default() {
+            on_event(Event::Cleaned(&cleaned));
         }
-        false => None,
-    };
-    let mut epoch_cache = EpochCache::new(
-        &train_records,
-        &template,
-        &tok,
-        &render_opts,
-        prep_cache.as_ref(),
-    );
-    let first = epoch_cache.get(0, stochastic, mixture.as_ref(), cfg.run.seed)?;
+        let resume = opts
+            .resume
+            .as_deref()
+            .map(checkpoint::resolve_resume)
+            .transpose()?;
+        // A previous run in out_dir is refused now.
+        let (changes, previous_run) = match &resume {
+            Some(from) => (resume_changes(cfg, &from.checkpoint)?, vec![]),
+            None => (vec![], previous_run_files(&out_dir, cfg.run.overwrite)?),
+        };
+        Ok(RunDir {
+            out_dir,
+            resume,
+            changes,
+            previous_run,
+        })
+    }
+
+    fn resume_dir(&self) -> Option<&Path> {
+        self.resume.as_ref().map(|r| r.checkpoint.as_path())
+    }
+}
+
+/// A run's clocks: the whole run's (`elapsed_s`, over resumptions) and the step loop's
+/// (`train.max_time` counts it, over resumptions too).
+struct Clock {
+    t0: Instant,
+    elapsed_before: f64,
+    loop_start: Instant,
+    loop_before_s: f64,
+    loop_start_step: u64,
+    /// When the last logged step was, and the tokens since (`tokens_per_s`).
+    last_log: (Instant, usize),
+}
+
+impl Clock {
+    fn elapsed_s(&self) -> f64 {
+        self.elapsed_before + self.t0.elapsed().as_secs_f64()
+    }
+}
+
+/// A run in progress: what it trains, where it stands, and what it has logged and saved.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    stop: Option<&'a AtomicBool>,
+    on_event: &'a mut dyn FnMut(Event<'_>),
+    out_dir: PathBuf,
+    /// The checkpoint this run resumed from.
+    resumed_from: Option<PathBuf>,
+    tok: &'a Tokenizer,
+    template: &'a Template,
+    model: Model,
+    feed: Feed<'a>,
+    val: Option<Prepared>,
+    opt: AdamW,
+    grads: GradAccumulator,
+    state: TrainerState,
+    /// The export dtype, resolved once: the base directory may be gone by the time the run
+    /// exports.
+    save_dtype: DType,
+    metrics: MetricsLog,
+    clock: Clock,
+    budget: Option<Budget>,
+    /// Target tokens of the last step: a step without any learned nothing, and is neither
+    /// evaluated nor saved on schedule.
+    step_targets: usize,
+    last_train_loss: Option<f64>,
+    last_eval: Option<EvalMetrics>,
+    last_saved: Option<(u64, PathBuf)>,
+    /// Stopped through [`RunOptions::stop`] before the last step.
+    interrupted: bool,
+}
+
+impl<'a> Run<'a> {
+    /// The preflight, the state to start from (fresh, or the resumed checkpoint's), the
+    /// optimizer, and the run's config written into `out_dir`.
+    fn start(
+        cfg: &'a TrainConfig,
+        opts: &'a RunOptions,
+        (dir, t0): (RunDir, Instant),
+        (tok, template): (&'a Tokenizer, &'a Template),
+        model: Model,
+        mut feed: Feed<'a>,
+        on_event: &'a mut dyn FnMut(Event<'_>),
+    ) -> Result<Run<'a>> {
+        let (data_fingerprint, val) = preflight(&mut feed, &dir, on_event)?;
+        let mut state = start_state(cfg, &mut feed, &dir, data_fingerprint, on_event)?;
+        let save_dtype = match (&cfg.model.save_dtype, &state.save_dtype) {
+            (None, Some(saved)) => parse_dtype(saved).map_err(Error::Config)?,
+            _ => setup::save_dtype(cfg, &model)?,
+        };
+        state.save_dtype = Some(dtype_name(save_dtype));
+        let mut opt = AdamW::new(model.params(), &cfg.optim)?;
+        if let Some(dir) = dir.resume_dir() {
+            opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+            if opt.steps_taken() != state.step {
+                return Err(Error::Checkpoint(format!(
+                    "{}: optimizer state is at step {} but trainer state at step {}",
+                    dir.display(),
+                    opt.steps_taken(),
+                    state.step
+                )));
+            }
+        }
+        let out_dir = dir.out_dir;
+        std::fs::write(out_dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
+            .map_err(|e| Error::io(&out_dir, e))?;
+        let count = |ps: &[(String, candle_core::Var)]| -> usize {
+            ps.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
+        };
+        on_event(Event::Started {
+            total_steps: state.total_steps,
+            start_step: state.step,
+            n_params: count(model.params()),
+            n_frozen: count(model.frozen()),
+            out_dir: &out_dir,
+            device: setup::device_name(model.device()),
+        });
+        let metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"))?;
+        let clock = Clock {
+            t0,
+            elapsed_before: state.elapsed_s,
+            last_log: (Instant::now(), 0),
+            loop_start: Instant::now(),
+            loop_before_s: state.train_s,
+            loop_start_step: state.step,
+        };
+        let budget = cfg.train.max_time_s().map(|budget_s| Budget {
+            budget_s,
+            cap: cfg.train.max_steps.unwrap_or(u64::MAX),
+        });
+        // A resumed run continues its epoch where the checkpoint stood.
+        feed.seek(state.epoch, state.micro_batch)?;
+        Ok(Run {
+            cfg,
+            stop: opts.stop.as_deref(),
+            on_event,
+            out_dir,
+            resumed_from: dir.resume.map(|r| r.checkpoint),
+            tok,
+            template,
+            grads: GradAccumulator::new(model.params().len()),
+            model,
+            feed,
+            val,
+            opt,
+            state,
+            save_dtype,
+            metrics,
+            clock,
+            budget,
+            step_targets: 0,
+            last_train_loss: None,
+            last_eval: None,
+            last_saved: None,
+            interrupted: false,
+        })
+    }
+
+    /// One optimizer step: the micro-batches' gradients accumulated, clipped and applied; the
+    /// step logged.
+    fn step(&mut self, step: Step) -> Result<()> {
+        let Step {
+            batches,
+            samples,
+            epoch_progress,
+            epoch,
+            micro_batch,
+        } = step;
+        let cfg = self.cfg;
+        let targets: usize = batches.iter().map(|b| b.n_targets).sum();
+        self.step_targets = targets;
+        if targets == 0 {
+            // Every sample keeps at least one target, so this needs a step made only of
+            // one-token samples; nothing is learned from it and nothing is updated.
+            (self.state.epoch, self.state.micro_batch) = (epoch, micro_batch);
+            return Ok(());
+        }
+        let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let positions: usize = batches.iter().map(|b| b.batch_size * b.seq_len).sum();
+        let scale = 1.0 / targets as f64;
+        let mut stats = LossStats::default();
+        for (k, batch) in batches.iter().enumerate() {
+            let seed = dropout_seed(cfg.run.seed, self.state.step, k as u64);
+            stats.add(accumulate_micro_batch(
+                &self.model,
+                batch,
+                scale,
+                Some(seed),
+                &mut self.grads,
+            )?);
+        }
+        let loss = stats.mean();
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                what: format!("loss at step {}", self.state.step + 1),
+                value: loss,
+            });
+        }
+        let state = &mut self.state;
+        let lr = cfg.schedule.lr(cfg.optim.lr, state.step, state.total_steps);
+        let step_stats = self.opt.step(&self.grads.take(), lr)?;
+        self.last_train_loss = Some(loss);
+        state.step += 1;
+        (state.epoch, state.micro_batch) = (epoch, micro_batch);
+        state.samples_seen += samples as u64;
+        state.tokens_seen += tokens as u64;
+        state.target_tokens_seen += targets as u64;
+        let clock = &mut self.clock;
+        clock.last_log.1 += tokens;
+        let segment_s = clock.loop_start.elapsed().as_secs_f64();
+        state.train_s = clock.loop_before_s + segment_s;
+        if let Some(b) = &self.budget {
+            let eval_due = cfg
+                .run
+                .eval_every
+                .is_some_and(|n| state.step.is_multiple_of(n));
+            let per_step_s = segment_s / (state.step - clock.loop_start_step) as f64;
+            let at = (
+                state.step - clock.loop_start_step,
+                state.step,
+                state.total_steps,
+            );
+            if let Some((total, replan)) = b.replan(at, state.train_s, per_step_s, eval_due) {
+                (self.on_event)(Event::Replanned {
+                    total_steps: (state.total_steps, total),
+                    why: &replan,
+                });
+                state.total_steps = total;
+            }
+        }
+        let m = StepMetrics {
+            step: state.step,
+            epoch: epoch_progress,
+            loss,
+            lr,
+            grad_norm: step_stats.grad_norm,
+            tokens_per_s: clock.last_log.1 as f64
+                / clock.last_log.0.elapsed().as_secs_f64().max(1e-9),
+            target_tokens: targets,
+            tokens,
+            positions,
+            elapsed_s: clock.elapsed_s(),
+        };
+        (self.on_event)(Event::Step(&m));
+        if state.step.is_multiple_of(cfg.run.log_every) || state.step == state.total_steps {
+            self.metrics.write("train", &m)?;
+            state.last_metrics = Some(serde_json::to_value(&m).expect("serialisable"));
+            clock.last_log = (Instant::now(), 0);
+        }
+        Ok(())
+    }
+
+    /// What follows a step: evaluation (with early stopping and `best`) and sample
+    /// generations when due or at the end, a checkpoint when due, at the end or on a stop
+    /// signal.
+    fn after_step(&mut self) -> Result<()> {
+        let (step, targets) = (self.state.step, self.step_targets);
+        let due = |every: Option<u64>| every.is_some_and(|n| step % n == 0 && targets > 0);
+        if due(self.cfg.run.eval_every) || step >= self.state.total_steps {
+            self.evaluate()?;
+            self.generate_samples()?;
+        }
+        // Early stopping may have ended the run at this step.
+        let at_end = step >= self.state.total_steps;
+        let stop = !at_end && self.stop.is_some_and(|s| s.load(Ordering::SeqCst));
+        let saved_now = self.last_saved.as_ref().is_some_and(|(s, _)| *s == step);
+        if due(self.cfg.run.save_every) || at_end || (stop && !saved_now) {
+            self.state.elapsed_s = self.clock.elapsed_s();
+            let cfg = self.cfg;
+            let path = save_checkpoint(
+                &self.out_dir,
+                &self.model,
+                self.tok,
+                &self.opt,
+                &self.state,
+                cfg,
+            )?;
+            (self.on_event)(Event::Checkpoint { step, path: &path });
+            self.last_saved = Some((step, path));
+        }
+        self.interrupted = stop;
+        Ok(())
+    }
+
+    /// The validation loss, logged; early stopping's count; `best` saved on a new best.
+    fn evaluate(&mut self) -> Result<()> {
+        let Some(val) = &self.val else {
+            return Ok(());
+        };
+        let cfg = self.cfg;
+        let state = &mut self.state;
+        let e = eval::evaluate(
+            &self.model,
+            val,
+            cfg.eval.batch_size.unwrap_or(cfg.train.batch_size),
+            setup::pad_id(self.tok),
+            (state.step, state.epoch),
+            &|| self.clock.elapsed_s(),
+        )?;
+        self.metrics.write("eval", &e)?;
+        (self.on_event)(Event::Eval(&e));
+        if let Some(es) = &cfg.train.early_stopping {
+            let improved = state
+                .best_val_loss
+                .is_none_or(|b| e.val_loss < b - es.min_delta);
+            state.evals_without_improvement = if improved {
+                0
+            } else {
+                state.evals_without_improvement + 1
+            };
+            if state.evals_without_improvement >= es.patience && state.step < state.total_steps {
+                (self.on_event)(Event::Replanned {
+                    total_steps: (state.total_steps, state.step),
+                    why: &Replan::EarlyStopping {
+                        evaluations: state.evals_without_improvement,
+                        best_val_loss: state.best_val_loss.unwrap_or(f64::NAN),
+                        best_step: state.best_step.unwrap_or(0),
+                    },
+                });
+                state.total_steps = state.step;
+            }
+        }
+        if state.best_val_loss.is_none_or(|b| e.val_loss < b) {
+            state.best_val_loss = Some(e.val_loss);
+            state.best_step = Some(state.step);
+            let best = self.out_dir.join("best");
+            checkpoint::write_atomically(&best, |d| {
+                export(&self.model, self.save_dtype, self.tok, cfg, state, d)
+            })?;
+            (self.on_event)(Event::Checkpoint {
+                step: state.step,
+                path: &best,
+            });
+        }
+        self.last_eval = Some(e);
+        Ok(())
+    }
+
+    /// Generations for `eval.samples`, reported and appended to `samples.jsonl`.
+    fn generate_samples(&mut self) -> Result<()> {
+        if self.cfg.eval.samples.is_empty() {
+            return Ok(());
+        }
+        let samples = eval::sample_generations(
+            &self.model,
+            self.tok,
+            self.template,
+            &self.cfg.eval,
+            self.cfg.run.seed,
+        )?;
+        for (prompt, text) in samples {
+            (self.on_event)(Event::Sample {
+                step: self.state.step,
+                prompt: &prompt,
+                text: &text,
+            });
+            append_sample(&self.out_dir, self.state.step, &prompt, &text)?;
+        }
+        Ok(())
+    }
+
+    /// The deliverable: the final weights in the export dtype (not for an interrupted run), a
+    /// loss plot, and the summary.
+    fn finish(mut self) -> Result<Summary> {
+        let out_dir = self.out_dir;
+        let final_model = out_dir.join("final");
+        let state = &mut self.state;
+        state.elapsed_s = self.clock.elapsed_s();
+        if !self.interrupted {
+            checkpoint::write_atomically(&final_model, |d| {
+                export(&self.model, self.save_dtype, self.tok, self.cfg, state, d)
+            })?;
+        }
+        let metrics_path = out_dir.join("metrics.jsonl");
+        let (train_series, val_series) = metrics::read_loss_series(&metrics_path)?;
+        let plot_path = out_dir.join("loss.svg");
+        let title = format!("{} ({} steps)", out_dir.display(), state.step);
+        std::fs::write(
+            &plot_path,
+            plot::loss_svg(&title, &train_series, &val_series),
+        )
+        .map_err(|e| Error::io(&plot_path, e))?;
+        let last_checkpoint = match (self.last_saved, self.resumed_from) {
+            (Some((_, p)), _) => p,
+            (None, Some(from)) => from,
+            (None, None) => final_model.clone(),
+        };
+        Ok(Summary {
+            out_dir,
+            steps: state.step,
+            final_train_loss: self.last_train_loss,
+            final_val_loss: self.last_eval.as_ref().map(|e| e.val_loss),
+            final_val_accuracy: self.last_eval.as_ref().map(|e| e.val_token_accuracy),
+            best_val_loss: state.best_val_loss,
+            best_step: state.best_step,
+            last_checkpoint,
+            final_model,
+            metrics: metrics_path,
+            plot: plot_path,
+            elapsed_s: state.elapsed_s,
+            interrupted: self.interrupted,
+        })
+    }
+}
+
+/// The preflight: epoch 0's report (and a mixture's sources) reported and written into
+/// `out_dir`, a previous run's files removed (now that setting up succeeded), the validation
+/// set rendered. Returns the fingerprint of the training data and the validation set.
+fn preflight(
+    feed: &mut Feed<'_>,
+    dir: &RunDir,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<(String, Option<Prepared>)> {
+    let first = feed.preflight()?;
     on_event(Event::Preflight {
         split: "train",
-        report: &first.data.report,
+        report: first.report,
     });
-    if !previous_run.is_empty() {
-        remove_run_files(&previous_run)?;
+    if !dir.previous_run.is_empty() {
+        remove_run_files(&dir.previous_run)?;
         on_event(Event::Overwrote {
-            removed: &previous_run,
+            removed: &dir.previous_run,
         });
     }
-    write_json(&out_dir.join("preflight.json"), &first.data.report)?;
-    if let (Some(m), Some(view)) = (&mixture, first.order) {
-        let sources = m.report(&train_records, first.data, view);
-        on_event(Event::Mixture { sources: &sources });
-        write_json(&out_dir.join("mixture.json"), &sources)?;
+    write_json(&dir.out_dir.join("preflight.json"), first.report)?;
+    if let Some(sources) = &first.mixture {
+        on_event(Event::Mixture { sources });
+        write_json(&dir.out_dir.join("mixture.json"), sources)?;
     }
-    let first = first.data;
-    if first.samples.is_empty() {
+    if first.samples == 0 {
         return Err(Error::Config(
             "no training sample survived rendering; see the preflight report".into(),
         ));
     }
-    let data_fingerprint =
-        checkpoint::fingerprint(first.samples.iter().map(|(_, r)| ids_bytes(r.ids())));
-    if let Some(c) = &prep_cache {
-        on_event(Event::DataCache {
-            dir: c.dir(),
-            hit: epoch_cache.hits > 0,
+    if let Some((dir, hit)) = first.cache {
+        on_event(Event::DataCache { dir, hit });
+    }
+    let fingerprint = first.fingerprint;
+    let val = feed.validation()?;
+    if let Some(v) = &val {
+        on_event(Event::Preflight {
+            split: "validation",
+            report: &v.report,
         });
     }
-    let val = match &val_records {
-        Some(records) => {
-            let p = prepare_cached(
-                prep_cache.as_ref(),
-                "validation",
-                records,
-                &template,
-                &tok,
-                &render_opts,
-                0,
-            )?;
-            on_event(Event::Preflight {
-                split: "validation",
-                report: &p.report,
-            });
-            Some(p)
-        }
-        None => None,
-    };
+    Ok((fingerprint, val))
+}
 
-    let plan_opts = BatchPlanOptions {
-        batch_size: cfg.train.batch_size,
-        packing: cfg.data.packing,
-        pack_len: max_len,
-        group_by_length: cfg.data.group_by_length,
-        shuffle: cfg.data.shuffle,
-        seed: cfg.run.seed,
-        drop_last: false,
+/// The state a run starts from: step 0, or the resumed checkpoint's. The schedule's length is
+/// planned at the start and kept in the state, so a resumed run follows the same curve; a
+/// resumed run with a new `max_steps` or `epochs` plans it anew, as the HF Trainer does.
+fn start_state(
+    cfg: &TrainConfig,
+    feed: &mut Feed<'_>,
+    dir: &RunDir,
+    data_fingerprint: String,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<TrainerState> {
+    let Some(from) = &dir.resume else {
+        return Ok(TrainerState {
+            step: 0,
+            total_steps: feed.total_steps(cfg.train.max_steps, cfg.train.epochs)?,
+            epoch: 0,
+            micro_batch: 0,
+            samples_seen: 0,
+            tokens_seen: 0,
+            target_tokens_seen: 0,
+            seed: cfg.run.seed,
+            rng: RNG_NOTE.into(),
+            data_fingerprint,
+            best_val_loss: None,
+            best_step: None,
+            last_metrics: None,
+            elapsed_s: 0.0,
+            sft_version: env!("CARGO_PKG_VERSION").into(),
+            save_dtype: None,
+            train_s: 0.0,
+            evals_without_improvement: 0,
+        });
     };
-    let accum = cfg.train.grad_accum;
-    let mut stream = cfg.data.streaming.then(|| {
-        StreamFeed::new(
-            train_files.iter().flatten().cloned().collect(),
-            cfg.data.format,
-            invalid_policy(cfg),
-            &template,
-            &tok,
-            &render_opts,
-            cfg.train.batch_size,
-            cfg.data.packing.then_some(max_len),
-            cfg.data.shuffle_buffer,
-            cfg.run.seed,
-            &selection,
-        )
+    let ck = &from.checkpoint;
+    let mut s = TrainerState::read(ck)?;
+    if s.data_fingerprint != data_fingerprint {
+        return Err(Error::Checkpoint(format!(
+            "{}: the training data differs from the data this run started with (fingerprint {} vs {}); start a new run instead of resuming",
+            ck.display(),
+            s.data_fingerprint,
+            data_fingerprint
+        )));
+    }
+    let before = s.total_steps;
+    let total = match cfg.train.max_time_s() {
+        // The budget's estimate stands (the loop re-estimates it); `max_steps` caps it.
+        Some(_) => s.total_steps.min(cfg.train.max_steps.unwrap_or(u64::MAX)),
+        None => feed.total_steps(cfg.train.max_steps, cfg.train.epochs)?,
+    };
+    if total < s.step {
+        return Err(Error::Config(format!(
+            "{}: the checkpoint is at step {}, past the new schedule's total of {total} steps (train.max_steps / train.epochs)",
+            ck.display(),
+            s.step
+        )));
+    }
+    s.total_steps = total;
+    let mut dropped_log_lines = 0;
+    for log in ["metrics.jsonl", "samples.jsonl"] {
+        dropped_log_lines += metrics::drop_after(&dir.out_dir.join(log), s.step)?;
+    }
+    on_event(Event::Resumed {
+        from,
+        changes: &dir.changes,
+        total_steps: (before, total),
+        dropped_log_lines,
     });
-    let steps_in_epoch = |plan_len: usize| plan_len.div_ceil(accum) as u64;
-
-    // The schedule's length: planned at the start and kept in the state, so a resumed run follows
-    // the same curve; a resumed run with a new `max_steps` or `epochs` plans it anew, as the HF
-    // Trainer does.
-    let planned_total = |epoch_cache: &mut EpochCache| -> Result<u64> {
-        if let Some(n) = cfg.train.max_steps {
-            return Ok(n);
-        }
-        if cfg.data.streaming {
-            // Only under a time budget (validated), which estimates the total after a few steps.
-            return Ok(u64::MAX);
-        }
-        let mut total = 0;
-        for e in 0..cfg.train.epochs {
-            let lengths = epoch_cache
-                .get(
-                    e,
-                    stochastic && cfg.data.packing,
-                    mixture.as_ref(),
-                    cfg.run.seed,
-                )?
-                .lengths();
-            total += steps_in_epoch(plan_epoch(&lengths, &plan_opts, e)?.len());
-        }
-        Ok(total)
-    };
-    let mut state = match &resume {
-        Some(from) => {
-            let dir = &from.checkpoint;
-            let mut s = TrainerState::read(dir)?;
-            if s.data_fingerprint != data_fingerprint {
-                return Err(Error::Checkpoint(format!(
-                    "{}: the training data differs from the data this run started with (fingerprint {} vs {}); start a new run instead of resuming",
-                    dir.display(),
-                    s.data_fingerprint,
-                    data_fingerprint
-                )));
-            }
-            let before = s.total_steps;
-            let total = match cfg.train.max_time_s() {
-                // The budget's estimate stands (the loop re-estimates it); `max_steps` caps it.
-                Some(_) => s.total_steps.min(cfg.train.max_steps.unwrap_or(u64::MAX)),
-                None => planned_total(&mut epoch_cache)?,
-            };
-            if total < s.step {
-                return Err(Error::Config(format!(
-                    "{}: the checkpoint is at step {}, past the new schedule's total of {total} steps (train.max_steps / train.epochs)",
-                    dir.display(),
-                    s.step
-                )));
-            }
-            s.total_steps = total;
-            let mut dropped_log_lines = 0;
-            for log in ["metrics.jsonl", "samples.jsonl"] {
-                dropped_log_lines += crate::metrics::drop_after(&out_dir.join(log), s.step)?;
-            }
-            on_event(Event::Resumed {
-                from,
-                changes: &changes,
-                total_steps: (before, total),
-                dropped_log_lines,
-            });
-            s
-        }
-        None => {
-            let total_steps = planned_total(&mut epoch_cache)?;
-            TrainerState {
-                step: 0,
-                total_steps,
-                epoch: 0,
-                micro_batch: 0,
-                samples_seen: 0,
-                tokens_seen: 0,
-                target_tokens_seen: 0,
-                seed: cfg.run.seed,
-                rng: RNG_NOTE.into(),
-                data_fingerprint,
-                best_val_loss: None,
-                best_step: None,
-                last_metrics: None,
-                elapsed_s: 0.0,
-                sft_version: env!("CARGO_PKG_VERSION").into(),
-                save_dtype: None,
-                train_s: 0.0,
-                evals_without_improvement: 0,
-            }
-        }
-    };
-    // Resolved once: the base directory may be gone by the time the run exports.
-    let save_dtype = match (&cfg.model.save_dtype, &state.save_dtype) {
-        (None, Some(saved)) => parse_dtype(saved).map_err(Error::Config)?,
-        _ => setup::save_dtype(cfg, &model)?,
-    };
-    state.save_dtype = Some(crate::config::dtype_name(save_dtype));
-
-    let mut opt = AdamW::new(model.params(), &cfg.optim)?;
-    if let Some(dir) = resume_dir {
-        opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
-        if opt.steps_taken() != state.step {
-            return Err(Error::Checkpoint(format!(
-                "{}: optimizer state is at step {} but trainer state at step {}",
-                dir.display(),
-                opt.steps_taken(),
-                state.step
-            )));
-        }
-    }
-    std::fs::write(out_dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
-        .map_err(|e| Error::io(&out_dir, e))?;
-    let count = |ps: &[(String, candle_core::Var)]| -> usize {
-        ps.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
-    };
-    on_event(Event::Started {
-        total_steps: state.total_steps,
-        start_step: state.step,
-        n_params: count(model.params()),
-        n_frozen: count(model.frozen()),
-        out_dir: &out_dir,
-        device: setup::device_name(&device),
-    });
-
-    // 5. The loop.
-    let mut metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"))?;
-    let elapsed_before = state.elapsed_s;
-    let mut last_log = (Instant::now(), 0usize);
-    let mut last_train_loss = None;
-    let mut last_eval: Option<EvalMetrics> = None;
-    let mut last_saved: Option<(u64, PathBuf)> = None;
-    let mut interrupted = false;
-    let mut grads = GradAccumulator::new(model.params().len());
-    let mut plan_cache: Option<(u64, Vec<Vec<Vec<usize>>>)> = None;
-    // The loop's clock (`train.max_time` counts it, over resumptions too).
-    let (loop_start, loop_before_s, loop_start_step) = (Instant::now(), state.train_s, state.step);
-    let budget = cfg.train.max_time_s().map(|budget_s| Budget {
-        budget_s,
-        cap: cfg.train.max_steps.unwrap_or(u64::MAX),
-    });
-    if let Some(feed) = stream.as_mut() {
-        // A resumed run replays its epoch up to where the checkpoint stood.
-        feed.seek(state.epoch, state.micro_batch)?;
-    }
-    while state.step < state.total_steps {
-        let pad_id = setup::pad_id(&tok);
-        // The step's micro-batches, its sample count, where the epoch stands after it, and the
-        // epoch's length in micro-batches (unknown when streaming).
-        let (batches, step_samples, end, epoch_len) = match stream.as_mut() {
-            Some(feed) => {
-                let mut batches = Vec::with_capacity(accum);
-                let mut samples = 0;
-                while batches.len() < accum {
-                    let Some((rows, n)) = feed.next_micro_batch()? else {
-                        break;
-                    };
-                    let rows: Vec<Vec<&Rendered>> =
-                        rows.iter().map(|r| r.iter().collect()).collect();
-                    batches.push(collate(&rows, pad_id, None));
-                    samples += n;
-                }
-                if batches.is_empty() {
-                    if feed.position == 0 {
-                        return Err(Error::Config(
-                            "data.streaming: no training sample survived rendering".into(),
-                        ));
-                    }
-                    feed.next_epoch();
-                    state.epoch += 1;
-                    state.micro_batch = 0;
-                    continue;
-                }
-                (batches, samples, feed.position, None)
-            }
-            None => {
-                let epoch_data =
-                    epoch_cache.get(state.epoch, stochastic, mixture.as_ref(), cfg.run.seed)?;
-                // Planned once an epoch (packing 240k samples takes about 60 ms).
-                if plan_cache.as_ref().is_none_or(|(e, _)| *e != state.epoch) {
-                    let plan = plan_epoch(&epoch_data.lengths(), &plan_opts, state.epoch)?;
-                    plan_cache = Some((state.epoch, plan));
-                }
-                let plan = &plan_cache.as_ref().expect("planned above").1;
-                if state.micro_batch >= plan.len() {
-                    state.epoch += 1;
-                    state.micro_batch = 0;
-                    continue;
-                }
-                let end = (state.micro_batch + accum).min(plan.len());
-                let batches: Vec<_> = plan[state.micro_batch..end]
-                    .iter()
-                    .map(|rows| {
-                        let rows: Vec<Vec<&Rendered>> = rows
-                            .iter()
-                            .map(|row| row.iter().map(|&i| epoch_data.sample(i)).collect())
-                            .collect();
-                        collate(&rows, pad_id, None)
-                    })
-                    .collect();
-                let samples: usize = plan[state.micro_batch..end]
-                    .iter()
-                    .flatten()
-                    .map(|row| row.len())
-                    .sum();
-                (batches, samples, end, Some(plan.len()))
-            }
-        };
-        let step_targets: usize = batches.iter().map(|b| b.n_targets).sum();
-        let step_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
-        let step_positions: usize = batches.iter().map(|b| b.batch_size * b.seq_len).sum();
-        let mut stats = LossStats::default();
-        if step_targets > 0 {
-            let scale = 1.0 / step_targets as f64;
-            for (k, batch) in batches.iter().enumerate() {
-                let dropout_seed = Some(mix(cfg.run.seed, state.step, k as u64));
-                stats.add(accumulate_micro_batch(
-                    &model,
-                    batch,
-                    scale,
-                    dropout_seed,
-                    &mut grads,
-                )?);
-            }
-            let loss = stats.mean();
-            if !loss.is_finite() {
-                return Err(Error::NonFinite {
-                    what: format!("loss at step {}", state.step + 1),
-                    value: loss,
-                });
-            }
-            let lr = cfg.schedule.lr(cfg.optim.lr, state.step, state.total_steps);
-            let step_stats = opt.step(&grads.take(), lr)?;
-            last_train_loss = Some(loss);
-            state.step += 1;
-            state.micro_batch = end;
-            state.samples_seen += step_samples as u64;
-            state.tokens_seen += step_tokens as u64;
-            state.target_tokens_seen += step_targets as u64;
-            last_log.1 += step_tokens;
-            let segment_s = loop_start.elapsed().as_secs_f64();
-            state.train_s = loop_before_s + segment_s;
-            if let Some(b) = &budget {
-                let eval_due = cfg.run.eval_every.is_some_and(|n| state.step % n == 0);
-                let per_step_s = segment_s / (state.step - loop_start_step) as f64;
-                let at = (state.step - loop_start_step, state.step, state.total_steps);
-                if let Some((total, replan)) = b.replan(at, state.train_s, per_step_s, eval_due) {
-                    on_event(Event::Replanned {
-                        total_steps: (state.total_steps, total),
-                        why: &replan,
-                    });
-                    state.total_steps = total;
-                }
-            }
-            let m = StepMetrics {
-                step: state.step,
-                epoch: state.epoch as f64 + epoch_len.map_or(0.0, |n| end as f64 / n as f64),
-                loss,
-                lr,
-                grad_norm: step_stats.grad_norm,
-                tokens_per_s: last_log.1 as f64 / last_log.0.elapsed().as_secs_f64().max(1e-9),
-                target_tokens: step_targets,
-                tokens: step_tokens,
-                positions: step_positions,
-                elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
-            };
-            on_event(Event::Step(&m));
-            if state.step % cfg.run.log_every == 0 || state.step == state.total_steps {
-                metrics.write("train", &m)?;
-                state.last_metrics = Some(serde_json::to_value(&m).expect("serialisable"));
-                last_log = (Instant::now(), 0);
-            }
-        } else {
-            // Every sample keeps at least one target, so this needs a step made only of
-            // one-token samples; nothing is learned from it and nothing is updated.
-            state.micro_batch = end;
-        }
-        if epoch_len.is_some_and(|n| state.micro_batch >= n) {
-            state.epoch += 1;
-            state.micro_batch = 0;
-        }
-        let at_end = state.step >= state.total_steps;
-        let eval_due = cfg
-            .run
-            .eval_every
-            .is_some_and(|n| state.step % n == 0 && step_targets > 0);
-        if let Some(val) = &val {
-            if eval_due || at_end {
-                let e = evaluate(
-                    &model,
-                    val,
-                    cfg,
-                    &tok,
-                    state.step,
-                    state.epoch,
-                    t0,
-                    elapsed_before,
-                )?;
-                metrics.write("eval", &e)?;
-                on_event(Event::Eval(&e));
-                if let Some(es) = &cfg.train.early_stopping {
-                    let improved = state
-                        .best_val_loss
-                        .is_none_or(|b| e.val_loss < b - es.min_delta);
-                    state.evals_without_improvement = if improved {
-                        0
-                    } else {
-                        state.evals_without_improvement + 1
-                    };
-                    if state.evals_without_improvement >= es.patience
-                        && state.step < state.total_steps
-                    {
-                        on_event(Event::Replanned {
-                            total_steps: (state.total_steps, state.step),
-                            why: &Replan::EarlyStopping {
-                                evaluations: state.evals_without_improvement,
-                                best_val_loss: state.best_val_loss.unwrap_or(f64::NAN),
-                                best_step: state.best_step.unwrap_or(0),
-                            },
-                        });
-                        state.total_steps = state.step;
-                    }
-                }
-                if state.best_val_loss.is_none_or(|b| e.val_loss < b) {
-                    state.best_val_loss = Some(e.val_loss);
-                    state.best_step = Some(state.step);
-                    let best = out_dir.join("best");
-                    checkpoint::write_atomically(&best, |d| {
-                        export(&model, save_dtype, &tok, cfg, &state, d)
-                    })?;
-                    on_event(Event::Checkpoint {
-                        step: state.step,
-                        path: &best,
-                    });
-                }
-                last_eval = Some(e);
-            }
-        }
-        if (eval_due || at_end) && !cfg.eval.samples.is_empty() {
-            for (prompt, text) in
-                setup::sample_generations(&model, &tok, &template, &cfg.eval, cfg.run.seed)?
-            {
-                on_event(Event::Sample {
-                    step: state.step,
-                    prompt: &prompt,
-                    text: &text,
-                });
-                append_sample(&out_dir, state.step, &prompt, &text)?;
-            }
-        }
-        // Early stopping may have ended the run at this step.
-        let at_end = state.step >= state.total_steps;
-        let save_due = cfg
-            .run
-            .save_every
-            .is_some_and(|n| state.step % n == 0 && step_targets > 0);
-        let stop = !at_end && opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-        let saved_now = last_saved.as_ref().is_some_and(|(s, _)| *s == state.step);
-        if save_due || at_end || (stop && !saved_now) {
-            state.elapsed_s = elapsed_before + t0.elapsed().as_secs_f64();
-            let path = save_checkpoint(&out_dir, &model, &tok, &opt, &state, cfg)?;
-            on_event(Event::Checkpoint {
-                step: state.step,
-                path: &path,
-            });
-            last_saved = Some((state.step, path));
-        }
-        if stop {
-            interrupted = true;
-            break;
-        }
-    }
-
-    // The deliverable: the final weights in the export dtype (not for an interrupted run), a
-    // loss plot.
-    let final_model = out_dir.join("final");
-    state.elapsed_s = elapsed_before + t0.elapsed().as_secs_f64();
-    if !interrupted {
-        checkpoint::write_atomically(&final_model, |d| {
-            export(&model, save_dtype, &tok, cfg, &state, d)
-        })?;
-    }
-    let metrics_path = out_dir.join("metrics.jsonl");
-    let (train_series, val_series) = crate::metrics::read_loss_series(&metrics_path)?;
-    let plot_path = out_dir.join("loss.svg");
-    let title = format!("{} ({} steps)", out_dir.display(), state.step);
-    std::fs::write(
-        &plot_path,
-        plot::loss_svg(&title, &train_series, &val_series),
-    )
-    .map_err(|e| Error::io(&plot_path, e))?;
-    let last_checkpoint = match (last_saved, &resume) {
-        (Some((_, p)), _) => p,
-        (None, Some(from)) => from.checkpoint.clone(),
-        (None, None) => final_model.clone(),
-    };
-    Ok(Summary {
-        out_dir,
-        steps: state.step,
-        final_train_loss: last_train_loss,
-        final_val_loss: last_eval.as_ref().map(|e| e.val_loss),
-        final_val_accuracy: last_eval.as_ref().map(|e| e.val_token_accuracy),
-        best_val_loss: state.best_val_loss,
-        best_step: state.best_step,
-        last_checkpoint,
-        final_model,
-        metrics: metrics_path,
-        plot: plot_path,
-        elapsed_s: state.elapsed_s,
-        interrupted,
-    })
+    Ok(s)
 }
 
 /// The resumable checkpoint of the current step (training dtype, optimizer state), written
@@ -741,12 +742,7 @@ fn save_checkpoint(
 
 /// The model's weights in `dtype`, or with LoRA its adapter (in the training dtype, as PEFT
 /// keeps adapters in full precision).
-fn save_weights(
-    model: &Model,
-    dir: &Path,
-    dtype: candle_core::DType,
-    cfg: &TrainConfig,
-) -> Result<()> {
+fn save_weights(model: &Model, dir: &Path, dtype: DType, cfg: &TrainConfig) -> Result<()> {
     match model.lora() {
         Some(_) => model.save_adapter(dir, &setup::base_name(cfg))?,
         None => model.save(dir, dtype)?,
@@ -896,7 +892,7 @@ impl Budget {
 /// Weights in the export dtype, tokenizer, config and state: a directory `transformers` loads.
 fn export(
     model: &Model,
-    save_dtype: candle_core::DType,
+    save_dtype: DType,
     tok: &Tokenizer,
     cfg: &TrainConfig,
     state: &TrainerState,
@@ -907,479 +903,6 @@ fn export(
     state.write(dir)?;
     std::fs::write(dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
         .map_err(|e| Error::io(dir, e))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn evaluate(
-    model: &Model,
-    val: &Prepared,
-    cfg: &TrainConfig,
-    tok: &Tokenizer,
-    step: u64,
-    epoch: u64,
-    t0: Instant,
-    elapsed_before: f64,
-) -> Result<EvalMetrics> {
-    let stats = evaluate_prepared(
-        model,
-        val,
-        cfg.eval.batch_size.unwrap_or(cfg.train.batch_size),
-        setup::pad_id(tok),
-    )?;
-    Ok(EvalMetrics {
-        step,
-        epoch: epoch as f64,
-        val_loss: stats.mean(),
-        val_token_accuracy: stats.accuracy(),
-        val_targets: stats.n_targets,
-        elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
-    })
-}
-
-/// Loss over every target token of a prepared set: sum over targets / number of targets.
-pub fn evaluate_prepared(
-    model: &Model,
-    data: &Prepared,
-    batch_size: usize,
-    pad_id: u32,
-) -> Result<LossStats> {
-    let eval_model = model.detached();
-    let mut stats = LossStats::default();
-    // Sorting by length keeps padding low; the sum does not depend on the order.
-    let mut order: Vec<usize> = (0..data.samples.len()).collect();
-    order.sort_by_key(|&i| data.samples[i].1.len());
-    for chunk in order.chunks(batch_size.max(1)) {
-        let rows: Vec<Vec<&Rendered>> = chunk.iter().map(|&i| vec![&data.samples[i].1]).collect();
-        let batch = collate(&rows, pad_id, None);
-        stats.add(evaluate_batch(&eval_model, &batch)?);
-    }
-    Ok(stats)
-}
-
-/// Reads every source of `data.train` (or `data.validation`) in order. Returns the records and,
-/// per source, the files it read (a record's file tells which source it came from).
-fn read_all(
-    key: &str,
-    sources: &[DataSource],
-    cfg: &TrainConfig,
-) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>, Vec<usize>)> {
-    let policy = invalid_policy(cfg);
-    let mut all: Option<ReadOutcome> = None;
-    let mut files_per_source = Vec::with_capacity(sources.len());
-    let mut source_of = Vec::new();
-    for (i, source) in sources.iter().enumerate() {
-        let files =
-            setup::data_files(source).map_err(|e| Error::Config(format!("{key}[{i}]: {e}")))?;
-        let selection = setup::source_selection(cfg, source)?;
-        for f in &files {
-            let mut r = read_records(f, cfg.data.format, policy)?;
-            selection.apply_all(&mut r)?;
-            source_of.resize(source_of.len() + r.records.len(), i);
-            match all.as_mut() {
-                None => all = Some(r),
-                Some(a) => a.extend(r),
-            }
-        }
-        files_per_source.push(files);
-    }
-    let all = all.ok_or_else(|| {
-        Error::Config("data.train: at least one training file is required".into())
-    })?;
-    Ok((all, files_per_source, source_of))
-}
-
-fn invalid_policy(cfg: &TrainConfig) -> InvalidPolicy {
-    if cfg.data.skip_invalid {
-        InvalidPolicy::Skip
-    } else {
-        InvalidPolicy::Error
-    }
-}
-
-/// A streamed run's first look at its data: the first `data.shuffle_buffer` records (what the
-/// preflight report describes), and the files of every source.
-fn stream_preview(
-    cfg: &TrainConfig,
-    selection: &Selection,
-) -> Result<(ReadOutcome, Vec<Vec<PathBuf>>)> {
-    let files: Vec<Vec<PathBuf>> = cfg
-        .data
-        .train
-        .iter()
-        .map(setup::data_files)
-        .collect::<Result<_>>()?;
-    let mut stream = RecordStream::new(
-        files.iter().flatten().cloned().collect(),
-        cfg.data.format,
-        invalid_policy(cfg),
-    );
-    let mut out = ReadOutcome::default();
-    for record in stream.by_ref() {
-        let mut record = record?;
-        if !selection.apply(&mut record)? {
-            out.filtered_out += 1;
-            continue;
-        }
-        *out.per_format.entry(record.format).or_default() += 1;
-        out.records.push(record);
-        if out.records.len() == cfg.data.shuffle_buffer {
-            break;
-        }
-    }
-    out.skipped = std::mem::take(&mut stream.skipped);
-    out.blank_lines = stream.blank_lines;
-    Ok((out, files))
-}
-
-/// For a char tokenizer built from streamed data: one pass over every record, keeping only
-/// those that bring a character not seen before (a char vocabulary is the set of characters, so
-/// these give the same one as the whole corpus) and the first of each kind of sample.
-fn char_covering_records(
-    cfg: &TrainConfig,
-    files: &[Vec<PathBuf>],
-    selection: &Selection,
-) -> Result<Vec<Record>> {
-    let mut seen = std::collections::HashSet::new();
-    let mut kinds = std::collections::HashSet::new();
-    let mut keep = Vec::new();
-    let stream = RecordStream::new(
-        files.iter().flatten().cloned().collect(),
-        cfg.data.format,
-        invalid_policy(cfg),
-    );
-    for record in stream {
-        let mut record = record?;
-        if !selection.apply(&mut record)? {
-            continue;
-        }
-        let mut new = kinds.insert(std::mem::discriminant(&record.sample));
-        for text in setup::record_texts(&record) {
-            for c in text.chars() {
-                new |= seen.insert(c);
-            }
-        }
-        if new {
-            keep.push(record);
-        }
-    }
-    Ok(keep)
-}
-
-/// `data.train`'s mixture: each record's source and each source's share. `None` when every
-/// source is taken whole (plain concatenation, the epoch is the data itself).
-struct Mixture {
-    shares: Vec<Share>,
-    names: Vec<String>,
-    /// The source of each training record (by index into the records).
-    source_of: Vec<usize>,
-}
-
-impl Mixture {
-    /// `source_of`: each training record's source (an index into `data.train`).
-    fn new(cfg: &TrainConfig, source_of: Vec<usize>) -> Option<Mixture> {
-        let shares: Vec<Share> = cfg.data.train.iter().map(DataSource::share).collect();
-        if shares.iter().all(|s| *s == Share::All) {
-            return None;
-        }
-        Some(Mixture {
-            shares,
-            names: cfg.data.train.iter().map(DataSource::name).collect(),
-            source_of,
-        })
-    }
-
-    /// The epoch's samples, as indices into `data.samples`.
-    fn epoch(&self, data: &Prepared, seed: u64, epoch: u64) -> Result<Vec<usize>> {
-        let mut per_source: Vec<(Vec<usize>, Share)> =
-            self.shares.iter().map(|s| (vec![], *s)).collect();
-        for (k, (record, _)) in data.samples.iter().enumerate() {
-            per_source[self.source_of[*record]].0.push(k);
-        }
-        Ok(mixture_epoch(&per_source, seed, epoch)?)
-    }
-
-    /// Per source: records read, samples kept after rendering, and what epoch 0 draws of it.
-    fn report(&self, records: &ReadOutcome, data: &Prepared, view: &[usize]) -> Vec<SourceReport> {
-        let mut out: Vec<SourceReport> = self
-            .names
-            .iter()
-            .zip(&self.shares)
-            .map(|(name, share)| SourceReport {
-                name: name.clone(),
-                share: format!("{share:?}").to_lowercase(),
-                records: 0,
-                kept: 0,
-                drawn: 0,
-                tokens: 0,
-                targets: 0,
-                target_share: 0.0,
-            })
-            .collect();
-        for (i, _) in records.records.iter().enumerate() {
-            out[self.source_of[i]].records += 1;
-        }
-        for (record, _) in &data.samples {
-            out[self.source_of[*record]].kept += 1;
-        }
-        for &k in view {
-            let (record, r) = &data.samples[k];
-            let s = &mut out[self.source_of[*record]];
-            s.drawn += 1;
-            s.tokens += r.len();
-            s.targets += r.n_targets();
-        }
-        let total: usize = out.iter().map(|s| s.targets).sum();
-        for s in &mut out {
-            s.target_share = s.targets as f64 / total.max(1) as f64;
-        }
-        out
-    }
-}
-
-/// One source of a mixture in the preflight report.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SourceReport {
-    pub name: String,
-    /// `all`, `samples(N)` or `weight(w)`.
-    pub share: String,
-    pub records: usize,
-    /// Samples that survived rendering.
-    pub kept: usize,
-    /// Samples epoch 0 trains on (with repeats).
-    pub drawn: usize,
-    pub tokens: usize,
-    pub targets: usize,
-    /// This source's share of epoch 0's target tokens.
-    pub target_share: f64,
-}
-
-/// Training and validation records: validation from its own files, or `val_ratio` of the
-/// training records held out by seed. The training outcome keeps the read counts (skipped and
-/// blank lines) for the report; `source_of` (each training record's source) follows the split.
-/// A line read by two sources (one file listed twice) is held out whole: every training copy of
-/// a held-out line goes too, so no validation record is also trained on.
-fn split_records(
-    cfg: &TrainConfig,
-    mut train_read: ReadOutcome,
-    source_of: Vec<usize>,
-) -> Result<(ReadOutcome, Vec<usize>, Option<ReadOutcome>)> {
-    if !cfg.data.validation.is_empty() {
-        let (val, _, _) = read_all("data.validation", &cfg.data.validation, cfg)?;
-        return Ok((train_read, source_of, Some(val)));
-    }
-    if cfg.data.val_ratio > 0.0 {
-        let records = std::mem::take(&mut train_read.records);
-        let (tr, va) = split_train_val(records.len(), cfg.data.val_ratio, cfg.run.seed);
-        let line = |r: &Record| (r.source.file.clone(), r.source.line);
-        let mut held_out = std::collections::HashSet::new();
-        let va: Vec<usize> = va
-            .into_iter()
-            .filter(|&i| held_out.insert(line(&records[i])))
-            .collect();
-        let tr: Vec<usize> = tr
-            .into_iter()
-            .filter(|&i| !held_out.contains(&line(&records[i])))
-            .collect();
-        let train_sources = tr.iter().map(|&i| source_of[i]).collect();
-        let mut slots: Vec<Option<Record>> = records.into_iter().map(Some).collect();
-        let mut take = |idx: &[usize]| -> Vec<Record> {
-            idx.iter()
-                .map(|&i| slots[i].take().expect("the split is disjoint"))
-                .collect()
-        };
-        let val_records = take(&va);
-        train_read.records = take(&tr);
-        train_read.per_format = count_formats(&train_read.records);
-        let val = ReadOutcome {
-            per_format: count_formats(&val_records),
-            records: val_records,
-            ..ReadOutcome::default()
-        };
-        return Ok((train_read, train_sources, Some(val)));
-    }
-    Ok((train_read, source_of, None))
-}
-
-fn count_formats(records: &[Record]) -> std::collections::BTreeMap<sft_data::Format, usize> {
-    let mut counts = std::collections::BTreeMap::new();
-    for r in records {
-        *counts.entry(r.format).or_insert(0) += 1;
-    }
-    counts
-}
-
-/// Rendered training data per epoch: computed once when rendering is deterministic, per epoch
-/// when poems draw their metadata anew; under a mixture, the samples each epoch draws.
-struct EpochCache<'a> {
-    records: &'a ReadOutcome,
-    template: &'a Template,
-    tok: &'a Tokenizer,
-    opts: &'a RenderOptions,
-    disk: Option<&'a PrepCache>,
-    /// Renderings read from `disk` instead of made.
-    hits: usize,
-    epoch: Option<u64>,
-    data: Option<Prepared>,
-    view: Option<(u64, Vec<usize>)>,
-}
-
-/// `prepare`, read from the disk cache when it holds the data, else rendered and stored there.
-fn prepare_cached(
-    disk: Option<&PrepCache>,
-    tag: &str,
-    records: &ReadOutcome,
-    template: &Template,
-    tok: &Tokenizer,
-    opts: &RenderOptions,
-    epoch: u64,
-) -> Result<Prepared> {
-    if let Some(data) = disk.and_then(|c| c.load(tag)) {
-        return Ok(data);
-    }
-    let data = prepare(records, template, tok, opts, epoch)?;
-    if let Some(c) = disk {
-        c.store(tag, &data)?;
-    }
-    Ok(data)
-}
-
-/// The disk cache's key: a hash of everything rendering reads (see `prepcache`).
-fn prep_cache_key(
-    cfg: &TrainConfig,
-    tok: &Tokenizer,
-    max_len: usize,
-    train_files: &[Vec<PathBuf>],
-    val_files: &[Vec<PathBuf>],
-) -> Result<String> {
-    let mut data = cfg.data.clone();
-    // Where the cache is, and whether it is used, do not change what is in it.
-    data.cache = true;
-    data.cache_dir = None;
-    let mut parts: Vec<Vec<u8>> = vec![
-        concat!("sft-prep-1 ", env!("CARGO_PKG_VERSION")).into(),
-        toml::to_string(&data)
-            .expect("the config serialises")
-            .into_bytes(),
-        format!("max_len {max_len} seed {}", cfg.run.seed).into_bytes(),
-        tok.canonical_json()?.into_bytes(),
-    ];
-    if let Some(p) = &cfg.data.chat_template {
-        parts.push(std::fs::read(p).map_err(|e| Error::io(p, e))?);
-    }
-    for map in cfg.data.field_map.values() {
-        if let crate::config::FieldMap::File(p) = map {
-            parts.push(std::fs::read(p).map_err(|e| Error::io(p, e))?);
-        }
-    }
-    for (tag, files) in [("train", train_files), ("validation", val_files)] {
-        for f in files.iter().flatten() {
-            parts.push(format!("{tag} {}", f.display()).into_bytes());
-            parts.push(std::fs::read(f).map_err(|e| Error::io(f, e))?);
-        }
-    }
-    Ok(checkpoint::fingerprint(parts))
-}
-
-/// One epoch's training samples.
-struct Epoch<'a> {
-    data: &'a Prepared,
-    /// Which of `data`'s samples the epoch trains on, in order (a mixture); all of them when
-    /// `None`.
-    order: Option<&'a [usize]>,
-}
-
-impl Epoch<'_> {
-    fn lengths(&self) -> Vec<usize> {
-        match self.order {
-            Some(order) => order
-                .iter()
-                .map(|&k| self.data.samples[k].1.len())
-                .collect(),
-            None => self.data.samples.iter().map(|(_, r)| r.len()).collect(),
-        }
-    }
-
-    /// The `i`-th sample of the epoch (what `plan_epoch` over [`Epoch::lengths`] indexes).
-    fn sample(&self, i: usize) -> &Rendered {
-        match self.order {
-            Some(order) => &self.data.samples[order[i]].1,
-            None => &self.data.samples[i].1,
-        }
-    }
-}
-
-impl<'a> EpochCache<'a> {
-    fn new(
-        records: &'a ReadOutcome,
-        template: &'a Template,
-        tok: &'a Tokenizer,
-        opts: &'a RenderOptions,
-        disk: Option<&'a PrepCache>,
-    ) -> EpochCache<'a> {
-        EpochCache {
-            records,
-            template,
-            tok,
-            opts,
-            disk,
-            hits: 0,
-            epoch: None,
-            data: None,
-            view: None,
-        }
-    }
-
-    fn get(
-        &mut self,
-        epoch: u64,
-        per_epoch: bool,
-        mixture: Option<&Mixture>,
-        seed: u64,
-    ) -> Result<Epoch<'_>> {
-        let key = if per_epoch { epoch } else { 0 };
-        if self.epoch != Some(key) {
-            let tag = format!("train-{key}");
-            let cached = self.disk.and_then(|c| c.load(&tag));
-            self.hits += usize::from(cached.is_some());
-            self.data = Some(match cached {
-                Some(data) => data,
-                None => prepare_cached(
-                    self.disk,
-                    &tag,
-                    self.records,
-                    self.template,
-                    self.tok,
-                    self.opts,
-                    key,
-                )?,
-            });
-            self.epoch = Some(key);
-            self.view = None;
-        }
-        let data = self.data.as_ref().expect("filled above");
-        if let Some(m) = mixture {
-            if self.view.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                self.view = Some((epoch, m.epoch(data, seed, epoch)?));
-            }
-        }
-        Ok(Epoch {
-            data,
-            order: self.view.as_ref().map(|(_, v)| v.as_slice()),
-        })
-    }
-}
-
-fn ids_bytes(ids: &[u32]) -> Vec<u8> {
-    ids.iter().flat_map(|i| i.to_le_bytes()).collect()
-}
-
-/// splitmix64 over (seed, step, micro-batch): independent dropout streams per micro-batch.
-pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
-    let mut z =
-        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {

@@ -1,8 +1,8 @@
 //! `cargo xtask bench [--peer] [--configs a,b,c,d] [--threads N] [--steps N] [--warmup N]
 //! [--python PATH] [--skip-data] [--skip-generate] [--cuda] [--dtype f32|bf16]`.
 //!
-//! Training throughput of the release `sft` on the issue's configurations (models written with
-//! `init-model` into `target/bench/models`), optionally against PyTorch run by
+//! Training throughput of the release `sft` on the configurations of `docs/performance.md`
+//! (`CONFIGS`; models written with `init-model` into `target/bench/models`), optionally against PyTorch run by
 //! `tests/data/scripts/bench_peer.py` in the same invocation; then data preparation (`sft
 //! render`, 1 and N threads) and greedy generation. This machine's speed swings between minutes,
 //! so only ratios measured in one invocation mean anything: every peer number is measured right
@@ -51,7 +51,7 @@ pub(crate) struct Args {
     dtype: String,
 }
 
-/// One training configuration of the issue.
+/// One training configuration of the benchmark (a row of `docs/performance.md`).
 struct BenchConfig {
     name: &'static str,
     what: &'static str,
@@ -175,7 +175,6 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let sft = crate::build_sft_with(if args.cuda { &["cuda"] } else { &[] })?;
-    let device = if args.cuda { "cuda" } else { "cpu" };
     let dtype = args.dtype.as_str();
     let dir = crate::project_root().join("target/bench");
     std::fs::create_dir_all(dir.join("models"))?;
@@ -214,109 +213,29 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         md,
         "| config | sft tok/s | MFU | sft peak RSS | PyTorch tok/s | PyTorch peak RSS | speed ratio | RSS ratio |\n|---|---|---|---|---|---|---|---|"
     );
+    let on = Machine {
+        sft: &sft,
+        dir: &dir,
+        threads,
+        dtype,
+        peak_gflops,
+    };
     // `--configs=` (empty) runs none: only the data, packing and generation benches.
     for name in args.configs.iter().filter(|n| !n.is_empty()) {
         let cfg = CONFIGS.iter().find(|c| c.name == name).with_context(|| {
             let known: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
             format!("unknown config {name:?} ({})", known.join(", "))
         })?;
-        let model = dir.join("models").join(cfg.base());
-        if !model.join("model.safetensors").is_file() {
-            eprintln!("initialising {} ({})", model.display(), cfg.what);
-            crate::init_model::write_preset(cfg.preset, cfg.vocab, cfg.sets, &model)?;
-        }
-        let (steps, warmup) = if cfg.single_step {
-            (1, 0)
-        } else {
-            (args.steps, args.warmup)
-        };
-        eprintln!("== ({}) {} ==", cfg.name, cfg.what);
-        let ours = sft_bench_train(&sft, &model, cfg, steps, warmup, threads, dtype)?;
-        if args.cuda && ours["device"].as_str() == Some("cpu") {
-            bail!("built with --cuda, but `sft` found no GPU and ran on the CPU");
-        }
-        eprintln!("sft:     {ours}");
-        let theirs = match &python {
-            Some(py) => {
-                let v: Value = crate::json_output(
-                    Command::new(py)
-                        .arg(crate::project_root().join("tests/data/scripts/bench_peer.py"))
-                        .args(["--config", cfg.base()])
-                        .args(["--batch-size", &cfg.batch.to_string()])
-                        .args(["--seq-len", &cfg.seq.to_string()])
-                        .args(["--steps", &steps.to_string()])
-                        .args(["--warmup", &warmup.to_string()])
-                        .args(["--threads", &threads.to_string()])
-                        .args(["--device", device, "--dtype", dtype])
-                        .args(cfg.lora.then_some("--lora"))
-                        // The peer's (c) defaults to nanopoet's dropout; ours to none.
-                        .args(if cfg.base() == "c" && !cfg.dropout {
-                            &["--dropout", "0"][..]
-                        } else {
-                            &[]
-                        }),
-                )?;
-                eprintln!("PyTorch: {v}");
-                Some(v)
-            }
-            None => None,
-        };
-        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        let mfu = f(&ours, "gflops_per_s") / peak_gflops;
-        let cell = |x: Option<f64>, unit: &str| x.map_or("-".into(), |x| format!("{x:.0}{unit}"));
-        let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}x"));
-        let (t_tok, t_rss) = match &theirs {
-            Some(t) => (Some(f(t, "tokens_per_s")), Some(f(t, "peak_rss_mib"))),
-            None => (None, None),
-        };
-        let _ = writeln!(
-            md,
-            "| ({}) {} | {:.0} | {:.1}% | {:.0} MiB | {} | {} | {} | {} |",
-            cfg.name,
-            cfg.what,
-            f(&ours, "tokens_per_s"),
-            100.0 * mfu,
-            f(&ours, "peak_rss_mib"),
-            cell(t_tok, ""),
-            cell(t_rss, " MiB"),
-            ratio(t_tok.map(|t| f(&ours, "tokens_per_s") / t)),
-            ratio(t_rss.map(|t| f(&ours, "peak_rss_mib") / t)),
-        );
-        results.push(
-            json!({"bench": "train", "config": cfg.name, "sft": ours, "pytorch": theirs,
-            "mfu": mfu, "sgemm_peak_gflops": peak_gflops}),
-        );
+        results.push(train_config(&args, &on, cfg, python.as_deref(), &mut md)?);
     }
     let _ = writeln!(
         md,
         "\nspeed ratio = sft tokens/s / PyTorch tokens/s (above 1: sft is faster); RSS ratio = sft / PyTorch (below 1: sft uses less).\n"
     );
     lora_vs_full(&results, &mut md);
-    // One thread against all of them, on the configurations that ran: candle's matmul threading
-    // does not always pay on two cores.
     if threads > 1 && !args.cuda {
-        let _ = writeln!(
-            md,
-            "| config | sft tok/s, 1 thread | sft tok/s, {threads} threads | gain |\n|---|---|---|---|"
-        );
-        for r in results.iter_mut() {
-            let name = r["config"].as_str().unwrap_or("").to_string();
-            let cfg = CONFIGS.iter().find(|c| c.name == name);
-            let Some(cfg) = cfg.filter(|c| !c.single_step) else {
-                continue;
-            };
-            let model = dir.join("models").join(cfg.base());
-            let one = sft_bench_train(&sft, &model, cfg, args.steps, args.warmup, 1, dtype)?;
-            let (t1, tn) = (
-                one["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
-                r["sft"]["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
-            );
-            let _ = writeln!(md, "| ({name}) | {t1:.0} | {tn:.0} | {:.2}x |", tn / t1);
-            r["sft_1_thread"] = one;
-        }
-        md.push('\n');
+        one_thread(&args, &on, &mut results, &mut md)?;
     }
-
     if !args.skip_data {
         data_prep(&sft, &dir, threads, &mut md, &mut results)?;
         packing(&sft, &dir, threads, &mut md, &mut results)?;
@@ -333,8 +252,129 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the training configurations run: the `sft` binary, the bench directory, the thread
+/// count and dtype, and the matmul peak that MFU is measured against.
+struct Machine<'a> {
+    sft: &'a Path,
+    dir: &'a Path,
+    threads: usize,
+    dtype: &'a str,
+    peak_gflops: f64,
+}
+
+/// One training configuration, ours and (with `python`) the PyTorch peer's: its row of the
+/// report and its result.
+fn train_config(
+    args: &Args,
+    on: &Machine<'_>,
+    cfg: &BenchConfig,
+    python: Option<&Path>,
+    md: &mut String,
+) -> anyhow::Result<Value> {
+    let device = if args.cuda { "cuda" } else { "cpu" };
+    let model = on.dir.join("models").join(cfg.base());
+    if !model.join("model.safetensors").is_file() {
+        eprintln!("initialising {} ({})", model.display(), cfg.what);
+        crate::init_model::write_preset(cfg.preset, cfg.vocab, cfg.sets, &model)?;
+    }
+    let (steps, warmup) = if cfg.single_step {
+        (1, 0)
+    } else {
+        (args.steps, args.warmup)
+    };
+    eprintln!("== ({}) {} ==", cfg.name, cfg.what);
+    let ours = sft_bench_train(on.sft, &model, cfg, (steps, warmup), on.threads, on.dtype)?;
+    if args.cuda && ours["device"].as_str() == Some("cpu") {
+        bail!("built with --cuda, but `sft` found no GPU and ran on the CPU");
+    }
+    eprintln!("sft:     {ours}");
+    let theirs = match python {
+        Some(py) => {
+            let v: Value = crate::json_output(
+                Command::new(py)
+                    .arg(crate::project_root().join("tests/data/scripts/bench_peer.py"))
+                    .args(["--config", cfg.base()])
+                    .args(["--batch-size", &cfg.batch.to_string()])
+                    .args(["--seq-len", &cfg.seq.to_string()])
+                    .args(["--steps", &steps.to_string()])
+                    .args(["--warmup", &warmup.to_string()])
+                    .args(["--threads", &on.threads.to_string()])
+                    .args(["--device", device, "--dtype", on.dtype])
+                    .args(cfg.lora.then_some("--lora"))
+                    // The peer's (c) defaults to nanopoet's dropout; ours to none.
+                    .args(if cfg.base() == "c" && !cfg.dropout {
+                        &["--dropout", "0"][..]
+                    } else {
+                        &[]
+                    }),
+            )?;
+            eprintln!("PyTorch: {v}");
+            Some(v)
+        }
+        None => None,
+    };
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let mfu = f(&ours, "gflops_per_s") / on.peak_gflops;
+    let cell = |x: Option<f64>, unit: &str| x.map_or("-".into(), |x| format!("{x:.0}{unit}"));
+    let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}x"));
+    let (t_tok, t_rss) = match &theirs {
+        Some(t) => (Some(f(t, "tokens_per_s")), Some(f(t, "peak_rss_mib"))),
+        None => (None, None),
+    };
+    let _ = writeln!(
+        md,
+        "| ({}) {} | {:.0} | {:.1}% | {:.0} MiB | {} | {} | {} | {} |",
+        cfg.name,
+        cfg.what,
+        f(&ours, "tokens_per_s"),
+        100.0 * mfu,
+        f(&ours, "peak_rss_mib"),
+        cell(t_tok, ""),
+        cell(t_rss, " MiB"),
+        ratio(t_tok.map(|t| f(&ours, "tokens_per_s") / t)),
+        ratio(t_rss.map(|t| f(&ours, "peak_rss_mib") / t)),
+    );
+    Ok(
+        json!({"bench": "train", "config": cfg.name, "sft": ours, "pytorch": theirs,
+        "mfu": mfu, "sgemm_peak_gflops": on.peak_gflops}),
+    )
+}
+
+/// One thread against all of them, on the configurations that ran: candle's matmul threading
+/// does not always pay on two cores.
+fn one_thread(
+    args: &Args,
+    on: &Machine<'_>,
+    results: &mut [Value],
+    md: &mut String,
+) -> anyhow::Result<()> {
+    let _ = writeln!(
+        md,
+        "| config | sft tok/s, 1 thread | sft tok/s, {} threads | gain |\n|---|---|---|---|",
+        on.threads
+    );
+    for r in results.iter_mut() {
+        let name = r["config"].as_str().unwrap_or("").to_string();
+        let cfg = CONFIGS.iter().find(|c| c.name == name);
+        let Some(cfg) = cfg.filter(|c| !c.single_step) else {
+            continue;
+        };
+        let model = on.dir.join("models").join(cfg.base());
+        let one = sft_bench_train(on.sft, &model, cfg, (args.steps, args.warmup), 1, on.dtype)?;
+        let (t1, tn) = (
+            one["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            r["sft"]["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+        );
+        let _ = writeln!(md, "| ({name}) | {t1:.0} | {tn:.0} | {:.2}x |", tn / t1);
+        r["sft_1_thread"] = one;
+    }
+    md.push('\n');
+    Ok(())
+}
+
 /// LoRA against full fine-tuning of the same model and batch (configurations `e-lora` and
-/// `e`), on each side that ran both: the issue's targets are RSS <= 40% and tokens/s >= 1.4x.
+/// `e`), on each side that ran both: LoRA is meant to take at most 40% of full fine-tuning's
+/// peak RSS and give at least 1.4x its tokens/s.
 fn lora_vs_full(results: &[Value], md: &mut String) {
     let find = |name: &str| results.iter().find(|r| r["config"] == name);
     let (Some(full), Some(lora)) = (find("e"), find("e-lora")) else {
@@ -368,8 +408,7 @@ fn sft_bench_train(
     sft: &Path,
     model: &Path,
     cfg: &BenchConfig,
-    steps: usize,
-    warmup: usize,
+    (steps, warmup): (usize, usize),
     threads: usize,
     dtype: &str,
 ) -> anyhow::Result<Value> {

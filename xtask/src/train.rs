@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
+use serde::Deserialize;
 use serde_json::Value;
-use sft::config::CheckSection;
 use sft::TrainConfig;
 
 #[derive(clap::Args, Debug)]
@@ -41,7 +41,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let mut stages = Vec::new();
     for (i, path) in args.config.iter().enumerate() {
         let cfg = TrainConfig::load(path, &args.sets)?;
-        let mut check = cfg.check.clone();
+        let mut check = CheckSection::of(&cfg).with_context(|| format!("{}", path.display()))?;
         if i + 1 == args.config.len() {
             check.max_val_loss = args.max_val_loss.or(check.max_val_loss);
         }
@@ -77,6 +77,45 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         bail!("{failed} check(s) failed");
     }
     Ok(())
+}
+
+/// A stage's `[check]`: what its trained model must reach. `sft train` keeps the section as
+/// written (it is this program's); it is read here, and a key it does not know is an error
+/// before any stage trains.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CheckSection {
+    /// The final validation loss must be below this.
+    pub(crate) max_val_loss: Option<f64>,
+    /// Chats whose last assistant turn the exported model must reproduce with greedy decoding
+    /// (`sft eval-answers`).
+    pub(crate) answers: Option<PathBuf>,
+    /// Exact-match share of `answers` the model must reach.
+    pub(crate) min_exact_match: Option<f64>,
+    /// Share of `answers` generations that must end at the end-of-turn token.
+    pub(crate) min_stop_rate: Option<f64>,
+    /// Poem records for `sft eval-poems` (the ci tune patterns to check against).
+    pub(crate) poems: Option<PathBuf>,
+    /// Styles to generate (default: `sft eval-poems`' list).
+    #[serde(default)]
+    pub(crate) poem_styles: Vec<String>,
+    /// Generations per style (default 50).
+    pub(crate) poems_per_style: Option<usize>,
+    /// Mean form compliance over `poem_styles` the model must reach.
+    pub(crate) min_poem_compliance: Option<f64>,
+    /// Form compliance each shi form of `poem_styles` must reach.
+    pub(crate) min_shi_compliance: Option<f64>,
+    /// Mean compliance over the ci tunes of `poem_styles` the model must reach.
+    pub(crate) min_ci_compliance: Option<f64>,
+}
+
+impl CheckSection {
+    /// `cfg`'s `[check]` section (empty when it has none).
+    pub(crate) fn of(cfg: &TrainConfig) -> anyhow::Result<CheckSection> {
+        toml::Value::Table(cfg.check.clone())
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("[check]: {e}"))
+    }
 }
 
 pub(crate) struct Check {
@@ -410,5 +449,43 @@ mod tests {
         assert_eq!(low_ci[4], ("mean ci compliance (2 tunes)".into(), false));
         // A ci tune has no bound of its own.
         assert!(low_ci[3].1);
+    }
+
+    const CONFIG: &str = "[model]\npreset = \"tiny-gpt\"\n[tokenizer]\nbuild = \"char\"\n[data]\ntrain = [\"x.jsonl\"]\n[run]\nout_dir = \"runs/x\"\n[check]\nmin_exact_mach = 0.9\n";
+
+    /// `sft train` keeps `[check]` as written; here a key that is not a check is an error
+    /// naming it, and a right one reads.
+    #[test]
+    fn a_typo_in_check_is_an_error() {
+        let cfg = TrainConfig::from_toml_str(CONFIG, &[]).unwrap();
+        let err = format!("{:#}", CheckSection::of(&cfg).unwrap_err());
+        assert!(err.contains("min_exact_mach"), "{err}");
+        let cfg = TrainConfig::from_toml_str(&CONFIG.replace("mach", "match"), &[]).unwrap();
+        let check = CheckSection::of(&cfg).unwrap();
+        assert_eq!(check.min_exact_match, Some(0.9));
+        let cfg =
+            TrainConfig::from_toml_str(&CONFIG.replace("mach = 0.9", "match = \"high\""), &[])
+                .unwrap();
+        assert!(CheckSection::of(&cfg).is_err());
+    }
+
+    /// Every shipped config's `[check]` reads, so CI finds a typo in one before it trains.
+    #[test]
+    fn shipped_checks_read() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut checks = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let cfg = TrainConfig::load(&path, &[]).unwrap();
+                let check =
+                    CheckSection::of(&cfg).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                checks += usize::from(check != CheckSection::default());
+            }
+        }
+        assert!(
+            checks >= 5,
+            "expected the quality configs' checks, found {checks}"
+        );
     }
 }

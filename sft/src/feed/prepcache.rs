@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sft_data::{Prepared, Rendered, Report};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"SFTPREP1";
 

@@ -20,24 +20,25 @@ use sft_data::{
 };
 use sft_tokenizer::Tokenizer;
 
-use crate::Result;
+use crate::error::Result;
+use crate::seeds::stream_seed;
 
 /// The source of a streamed run's micro-batches.
-pub(crate) struct StreamFeed<'a> {
+pub(super) struct StreamFeed<'a> {
     files: Vec<PathBuf>,
     format: Option<Format>,
     policy: InvalidPolicy,
     template: &'a Template,
     tok: &'a Tokenizer,
-    opts: &'a RenderOptions,
-    selection: &'a Selection,
+    opts: RenderOptions,
+    selection: Selection,
     batch_size: usize,
     /// Row length with packing; `None` without.
     pack_len: Option<usize>,
     buffer_size: usize,
     seed: u64,
-    // The epoch in progress.
-    epoch: u64,
+    /// The epoch in progress.
+    pub(super) epoch: u64,
     records: RecordStream,
     /// Records read in this epoch (the next one's index).
     read: usize,
@@ -46,30 +47,28 @@ pub(crate) struct StreamFeed<'a> {
     /// A sample drawn for a packed row it did not fit, first in the next row.
     carry: Option<Rendered>,
     /// Micro-batches handed out in this epoch.
-    pub(crate) position: usize,
+    pub(super) position: usize,
     /// Samples dropped while rendering (too long, no targets), over the run.
-    pub(crate) dropped: usize,
+    pub(super) dropped: usize,
 }
 
 /// One micro-batch: rows of samples (one sample a row without packing).
-pub(crate) type Rows = Vec<Vec<Rendered>>;
-
-const TAG_STREAM: u64 = 0x5354_5245_414d;
+pub(super) type Rows = Vec<Vec<Rendered>>;
 
 impl<'a> StreamFeed<'a> {
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    pub(super) fn new(
         files: Vec<PathBuf>,
         format: Option<Format>,
         policy: InvalidPolicy,
         template: &'a Template,
         tok: &'a Tokenizer,
-        opts: &'a RenderOptions,
+        opts: RenderOptions,
         batch_size: usize,
         pack_len: Option<usize>,
         buffer_size: usize,
         seed: u64,
-        selection: &'a Selection,
+        selection: Selection,
     ) -> StreamFeed<'a> {
         let records = RecordStream::new(files.clone(), format, policy);
         StreamFeed {
@@ -88,7 +87,7 @@ impl<'a> StreamFeed<'a> {
             records,
             read: 0,
             buffer: Vec::new(),
-            rng: ChaCha8Rng::seed_from_u64(crate::train::mix(seed, TAG_STREAM, 0)),
+            rng: ChaCha8Rng::seed_from_u64(stream_seed(seed, 0)),
             carry: None,
             position: 0,
             dropped: 0,
@@ -96,7 +95,7 @@ impl<'a> StreamFeed<'a> {
     }
 
     /// Goes to micro-batch `position` of `epoch`, replaying the epoch up to it.
-    pub(crate) fn seek(&mut self, epoch: u64, position: usize) -> Result<()> {
+    pub(super) fn seek(&mut self, epoch: u64, position: usize) -> Result<()> {
         self.start_epoch(epoch);
         while self.position < position {
             if self.next_micro_batch()?.is_none() {
@@ -111,7 +110,7 @@ impl<'a> StreamFeed<'a> {
         self.records = RecordStream::new(self.files.clone(), self.format, self.policy);
         self.read = 0;
         self.buffer.clear();
-        self.rng = ChaCha8Rng::seed_from_u64(crate::train::mix(self.seed, TAG_STREAM, epoch));
+        self.rng = ChaCha8Rng::seed_from_u64(stream_seed(self.seed, epoch));
         self.carry = None;
         self.position = 0;
     }
@@ -132,7 +131,7 @@ impl<'a> StreamFeed<'a> {
                 &record,
                 self.template,
                 self.tok,
-                self.opts,
+                &self.opts,
                 self.epoch,
                 index,
             )? {
@@ -149,7 +148,7 @@ impl<'a> StreamFeed<'a> {
 
     /// The epoch's next micro-batch and how many samples it holds; `None` at the end of the
     /// epoch (call [`StreamFeed::next_epoch`]).
-    pub(crate) fn next_micro_batch(&mut self) -> Result<Option<(Rows, usize)>> {
+    pub(super) fn next_micro_batch(&mut self) -> Result<Option<(Rows, usize)>> {
         let mut rows: Rows = Vec::with_capacity(self.batch_size);
         let mut samples = 0;
         match self.pack_len {
@@ -194,7 +193,7 @@ impl<'a> StreamFeed<'a> {
     }
 
     /// Starts the next epoch.
-    pub(crate) fn next_epoch(&mut self) {
+    pub(super) fn next_epoch(&mut self) {
         self.start_epoch(self.epoch + 1);
     }
 }
@@ -255,12 +254,12 @@ mod tests {
                     InvalidPolicy::Error,
                     &template,
                     &tok,
-                    &opts,
+                    opts.clone(),
                     3,
                     pack,
                     buffer,
                     42,
-                    &selection,
+                    selection.clone(),
                 )
             };
             let mut f = feed(5);
