@@ -28,6 +28,7 @@ mod error;
 mod family;
 mod gemma;
 pub mod generate;
+pub mod gguf;
 mod gpt;
 mod hf;
 mod hfconfig;
