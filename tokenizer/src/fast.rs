@@ -255,7 +255,7 @@ fn split_pattern(pre: &Value) -> Option<String> {
 
 /// GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the rest are shifted to
 /// code points from 256 up, in byte order.
-fn byte_chars() -> [char; 256] {
+pub(crate) fn byte_chars() -> [char; 256] {
     let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
     let mut table = ['\0'; 256];
     let mut next = 256u32;

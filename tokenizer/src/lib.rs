@@ -14,6 +14,7 @@ mod bpe;
 mod char;
 mod config;
 mod fast;
+mod gguf;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -23,6 +24,10 @@ pub use crate::char::{
     CharEncoding, CharRoles, CharTokenizer, PoemSpecials, CHATML_SPECIALS, POEM_SPECIALS,
 };
 pub use crate::config::TokenizerConfig;
+pub use crate::gguf::{
+    GgufVocab, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_UNUSED,
+    TOKEN_USER_DEFINED,
+};
 
 /// File names inside a checkpoint directory.
 pub const HF_TOKENIZER_FILE: &str = "tokenizer.json";
