@@ -444,3 +444,52 @@ fn a_damaged_file_is_an_error_that_names_the_key_or_tensor() {
 fn r_name(raw: &Raw, i: usize) -> String {
     raw.tensors[i].0.clone()
 }
+
+#[test]
+fn a_base_kept_as_blocks_gives_the_logits_of_its_values() {
+    let dir = TempDir::new("gguf-blocks");
+    for name in ["llama3", "qwen2-untied", "gemma3"] {
+        let model = load(name, DType::F32);
+        let path = export(&model, &dir, name, GgufQuant::Q8_0);
+        let file = GgufFile::open(&path).unwrap();
+        let dense = Model::load_gguf(&file, DType::F32, &Device::Cpu).unwrap();
+        let names = dense
+            .params()
+            .iter()
+            .filter(|(_, v)| v.rank() == 2)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let q = sft_model::Quantize {
+            dtype: GgmlDType::Q8_0,
+            names,
+        };
+        let blocks = Model::load_gguf_with(&file, DType::F32, &Device::Cpu, Some(&q)).unwrap();
+        assert!(blocks.quantized().len() > 5, "{name}");
+        assert!(blocks
+            .quantized()
+            .iter()
+            .all(|(_, w)| w.dtype() == GgmlDType::Q8_0));
+        let (a, _) = run(&dense, name, None);
+        let (b, _) = run(&blocks, name, None);
+        let worst = a
+            .iter()
+            .flatten()
+            .flatten()
+            .zip(b.iter().flatten().flatten())
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst < 1e-4, "{name}: {worst}");
+        // Written again, the blocks are the file's.
+        let again = export(&blocks, &dir, &format!("{name}-again"), GgufQuant::Q8_0);
+        let (x, y) = (GgufFile::open(&again).unwrap(), file);
+        for t in y.tensors() {
+            let a = x.read_f32(&t.name).unwrap().flatten_all().unwrap();
+            let b = y.read_f32(&t.name).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                a.to_vec1::<f32>().unwrap(),
+                b.to_vec1::<f32>().unwrap(),
+                "{name} {}",
+                t.name
+            );
+        }
+    }
+}

@@ -18,6 +18,7 @@ use crate::decoder::Layout;
 use crate::error::Result;
 use crate::gemma::GemmaConfig;
 use crate::gguf::file::{value_uint, GgufFile};
+use crate::quant::QWeight;
 use crate::qwen2::Qwen2Config;
 use crate::rope::RopeScaling;
 
@@ -189,6 +190,26 @@ fn permute(t: &Tensor, heads: usize, inverse: bool) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)?)
+}
+
+/// [`Transform::undo`]'s permutation of llama's q or k rows on a matrix kept as blocks: whole
+/// rows move, each row's blocks as they are.
+pub(crate) fn permute_blocks(q: &QWeight, heads: usize) -> Result<QWeight> {
+    let (rows, cols) = q.dims();
+    let bytes = q.bytes()?;
+    let row = bytes.len() / rows.max(1);
+    let half = rows / heads / 2;
+    let mut out = Vec::with_capacity(bytes.len());
+    // Hugging Face's row h*d + j*half + i is llama.cpp's h*d + 2*i + j.
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let src = h * 2 * half + 2 * i + j;
+                out.extend_from_slice(&bytes[src * row..(src + 1) * row]);
+            }
+        }
+    }
+    QWeight::from_bytes(&out, q.dtype(), rows, cols)
 }
 
 /// The architecture a file names, or an error that lists what is read.

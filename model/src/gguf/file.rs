@@ -24,6 +24,7 @@ use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{checkpoint_error, io_error};
 use crate::error::{Error, Result};
+use crate::quant::QWeight;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// What [`write`] produces; llama.cpp reads versions 2 and 3 (the same layout).
@@ -195,6 +196,18 @@ impl GgufFile {
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(|e| fail(e.to_string()))?;
         q.dequantize(&Device::Cpu).map_err(|e| fail(e.to_string()))
+    }
+
+    /// A matrix as its stored blocks.
+    pub(crate) fn read_blocks(&self, name: &str) -> Result<QWeight> {
+        let fail = |e: String| checkpoint_error(&self.path, format!("tensor {name}: {e}"));
+        let file = File::open(&self.path).map_err(io_error(&self.path))?;
+        let mut reader = BufReader::new(file);
+        let q = self
+            .content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(|e| fail(e.to_string()))?;
+        QWeight::from_qtensor(q).map_err(|e| fail(e.to_string()))
     }
 
     /// An error about this file.

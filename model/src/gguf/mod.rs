@@ -4,7 +4,8 @@
 //! - `file`: the container (a checked view of candle's reader, and a streaming writer);
 //! - `arch`: llama.cpp's architectures against the families: names, metadata <-> `config.json`,
 //!   llama's Q/K permutation and Gemma's `1 + w` norms;
-//! - `quant`: the file types `--quant` names and llama.cpp's per-tensor choices for them.
+//! - `mix`: the file types `--quant` names and llama.cpp's per-tensor choices for them (the
+//!   blocks themselves are [`crate::quant::QWeight`]'s).
 //!
 //! Tokenizers are not this crate's business: the `tokenizer.*` metadata is read by the caller
 //! from [`GgufFile::metadata`] and written by passing it to [`Model::write_gguf`] as opaque
@@ -12,7 +13,7 @@
 
 mod arch;
 mod file;
-mod quant;
+mod mix;
 
 use std::path::Path;
 
@@ -20,13 +21,14 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Var};
 
-use crate::checkpoint::checkpoint_error;
+use crate::checkpoint::{checkpoint_error, Quantize};
 use crate::config::ModelConfig;
 use crate::error::{input_error, Error, Result};
 use crate::model::{check_dtype, Model, Parts};
+use crate::quant::QWeight;
 
 pub use crate::gguf::file::{type_name, value_f64, value_uint, GgufFile, TensorEntry};
-pub use crate::gguf::quant::{GgufQuant, TensorRole};
+pub use crate::gguf::mix::{GgufQuant, TensorRole};
 
 /// The `general.architecture`s read and written.
 pub const GGUF_ARCHITECTURES: [&str; 5] = arch::ARCH_NAMES;
@@ -62,6 +64,18 @@ impl Model {
     /// shape, and every tensor of the file must be a parameter (or llama's `rope_freqs`, read
     /// into the config).
     pub fn load_gguf(file: &GgufFile, dtype: DType, device: &Device) -> Result<Model> {
+        Model::load_gguf_with(file, dtype, device, None)
+    }
+
+    /// [`Model::load_gguf`], keeping the matrices `quantize` names as ggml blocks (frozen): a
+    /// matrix stored in the type asked for keeps its blocks as they are (llama's q and k rows
+    /// reordered whole), any other is dequantized and quantized to it.
+    pub fn load_gguf_with(
+        file: &GgufFile,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<&Quantize>,
+    ) -> Result<Model> {
         check_dtype(dtype)?;
         let a = arch::file_arch(file)?;
         let cfg = gguf_config(file)?;
@@ -84,6 +98,7 @@ impl Model {
             }
         }
         let mut params = Vec::with_capacity(specs.len());
+        let mut quantized = Vec::new();
         for spec in &specs {
             let name = arch::gguf_name(a, &spec.name).expect("mapped above");
             let entry = file.tensor(&name).ok_or_else(|| Error::MissingTensor {
@@ -98,14 +113,37 @@ impl Model {
                     found: entry.shape.clone(),
                 });
             }
-            let t = file.read_f32(&name)?;
-            let t = arch::transform(a, &spec.name, heads, kv_heads)
-                .undo(&t)
-                .map_err(|e| checkpoint_error(file.path(), format!("tensor {name}: {e}")))?;
-            let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?;
-            params.push((spec.name.clone(), var));
+            let named = |e: Error| checkpoint_error(file.path(), format!("tensor {name}: {e}"));
+            let transform = arch::transform(a, &spec.name, heads, kv_heads);
+            let blocks = quantize.and_then(|q| q.type_for(&spec.name, &spec.shape));
+            if blocks == Some(entry.dtype) && transform != arch::Transform::PlusOne {
+                let q = file.read_blocks(&name)?;
+                let q = match transform {
+                    arch::Transform::Permute { heads } => arch::permute_blocks(&q, heads),
+                    _ => Ok(q),
+                };
+                quantized.push((spec.name.clone(), q.map_err(named)?));
+                continue;
+            }
+            let t = transform.undo(&file.read_f32(&name)?).map_err(named)?;
+            match blocks {
+                Some(b) => {
+                    quantized.push((spec.name.clone(), QWeight::quantize(&t, b).map_err(named)?))
+                }
+                None => {
+                    let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?;
+                    params.push((spec.name.clone(), var));
+                }
+            }
         }
-        Model::assemble(cfg, Parts::full(params), dtype, device, false, None)
+        Model::assemble(
+            cfg,
+            Parts::full(params, quantized),
+            dtype,
+            device,
+            false,
+            None,
+        )
     }
 
     /// Writes the model as a GGUF file llama.cpp loads: the architecture's metadata, then
@@ -145,8 +183,13 @@ impl Model {
             kv.push((k.clone(), v.clone()));
         }
 
-        let by_name: std::collections::HashMap<&str, &Var> =
+        let dense: std::collections::HashMap<&str, &Var> =
             self.params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let blocks: std::collections::HashMap<&str, &QWeight> = self
+            .quantized
+            .iter()
+            .map(|(n, q)| (n.as_str(), q))
+            .collect();
         let specs = self.cfg.param_specs();
         let tied = self.cfg.tie_word_embeddings();
         let n_layers = self.cfg.num_layers();
@@ -186,25 +229,25 @@ impl Model {
         file::write(path, &kv, &headers, |i| {
             let (name, hf, _, dtype) = &plan[i];
             progress(i, total, name);
+            let named = |e: Error| checkpoint_error(path, format!("tensor {name}: {e}"));
             let t = match hf {
                 None => candle_core::Tensor::new(
                     meta.rope_freqs.as_deref().unwrap_or_default(),
                     &Device::Cpu,
                 )?,
                 Some(hf) => {
-                    let w = by_name
-                        .get(hf)
-                        .ok_or_else(|| Error::Input {
-                            reason: format!("the model has no tensor {hf}"),
-                        })?
-                        .as_tensor()
-                        .to_device(&Device::Cpu)?
-                        .to_dtype(DType::F32)?;
+                    let w = match (dense.get(hf), blocks.get(hf)) {
+                        (Some(v), _) => v.as_tensor().to_device(&Device::Cpu)?,
+                        (None, Some(q)) => q.dequantize().map_err(named)?,
+                        (None, None) => {
+                            return input_error(format!("the model has no tensor {hf}"))
+                        }
+                    };
+                    let w = w.to_dtype(DType::F32)?;
                     arch::transform(a, hf, heads, kv_heads).apply(&w)?
                 }
             };
-            quant::quantize(&t, *dtype)
-                .map_err(|e| checkpoint_error(path, format!("tensor {name}: {e}")))
+            tensor_bytes(&t, *dtype).map_err(named)
         })?;
         progress(total, total, "");
         Ok(plan
@@ -212,6 +255,22 @@ impl Model {
             .map(|(name, _, shape, dtype)| WrittenTensor { name, shape, dtype })
             .collect())
     }
+}
+
+/// A tensor's bytes in a GGUF file: a matrix as `dtype`'s blocks, a vector (always F32) as its
+/// little-endian values.
+fn tensor_bytes(t: &candle_core::Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
+    if t.rank() == 2 {
+        return Ok(QWeight::quantize(t, dtype)?.bytes()?.into_owned());
+    }
+    if dtype != GgmlDType::F32 {
+        return input_error(format!(
+            "a vector is written as F32, not {}",
+            type_name(dtype)
+        ));
+    }
+    let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(values.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
 /// (query heads, key/value heads) of a decoder; GPT configs never reach the permutation.

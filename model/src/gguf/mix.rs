@@ -1,11 +1,9 @@
 //! What `--quant` writes: each tensor's ggml type under llama.cpp's rules for the file type
-//! (`llama-quantize`'s `llama_tensor_get_type`), and the quantization itself (candle's).
+//! (`llama-quantize`'s `llama_tensor_get_type`).
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
+use candle_core::quantized::GgmlDType;
 
-use crate::error::Result;
+use crate::quant::fitting_type;
 
 /// The file types `sft export` writes, by llama.cpp's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +71,8 @@ impl GgufQuant {
     ///   eighth of the layers and every third one between);
     ///
     /// then, where a row is not a whole number of the type's blocks (256 values for the K
-    /// types, 32 for the others), llama.cpp's fallback: Q4_K -> Q5_0, Q6_K -> Q8_0, and F16 where
-    /// even 32 does not divide the row.
+    /// types, 32 for the others), llama.cpp's fallback ([`fitting_type`]): Q4_K -> Q5_0,
+    /// Q6_K -> Q8_0, and F16 where even 32 does not divide the row.
     pub fn tensor_type(self, t: &TensorRole) -> GgmlDType {
         if t.shape.len() < 2 {
             return GgmlDType::F32;
@@ -101,21 +99,7 @@ impl GgufQuant {
                 _ => GgmlDType::Q4K,
             },
         };
-        let row = *t.shape.last().unwrap_or(&0);
-        let fits = |d: GgmlDType| row.is_multiple_of(d.block_size());
-        if fits(chosen) {
-            return chosen;
-        }
-        let fallback = match chosen {
-            GgmlDType::Q4K => GgmlDType::Q5_0,
-            GgmlDType::Q6K => GgmlDType::Q8_0,
-            _ => GgmlDType::F16,
-        };
-        if fits(fallback) {
-            fallback
-        } else {
-            GgmlDType::F16
-        }
+        fitting_type(chosen, *t.shape.last().unwrap_or(&0))
     }
 }
 
@@ -128,49 +112,6 @@ pub struct TensorRole<'a> {
     pub layer: Option<usize>,
     pub n_layers: usize,
     pub tied: bool,
-}
-
-/// `t` (any float dtype, row-major) as the bytes of `dtype`. Blocks never span rows, so chunks
-/// of rows are quantized in parallel and their bytes concatenated (candle's quantizers are
-/// single-threaded).
-///
-/// The K types go through candle's importance-weighted quantizer with equal importance for
-/// every column: its search is llama.cpp's current one (`make_qkx3_quants`, weights
-/// `sqrt(sigma^2 + x^2)`), where candle's plain `quantize` runs the 2023 `make_qkx1_quants`; on
-/// Gaussian rows it leaves 7.1% relative RMS error in Q4_K instead of 7.4%.
-pub(crate) fn quantize(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
-    let dims = t.dims().to_vec();
-    let rows = if dims.len() < 2 { 1 } else { dims[0] };
-    let flat = t.reshape((rows, t.elem_count() / rows.max(1)))?;
-    let per_row = flat.dim(1)?;
-    let chunk = (1usize << 20).div_ceil(per_row.max(1)).max(1);
-    let starts: Vec<usize> = (0..rows).step_by(chunk).collect();
-    let parts: Vec<Result<Vec<u8>>> = starts
-        .par_iter()
-        .map(|&r0| {
-            let n = chunk.min(rows - r0);
-            // A tensor of its own: candle's quantizers read a tensor's storage from its start,
-            // whatever the view's offset (a narrowed view would quantize the first rows again),
-            // and `copy` keeps the offset.
-            let values = flat.narrow(0, r0, n)?.flatten_all()?.to_vec1::<f32>()?;
-            let rows = Tensor::from_vec(values, (n, per_row), &Device::Cpu)?;
-            let q = match dtype {
-                GgmlDType::Q2K
-                | GgmlDType::Q3K
-                | GgmlDType::Q4K
-                | GgmlDType::Q5K
-                | GgmlDType::Q6K => QTensor::quantize_imatrix(&rows, &vec![1.0; per_row], dtype)?,
-                _ => QTensor::quantize(&rows, dtype)?,
-            };
-            Ok(q.data()?.into_owned())
-        })
-        .collect();
-    let mut out = Vec::new();
-    for p in parts {
-        out.extend_from_slice(&p?);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -226,29 +167,6 @@ mod tests {
         assert_eq!(
             GgufQuant::Q8_0.tensor_type(&role("blk.0.attn_q.weight", &[40, 40], Some(0))),
             GgmlDType::F16
-        );
-    }
-
-    #[test]
-    fn quantized_chunks_equal_one_quantization() {
-        let t = Tensor::arange(0f32, 64.0 * 1024.0 * 40.0, &Device::Cpu)
-            .unwrap()
-            .affine(1e-5, -1.0)
-            .unwrap()
-            .sin()
-            .unwrap()
-            .reshape((64 * 40, 1024))
-            .unwrap();
-        let whole = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
-        assert_eq!(
-            quantize(&t, GgmlDType::Q8_0).unwrap(),
-            whole.data().unwrap().into_owned()
-        );
-        let ones = vec![1.0; 1024];
-        let whole = QTensor::quantize_imatrix(&t, &ones, GgmlDType::Q4K).unwrap();
-        assert_eq!(
-            quantize(&t, GgmlDType::Q4K).unwrap(),
-            whole.data().unwrap().into_owned()
         );
     }
 }
