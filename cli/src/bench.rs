@@ -22,7 +22,6 @@ use candle_core::DType;
 use sft::bench::{bench_generate, bench_train, matmul_peak_gflops, BenchOptions};
 use sft::config::{dtype_name, parse_dtype};
 use sft::setup::device_name;
-use sft_model::Model;
 
 use crate::common::Threads;
 
@@ -115,7 +114,7 @@ pub(crate) fn run(cmd: Command) -> anyhow::Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let model = Model::load(
+    let model = sft::gguf::load_model(
         &sft::hub::resolve_model(&args.model)?,
         DType::F32,
         &sft::setup::device()?,
@@ -163,7 +162,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 {
         anyhow::bail!("--steps and --batch-size must be positive and --seq-len at least 2");
     }
-    let model = Model::load(
+    let model = sft::gguf::load_model(
         &sft::hub::resolve_model(&args.model)?,
         args.dtype,
         &sft::setup::device()?,

@@ -34,7 +34,7 @@ pub(crate) struct TemplateArgs {
 pub(crate) struct ModelArgs {
     #[command(flatten)]
     pub threads: Threads,
-    /// The checkpoint directory to run (or a hub id in the local cache).
+    /// The checkpoint directory to run (or a hub id in the local cache), or a GGUF file.
     #[arg(long = "model", value_name = "MODEL")]
     pub path: PathBuf,
     /// A LoRA adapter directory (PEFT's files) applied to `--model`, its base. `--model` may
@@ -70,7 +70,9 @@ pub(crate) fn open(
     // A hub id (`Qwen/Qwen2.5-0.5B-Instruct`) names its snapshot in the local HF cache.
     let dir = &sft::hub::resolve_model(dir)?;
     // A checkpoint cut short says what it lacks, before anything tries to read the missing part.
-    sft_model::manifest::check_complete(dir)?;
+    if dir.is_dir() {
+        sft_model::manifest::check_complete(dir)?;
+    }
     if let Some(a) = adapter {
         sft_model::manifest::check_complete(a)?;
     }

@@ -12,6 +12,7 @@ mod chat;
 mod common;
 mod demo;
 mod eval;
+mod export;
 mod generate;
 mod merge;
 mod quality;
@@ -52,6 +53,8 @@ enum Command {
     Chat(chat::Args),
     /// Fold a LoRA adapter into its base: a plain checkpoint `transformers` loads.
     Merge(merge::Args),
+    /// Write a model as a GGUF file llama.cpp and Ollama load.
+    Export(export::Args),
     /// Style compliance of generated poems, and author conditioning.
     EvalPoems(quality::PoemArgs),
     /// Exact-match accuracy and stop rate of greedy answers to chat records.
@@ -101,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => on_pool(args.model.threads.threads, || generate::run(args)),
         Command::Chat(args) => on_pool(args.model.threads.threads, || chat::run(args)),
         Command::Merge(args) => merge::run(args),
+        Command::Export(args) => on_pool(args.model.threads.threads, || export::run(args)),
         Command::EvalPoems(args) => on_pool(args.model.threads.threads, || quality::poems(args)),
         Command::EvalAnswers(args) => {
             on_pool(args.model.threads.threads, || quality::answers(args))

@@ -4,15 +4,14 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
-use sft_model::Model;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// The adapter directory (PEFT's `adapter_config.json` and `adapter_model.safetensors`).
     #[arg(long)]
     adapter: PathBuf,
-    /// The base checkpoint (a directory or a hub id in the local cache); default: the
-    /// adapter's `base_model_name_or_path`.
+    /// The base checkpoint (a directory, a GGUF file or a hub id in the local cache); default:
+    /// the adapter's `base_model_name_or_path`.
     #[arg(long)]
     base: Option<PathBuf>,
     /// Where to write the merged checkpoint (must not exist, or be empty).
@@ -36,7 +35,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     };
     let device = sft::setup::device()?;
     // The sum is formed in f32 whatever the stored dtypes, then rounded once on saving.
-    let model = Model::load(&base, DType::F32, &device)
+    let model = sft::gguf::load_model(&base, DType::F32, &device)
         .with_context(|| format!("loading the base in {}", base.display()))?
         .load_adapter(&args.adapter)
         .with_context(|| format!("loading the adapter in {}", args.adapter.display()))?;

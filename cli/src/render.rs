@@ -88,7 +88,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         Some(_) => sft::hub::resolve_model(tok_path)?,
         None => tok_path.clone(),
     };
-    let tok = Tokenizer::from_path(tok_path)
+    let tok = sft::gguf::load_tokenizer(tok_path)
         .with_context(|| format!("loading the tokenizer from {}", tok_path.display()))?;
     let mut topts = TemplateOptions::default();
     if let Some(path) = &args.chat_template {

@@ -8,11 +8,10 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sft_tokenizer::Tokenizer;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// A tokenizer.json, a char-tokenizer JSON, or a checkpoint directory.
+    /// A tokenizer.json, a char-tokenizer JSON, a checkpoint directory, or a GGUF file.
     #[arg(long)]
     tokenizer: PathBuf,
     /// Also print the token strings.
@@ -23,7 +22,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let tok = Tokenizer::from_path(&args.tokenizer)?;
+    let tok = sft::gguf::load_tokenizer(&args.tokenizer)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut emit = |text: &str| -> anyhow::Result<()> {

@@ -45,7 +45,8 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// A Hugging Face-layout checkpoint directory (`config.json`, `model.safetensors`).
+    /// A Hugging Face-layout checkpoint directory (`config.json`, `model.safetensors`), or a
+    /// GGUF file (or a directory holding exactly one).
     pub path: Option<PathBuf>,
     /// A named architecture for a fresh model (see `sft_model::presets`).
     pub preset: Option<String>,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod feed;
+pub mod gguf;
 pub mod hub;
 mod kernels;
 pub mod loss;

@@ -38,9 +38,7 @@ pub fn device_name(dev: &Device) -> String {
 pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
     let t = &cfg.tokenizer;
     if let Some(path) = &t.path {
-        return Ok(Tokenizer::from_path(
-            &crate::hub::resolve_model_or_tokenizer(path),
-        )?);
+        return crate::gguf::load_tokenizer(&crate::hub::resolve_model_or_tokenizer(path));
     }
     let Some(build) = t.build else {
         let path = cfg
@@ -48,7 +46,7 @@ pub fn tokenizer(cfg: &TrainConfig, records: &[Record]) -> Result<Tokenizer> {
             .path
             .as_ref()
             .expect("validated: a fresh model names its tokenizer");
-        return Ok(Tokenizer::from_path(&crate::hub::resolve_model(path)?)?);
+        return crate::gguf::load_tokenizer(&crate::hub::resolve_model(path)?);
     };
     let texts: Vec<&str> = records.iter().flat_map(record_texts).collect();
     let preset = t
@@ -199,13 +197,13 @@ pub fn load_for_inference(
     let (base, adapter) = match adapter {
         Some(a) => (Some(path), a),
         None if sft_model::is_adapter_dir(path) => (None, path),
-        None => return Ok(Model::load(path, dtype, device)?),
+        None => return crate::gguf::load_model(path, dtype, device),
     };
     let base = match base {
         Some(b) => crate::hub::resolve_model(b)?,
         None => adapter_base(adapter)?,
     };
-    let model = Model::load(&base, dtype, device)?;
+    let model = crate::gguf::load_model(&base, dtype, device)?;
     Ok(model.load_adapter(adapter)?)
 }
 
@@ -224,11 +222,11 @@ pub fn inference_tokenizer(model: &Path, adapter: Option<&Path>) -> Result<Token
         None if sft_model::is_adapter_dir(model) && !has_tokenizer(model) => adapter_base(model)?,
         None => model.to_path_buf(),
     };
-    Ok(Tokenizer::from_path(&dir)?)
+    crate::gguf::load_tokenizer(&dir)
 }
 
-/// Where an adapter directory's base checkpoint is: `base_model_name_or_path` as a directory
-/// (as written, or beside the adapter), else as a hub id in the local cache.
+/// Where an adapter directory's base checkpoint is: `base_model_name_or_path` as a GGUF file or
+/// a directory (as written, or beside the adapter), else as a hub id in the local cache.
 pub fn adapter_base(adapter: &Path) -> Result<PathBuf> {
     let ac = sft_model::read_adapter_config(adapter)?;
     let Some(base) = ac.base else {
@@ -237,6 +235,12 @@ pub fn adapter_base(adapter: &Path) -> Result<PathBuf> {
             adapter.join(sft_model::ADAPTER_CONFIG_FILE).display()
         )));
     };
+    // A GGUF base: the file (or its directory) as written, or beside the adapter.
+    for p in [PathBuf::from(&base), adapter.join(&base)] {
+        if crate::gguf::gguf_path(&p)?.is_some() {
+            return Ok(p);
+        }
+    }
     match sft_model::base_dir(adapter, &base) {
         Ok(dir) => Ok(dir),
         Err(not_a_dir) => match crate::hub::HubId::parse(&base) {
@@ -249,11 +253,7 @@ pub fn adapter_base(adapter: &Path) -> Result<PathBuf> {
 /// The model without adapters.
 fn base_model(cfg: &TrainConfig, tok: &Tokenizer, dtype: DType, device: &Device) -> Result<Model> {
     if let Some(path) = &cfg.model.path {
-        return Ok(Model::load(
-            &crate::hub::resolve_model(path)?,
-            dtype,
-            device,
-        )?);
+        return crate::gguf::load_model(&crate::hub::resolve_model(path)?, dtype, device);
     }
     let mut json = match &cfg.model.preset {
         Some(name) => sft_model::presets::preset(name).ok_or_else(|| {

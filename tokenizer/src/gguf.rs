@@ -475,7 +475,9 @@ impl Tokenizer {
                         true => a.content.clone(),
                         false => a.content.bytes().map(|b| encode[b as usize]).collect(),
                     };
-                    let t = match (a.special, Some(id) == self.unk_id()) {
+                    // SentencePiece types its unknown token apart; a byte-level vocabulary's
+                    // unknown id (SmolLM's <|endoftext|>) is a control token to llama.cpp.
+                    let t = match (a.special, spm && Some(id) == self.unk_id()) {
                         (_, true) => TOKEN_UNKNOWN,
                         (true, _) => TOKEN_CONTROL,
                         (false, _) => TOKEN_USER_DEFINED,

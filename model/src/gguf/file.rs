@@ -253,7 +253,8 @@ impl GgufFile {
         }
     }
 
-    pub(crate) fn wrong_type(&self, key: &str, v: &Value, expected: &str) -> Error {
+    /// The error of a metadata value of the wrong type.
+    pub fn wrong_type(&self, key: &str, v: &Value, expected: &str) -> Error {
         self.error(format!(
             "metadata key {key} is {}, expected {expected}",
             describe(v)

@@ -1,0 +1,122 @@
+//! `sft export`: a model written as a GGUF file llama.cpp (and Ollama) load.
+//!
+//! `--model` is a checkpoint directory, an adapter directory (merged into its base first), a
+//! GGUF file, or a hub id in the local cache; `--adapter` adds an adapter to it. The output is
+//! written under a temporary name and renamed into place. On success one line goes to stdout:
+//! `wrote OUT (QUANT, N tensors, SIZE MB: TYPE COUNT, ...)`, and with `--ollama` a second one,
+//! `wrote DIR/Modelfile`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use sft_data::{Template, TemplateChoice};
+use sft_model::gguf::{type_name, GgufQuant};
+
+use crate::common::ModelArgs;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The GGUF file to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// f32, f16, bf16, q8_0, q4_0, q4_k_m or q6_k (llama.cpp's mixes; see the README).
+    #[arg(long)]
+    quant: String,
+    /// `general.name` in the file; default: the model directory's or file's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Also write an Ollama `Modelfile` beside the file (FROM and the end-of-turn stop tokens).
+    #[arg(long)]
+    ollama: bool,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let quant = GgufQuant::parse(&args.quant).with_context(|| {
+        format!(
+            "--quant {:?} is not one of {}",
+            args.quant,
+            GgufQuant::NAMES.join(", ")
+        )
+    })?;
+    if args.out.exists() {
+        bail!(
+            "{}: already exists; export to a new file",
+            args.out.display()
+        );
+    }
+    let path = sft::hub::resolve_model(&args.model.path)?;
+    let adapter = args.model.adapter.as_deref();
+    // Exported from f32 on the CPU: quantization reads f32 rows whatever the model was trained in.
+    let model = sft::setup::load_for_inference(&path, adapter, DType::F32, &Device::Cpu)
+        .with_context(|| format!("loading the model in {}", path.display()))?;
+    let model = match model.lora() {
+        Some(_) => model.merged()?,
+        None => model,
+    };
+    let tok = sft::setup::inference_tokenizer(&path, adapter)?;
+    sft::setup::check_vocab(&model, &tok)?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => path
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+    };
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {pos}/{len} tensors  {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let written = sft::gguf::export(&model, &tok, &args.out, quant, &name, &mut |i, n, t| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+        bar.set_message(t.to_string());
+    });
+    bar.finish_and_clear();
+    let written = written.with_context(|| format!("exporting to {}", args.out.display()))?;
+
+    let mut types: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in &written {
+        *types.entry(type_name(t.dtype)).or_default() += 1;
+    }
+    let size = std::fs::metadata(&args.out)
+        .with_context(|| args.out.display().to_string())?
+        .len();
+    let types: Vec<String> = types.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    println!(
+        "wrote {} ({}, {} tensors, {:.1} MB: {})",
+        args.out.display(),
+        quant.name(),
+        written.len(),
+        size as f64 / 1e6,
+        types.join(", ")
+    );
+
+    if args.ollama {
+        let template = Template::new(TemplateChoice::Auto, &tok)?;
+        let mut stops: Vec<String> = vec![];
+        for &id in template.stop_ids().iter().chain(tok.eos_id().iter()) {
+            if let Some(t) = tok.id_to_token(id) {
+                if !stops.contains(&t) {
+                    stops.push(t);
+                }
+            }
+        }
+        let file_name = args
+            .out
+            .file_name()
+            .context("--out names no file")?
+            .to_string_lossy();
+        let modelfile = args.out.with_file_name("Modelfile");
+        std::fs::write(&modelfile, sft::gguf::modelfile(&file_name, &stops))
+            .with_context(|| modelfile.display().to_string())?;
+        println!("wrote {}", modelfile.display());
+    }
+    Ok(())
+}
