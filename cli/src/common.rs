@@ -143,7 +143,9 @@ fn chat_template_file(
             .find(|p| p.file_name().is_some_and(|n| n == name))
             .map(Path::to_path_buf)
     };
-    named("chat_template.jinja").or_else(|| named("tokenizer_config.json"))
+    named("chat_template.jinja")
+        .or_else(|| named("tokenizer_config.json"))
+        .or_else(|| tok.origin().map(Path::to_path_buf))
 }
 
 #[derive(clap::Args, Clone)]

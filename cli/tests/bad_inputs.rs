@@ -1,6 +1,7 @@
 //! Bad inputs: mutated copies of every kind of file `sft` reads, fed to the binary. JSONL data
-//! (`sft render`), `tokenizer.json` and `tokenizer_config.json` (`sft render`), `config.json` and
-//! `model.safetensors` (`sft eval`, which loads the model) and TOML run configs (`sft train`).
+//! (`sft render`), `tokenizer.json` and `tokenizer_config.json` (`sft render`), `config.json`,
+//! `model.safetensors` and GGUF files (`sft eval`, which loads the model) and TOML run configs
+//! (`sft train`).
 //!
 //! Two classes of case per kind, from a hand-written seeded generator (splitmix64), so every run
 //! tries the same cases:
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// Targeted and random cases per input kind (six kinds: about 600 cases).
+/// Targeted and random cases per input kind (seven kinds: about 700 cases).
 const TARGETED: usize = 50;
 const RANDOM: usize = 50;
 /// A case that runs longer than this is a hang.
@@ -175,15 +176,17 @@ enum Kind {
     TokenizerConfig,
     ModelConfig,
     Safetensors,
+    Gguf,
     Toml,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::Jsonl,
     Kind::Tokenizer,
     Kind::TokenizerConfig,
     Kind::ModelConfig,
     Kind::Safetensors,
+    Kind::Gguf,
     Kind::Toml,
 ];
 
@@ -195,13 +198,15 @@ impl Kind {
             Kind::TokenizerConfig => "tokenizer_config.json",
             Kind::ModelConfig => "config.json",
             Kind::Safetensors => "model.safetensors",
+            Kind::Gguf => "model.gguf",
             Kind::Toml => "run.toml",
         }
     }
 }
 
 /// The pristine inputs every case copies: a tiny Qwen2 model with a trained byte-level BPE and
-/// Qwen3's `tokenizer_config.json` (its chat template), the chat data, and a run config.
+/// Qwen3's `tokenizer_config.json` (its chat template), the same model exported as a Q8_0 GGUF
+/// file, the chat data, and a run config.
 struct Fixture {
     root: PathBuf,
     model: PathBuf,
@@ -353,6 +358,19 @@ fn fixture(name: &str) -> Fixture {
         };
         std::fs::copy(&src, model.join(f)).unwrap();
     }
+    let out = sft()
+        .args(["export", "--quant", "q8_0", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(root.join(Kind::Gguf.file_name()))
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "exporting the fixture model: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let toml = run_toml(&model, &data);
     let fx = Fixture {
         root,
@@ -374,6 +392,7 @@ impl Fixture {
         match kind {
             Kind::Jsonl => std::fs::read(&self.data).unwrap(),
             Kind::Toml => self.toml.clone().into_bytes(),
+            Kind::Gguf => std::fs::read(self.root.join(kind.file_name())).unwrap(),
             _ => std::fs::read(self.model.join(kind.file_name())).unwrap(),
         }
     }
@@ -412,6 +431,13 @@ impl Fixture {
                 std::fs::write(&file, &case.bytes).unwrap();
                 cmd.args(["eval", "--threads", "1", "--model"])
                     .arg(&dir)
+                    .arg("--data")
+                    .arg(&self.data);
+            }
+            Kind::Gguf => {
+                std::fs::write(&file, &case.bytes).unwrap();
+                cmd.args(["eval", "--threads", "1", "--model"])
+                    .arg(&file)
                     .arg("--data")
                     .arg(&self.data);
             }
@@ -1151,6 +1177,252 @@ fn safetensors_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
     cases
 }
 
+/// A GGUF file taken apart: the header's fields, each key-value pair's raw bytes, the tensor
+/// list, and the data section, so one part can be changed and the file put back together.
+struct Gguf {
+    version: u32,
+    kv: Vec<(String, u32, Vec<u8>)>,
+    tensors: Vec<(String, Vec<u64>, u32, u64)>,
+    data: Vec<u8>,
+}
+
+fn gguf_string(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// Reads a GGUF file front to back.
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> &[u8] {
+        self.at += n;
+        &self.b[self.at - n..self.at]
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take(4).try_into().unwrap())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take(8).try_into().unwrap())
+    }
+    fn string(&mut self) -> String {
+        let len = self.u64() as usize;
+        String::from_utf8(self.take(len).to_vec()).unwrap()
+    }
+    fn skip_value(&mut self, t: u32) {
+        match t {
+            0 | 1 | 7 => self.at += 1,
+            2 | 3 => self.at += 2,
+            4..=6 => self.at += 4,
+            10..=12 => self.at += 8,
+            8 => {
+                let len = self.u64() as usize;
+                self.at += len;
+            }
+            9 => {
+                let et = self.u32();
+                for _ in 0..self.u64() {
+                    self.skip_value(et);
+                }
+            }
+            other => panic!("value type {other}"),
+        }
+    }
+}
+
+impl Gguf {
+    fn parse(b: &[u8]) -> Gguf {
+        let mut r = Reader { b, at: 0 };
+        assert_eq!(r.take(4), b"GGUF");
+        let version = r.u32();
+        let n_tensors = r.u64();
+        let n_kv = r.u64();
+        let mut kv = vec![];
+        for _ in 0..n_kv {
+            let key = r.string();
+            let t = r.u32();
+            let start = r.at;
+            r.skip_value(t);
+            kv.push((key, t, b[start..r.at].to_vec()));
+        }
+        let mut tensors = vec![];
+        for _ in 0..n_tensors {
+            let name = r.string();
+            let n_dims = r.u32();
+            let dims = (0..n_dims).map(|_| r.u64()).collect();
+            let t = r.u32();
+            let offset = r.u64();
+            tensors.push((name, dims, t, offset));
+        }
+        let data = b[r.at.next_multiple_of(32)..].to_vec();
+        Gguf {
+            version,
+            kv,
+            tensors,
+            data,
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut v = b"GGUF".to_vec();
+        v.extend_from_slice(&self.version.to_le_bytes());
+        v.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        v.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
+        for (k, t, value) in &self.kv {
+            v.extend(gguf_string(k));
+            v.extend_from_slice(&t.to_le_bytes());
+            v.extend_from_slice(value);
+        }
+        for (name, dims, t, offset) in &self.tensors {
+            v.extend(gguf_string(name));
+            v.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                v.extend_from_slice(&d.to_le_bytes());
+            }
+            v.extend_from_slice(&t.to_le_bytes());
+            v.extend_from_slice(&offset.to_le_bytes());
+        }
+        v.resize(v.len().next_multiple_of(32), 0);
+        v.extend_from_slice(&self.data);
+        v
+    }
+
+    fn key(&self, key: &str) -> usize {
+        self.kv.iter().position(|(k, _, _)| k == key).unwrap()
+    }
+}
+
+fn gguf_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
+    let pristine = fx.pristine(Kind::Gguf);
+    let g = Gguf::parse(&pristine);
+    assert_eq!(g.to_bytes(), pristine, "the test's GGUF writer is sft's");
+    let data_start = pristine.len() - g.data.len();
+    // Keys sft reads, and the type each must have.
+    let read_keys = [
+        "general.architecture",
+        "qwen2.block_count",
+        "qwen2.embedding_length",
+        "qwen2.attention.head_count",
+        "qwen2.attention.layer_norm_rms_epsilon",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+    ];
+    let mut cases = Vec::new();
+    for t in 0..TARGETED {
+        let mut m = Gguf::parse(&pristine);
+        let i = rng.below(g.tensors.len());
+        let name = g.tensors[i].0.clone();
+        let (what, expect): (String, Vec<String>) =
+            match t % 12 {
+                0 => {
+                    let at = rng.range(24, pristine.len() - 1);
+                    let b = pristine[..at].to_vec();
+                    cases.push(
+                        Case::targeted(Kind::Gguf, format!("truncated to {at} bytes"), b)
+                            .expecting(&["truncated", "past the end", "ends inside"]),
+                    );
+                    continue;
+                }
+                1 => {
+                    let key = *rng.pick(&read_keys);
+                    let k = m.key(key);
+                    m.kv[k] = (key.into(), 8, gguf_string("not the type"));
+                    (format!("{key} made a string"), vec![key.into()])
+                }
+                2 => {
+                    let key = *rng.pick(&read_keys[1..5]);
+                    m.kv.remove(m.key(key));
+                    (format!("{key} removed"), vec![key.into()])
+                }
+                3 => {
+                    let a = *rng.pick(&[0u32, 3, 48]);
+                    m.kv.push(("general.alignment".into(), 4, a.to_le_bytes().to_vec()));
+                    (
+                        format!("general.alignment {a}"),
+                        vec!["general.alignment".into()],
+                    )
+                }
+                4 => {
+                    let k = rng.below(m.kv.len());
+                    let dup = m.kv[k].clone();
+                    let key = dup.0.clone();
+                    m.kv.push(dup);
+                    (format!("{key} twice"), vec![key])
+                }
+                5 => {
+                    let ty = *rng.pick(&[16u32, 20, 23, 28, 99, 1_000_000]);
+                    m.tensors[i].2 = ty;
+                    (format!("{name}: type {ty}"), vec![name.clone()])
+                }
+                6 => {
+                    let dims = rng
+                        .pick(&[
+                            vec![1u64 << 40, 1 << 40],
+                            vec![u64::MAX, 2],
+                            vec![0, 32],
+                            vec![33, 7],
+                        ])
+                        .clone();
+                    m.tensors[i].1 = dims.clone();
+                    (format!("{name}: dims {dims:?}"), vec![name.clone()])
+                }
+                7 => {
+                    let n = *rng.pick(&[0usize, 5]);
+                    m.tensors[i].1 = vec![32; n];
+                    (format!("{name}: {n} dimensions"), vec![name.clone()])
+                }
+                8 => {
+                    let off = *rng.pick(&[7u64, 1 << 40, g.data.len() as u64]);
+                    m.tensors[i].3 = off;
+                    (format!("{name}: offset {off}"), vec![name.clone()])
+                }
+                9 => {
+                    m.tensors[i].0 = format!("{name}.renamed");
+                    (format!("{name} renamed"), vec![name.clone()])
+                }
+                10 => {
+                    let (key, value) = *rng.pick(&[
+                        ("general.architecture", "phi3"),
+                        ("tokenizer.ggml.model", "bert"),
+                        ("tokenizer.ggml.pre", "tekken"),
+                    ]);
+                    let k = m.key(key);
+                    m.kv[k].2 = gguf_string(value);
+                    (format!("{key} = {value:?}"), vec![value.into()])
+                }
+                _ => {
+                    // A token list one entry short.
+                    let k = m.key("tokenizer.ggml.token_type");
+                    let n = u64::from_le_bytes(m.kv[k].2[4..12].try_into().unwrap());
+                    let value = &mut m.kv[k].2;
+                    value[4..12].copy_from_slice(&(n - 1).to_le_bytes());
+                    value.truncate(value.len() - 4);
+                    (
+                        "tokenizer.ggml.token_type one short".into(),
+                        vec!["tokenizer.ggml.token_type".into()],
+                    )
+                }
+            };
+        let expect: Vec<&str> = expect.iter().map(String::as_str).collect();
+        cases.push(Case::targeted(Kind::Gguf, what, m.to_bytes()).expecting(&expect));
+    }
+    for _ in 0..RANDOM {
+        let mut b = pristine.clone();
+        // Mostly the header: random changes to weights are just other weights.
+        let what = mutate_bytes(rng, &mut b, Some((0, data_start)));
+        cases.push(Case::random(Kind::Gguf, what, b));
+    }
+    cases
+}
+
 fn toml_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
     let pristine = fx.toml.clone();
     let lines: Vec<&str> = pristine.lines().collect();
@@ -1330,8 +1602,9 @@ fn mutated_inputs_fail_cleanly_naming_the_file() {
     cases.extend(tokenizer_config_cases(&fx, &mut rng));
     cases.extend(model_config_cases(&fx, &mut rng));
     cases.extend(safetensors_cases(&fx, &mut rng));
+    cases.extend(gguf_cases(&fx, &mut rng));
     cases.extend(toml_cases(&fx, &mut rng));
-    assert!(cases.len() >= 500, "{} cases", cases.len());
+    assert!(cases.len() >= 600, "{} cases", cases.len());
 
     // Two workers: each case is one short process.
     let next = AtomicUsize::new(0);

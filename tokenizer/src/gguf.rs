@@ -430,7 +430,9 @@ impl Tokenizer {
             add_bos_token: v.add_bos.unwrap_or(spm),
             ..TokenizerConfig::default()
         };
-        Ok(Tokenizer::from_hf(tok, config))
+        let mut tok = Tokenizer::from_hf(tok, config);
+        tok.origin = Some(origin.to_path_buf());
+        Ok(tok)
     }
 
     /// The GGUF vocabulary of this tokenizer for a model of `vocab_size` rows: ids the tokenizer

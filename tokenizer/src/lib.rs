@@ -89,6 +89,8 @@ pub struct Tokenizer {
     /// even after the directory they came from is gone (a rotated-away checkpoint, a moved base
     /// model).
     source_files: Vec<SourceFile>,
+    /// The file a tokenizer built in memory was read from (a GGUF file), for messages.
+    origin: Option<PathBuf>,
 }
 
 /// One file a tokenizer was read from: its path and its bytes as read.
@@ -204,6 +206,7 @@ impl Tokenizer {
             backend,
             config,
             source_files,
+            origin: None,
         })
     }
 
@@ -214,6 +217,7 @@ impl Tokenizer {
             backend: Backend::Char(Box::new(tok)),
             config,
             source_files: vec![],
+            origin: None,
         }
     }
 
@@ -222,6 +226,7 @@ impl Tokenizer {
             backend: Backend::hf(tok),
             config,
             source_files: vec![],
+            origin: None,
         }
     }
 
@@ -246,6 +251,12 @@ impl Tokenizer {
     /// memory.
     pub fn source_files(&self) -> impl Iterator<Item = &Path> {
         self.source_files.iter().map(|f| f.path.as_path())
+    }
+
+    /// The file a tokenizer built in memory was read from (a GGUF file's `tokenizer.*` keys and
+    /// chat template), where it came from one.
+    pub fn origin(&self) -> Option<&Path> {
+        self.origin.as_deref()
     }
 
     /// The tokenizer as one canonical text (its vocabulary and merges, and its special-token
