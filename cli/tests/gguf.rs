@@ -161,10 +161,7 @@ fn lora_on_a_gguf_base_trains_merges_and_exports() {
     let exported = eval_loss(&gguf, &data);
     assert!((exported - alone).abs() < 1e-4, "{exported} vs {alone}");
     // The directory holding it names it too.
-    assert_eq!(
-        eval_loss(&gguf.parent().unwrap().to_path_buf(), &data),
-        exported
-    );
+    assert_eq!(eval_loss(gguf.parent().unwrap(), &data), exported);
     // A second export to the same file is refused.
     let err = fails(
         sft()
