@@ -1,9 +1,13 @@
-//! `sft bench train --model DIR [--batch-size B] [--seq-len S] [--steps N] [--warmup W] [--json]`.
+//! `sft bench train (--model DIR | --preset NAME --vocab-size V) [--batch-size B] [--seq-len S]
+//! [--steps N] [--warmup W] [--lora [--base-quant TYPE]] [--gradient-checkpointing] [--json]`.
 //!
 //! Contract relied on by scripts: with `--json`, one object
 //! `{"tokens_per_s":x,"step_s_median":y,"peak_rss_mib":z,"forward_s":..,"backward_s":..,"optimizer_s":..}`
-//! (plus `params`, `batch_size`, `seq_len`, `threads`, `flops_per_step`, `gflops_per_s`).
+//! (plus `params`, `batch_size`, `seq_len`, `threads`, `flops_per_step`, `gflops_per_s`,
+//! `lora`, `trainable_params`, `base_quant`, `gradient_checkpointing`, `master_weights`).
 //! Full training steps on random ids: forward with the masked loss, backward, clipping, AdamW.
+//! `--preset` draws random weights of a preset's shape in memory (no checkpoint on disk), a
+//! quantized base's tensors quantized as they are drawn.
 //!
 //! `sft bench generate --model DIR [--prompt-len P] [--new-tokens N] [--json]`: greedy decoding
 //! with the KV cache, `{"tokens_per_s":..,"prefill_s":..,"prompt_len":..,"new_tokens":..}`.
@@ -22,7 +26,7 @@ use candle_core::DType;
 use sft::bench::{bench_generate, bench_train, matmul_peak_gflops, BenchOptions};
 use sft::config::{dtype_name, parse_dtype};
 use sft::setup::device_name;
-use sft_model::Model;
+use sft_model::{Model, ModelConfig, Quantize};
 
 use crate::common::Threads;
 
@@ -65,10 +69,18 @@ pub(crate) struct GemmArgs {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("weights").required(true).args(["model", "preset"])))]
 pub(crate) struct TrainArgs {
     /// A checkpoint directory (`cargo xtask init-model` makes one of any shape).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    /// Random weights of a preset's shape (`qwen2.5-0.5b`, `llama3.1-8b`, ...; see
+    /// `cargo xtask init-model`), drawn in memory.
+    #[arg(long, requires = "vocab_size")]
+    preset: Option<String>,
+    /// The vocabulary of `--preset` (Qwen2.5: 151936, Llama 3: 128256).
+    #[arg(long)]
+    vocab_size: Option<usize>,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     #[arg(long, default_value_t = 256)]
@@ -102,6 +114,18 @@ pub(crate) struct TrainArgs {
     /// The modules `--lora` adapts (`all-linear`, or names such as `q_proj,v_proj`).
     #[arg(long, value_delimiter = ',', default_value = "all-linear")]
     lora_targets: Vec<String>,
+    /// With `--lora`: keep the frozen base as ggml blocks of this type (`q8_0`, `q4_k`,
+    /// `q6_k`, `q4_0`), as `[lora] base_quant` does.
+    #[arg(long, requires = "lora")]
+    base_quant: Option<String>,
+    /// Recompute each layer in backward instead of keeping its activations
+    /// (`train.gradient_checkpointing`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// With `--dtype bf16|f16`: update the weights in place instead of through f32 master
+    /// weights (`optim.master_weights = false`).
+    #[arg(long)]
+    no_master_weights: bool,
     #[arg(long)]
     json: bool,
 }
@@ -112,6 +136,44 @@ pub(crate) fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Generate(args) => crate::on_pool(args.threads.threads, || generate(args)),
         Command::Gemm(args) => crate::on_pool(args.threads.threads, || gemm(args)),
     }
+}
+
+/// The benchmark's model: a checkpoint, or random weights of a preset's shape; with
+/// `--base-quant`, LoRA's frozen matrices kept as blocks (quantized as they are read or drawn).
+fn bench_model(args: &TrainArgs, lora: Option<&sft_model::LoraConfig>) -> anyhow::Result<Model> {
+    let device = sft::setup::device()?;
+    let (config, dir) = match (&args.model, &args.preset) {
+        (Some(dir), _) => {
+            let dir = sft::hub::resolve_model(dir)?;
+            (ModelConfig::from_file(&dir.join("config.json"))?, Some(dir))
+        }
+        (None, Some(name)) => {
+            let mut json = sft_model::presets::preset(name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--preset: unknown preset {name:?} (known: {})",
+                    sft_model::presets::NAMES.join(", ")
+                )
+            })?;
+            json["vocab_size"] = args.vocab_size.unwrap_or(0).into();
+            let config = ModelConfig::from_json_str(&json.to_string())
+                .map_err(|e| anyhow::anyhow!("--preset {name}: {e}"))?;
+            (config, None)
+        }
+        (None, None) => anyhow::bail!("one of --model and --preset is required"),
+    };
+    let quantize = match (lora, args.base_quant.as_deref()) {
+        (Some(lora), Some(q)) => Some(Quantize {
+            dtype: sft_model::quant::quant_type(q)
+                .ok_or_else(|| anyhow::anyhow!("--base-quant: unknown type {q:?}"))?,
+            names: sft_model::frozen_matrices(&config, lora).map_err(anyhow::Error::msg)?,
+        }),
+        _ => None,
+    };
+    Ok(match (dir, quantize) {
+        (Some(dir), q) => Model::load_with(&dir, args.dtype, &device, q.as_ref())?,
+        (None, Some(q)) => Model::init_with(&config, 0, args.dtype, &device, &q)?,
+        (None, None) => Model::init(&config, 0, args.dtype, &device)?,
+    })
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -163,11 +225,15 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 {
         anyhow::bail!("--steps and --batch-size must be positive and --seq-len at least 2");
     }
-    let model = Model::load(
-        &sft::hub::resolve_model(&args.model)?,
-        args.dtype,
-        &sft::setup::device()?,
-    )?;
+    let lora = args.lora.then(|| sft_model::LoraConfig {
+        r: args.lora_r,
+        alpha: 2.0 * args.lora_r as f64,
+        dropout: args.lora_dropout,
+        target_modules: args.lora_targets.clone(),
+        base_quant: args.base_quant.clone(),
+        ..sft_model::LoraConfig::default()
+    });
+    let mut model = bench_model(&args, lora.as_ref())?;
     if args.seq_len > model.config().max_positions() {
         anyhow::bail!(
             "--seq-len {} exceeds the model's context {}",
@@ -175,19 +241,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             model.config().max_positions()
         );
     }
-    let model = match args.lora {
-        true => model.with_lora(
-            &sft_model::LoraConfig {
-                r: args.lora_r,
-                alpha: 2.0 * args.lora_r as f64,
-                dropout: args.lora_dropout,
-                target_modules: args.lora_targets.clone(),
-                ..sft_model::LoraConfig::default()
-            },
-            0,
-        )?,
-        false => model,
-    };
+    if let Some(lora) = &lora {
+        model = model.with_lora(lora, 0)?;
+    }
+    model.set_checkpointing(args.gradient_checkpointing);
     let r = bench_train(
         &model,
         &BenchOptions {
@@ -197,6 +254,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             warmup: args.warmup,
             target_fraction: args.target_fraction,
             dropout: args.dropout,
+            master_weights: !args.no_master_weights,
             seed: 0,
         },
     )?;
@@ -207,7 +265,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             "{:.1} tokens/s  step {:.3} s (forward+loss {:.3}, backward {:.3}, optimizer {:.3})  {:.1} GFLOP/s  peak RSS {:.0} MiB  ({} params{}, {}x{}, {} {}, {} threads)",
             r.tokens_per_s, r.step_s_median, r.forward_s, r.backward_s, r.optimizer_s, r.gflops_per_s,
             r.peak_rss_mib, r.params,
-            if r.lora { format!(", LoRA: {} trainable", r.trainable_params) } else { String::new() },
+            if r.lora { format!(", LoRA: {} trainable{}", r.trainable_params, r.base_quant.as_ref().map_or(String::new(), |q| format!(", base {q}"))) } else { String::new() },
             r.batch_size, r.seq_len, r.dtype, r.device, r.threads
         );
     }

@@ -182,15 +182,28 @@ impl Progress {
                 start_step,
                 n_params,
                 n_frozen,
+                base_quant,
                 out_dir,
                 device,
-            } => self.started(
-                (start_step, total_steps),
-                (n_params, n_frozen),
-                out_dir,
-                &device,
-            ),
+            } => {
+                if let Some(q) = base_quant {
+                    self.line(&format!("frozen base kept as ggml blocks: {q}"));
+                }
+                self.started(
+                    (start_step, total_steps),
+                    (n_params, n_frozen),
+                    out_dir,
+                    &device,
+                )
+            }
             Event::Step(m) => {
+                if m.skipped {
+                    self.line(&format!(
+                        "step {}: the f16 gradients overflowed at loss scale {}; the step is skipped and the scale halved",
+                        m.step,
+                        m.loss_scale.unwrap_or(f64::NAN)
+                    ));
+                }
                 let msg = format!(
                     "loss {:.4}  lr {:.2e}  grad {:.2}  {:.0} tok/s",
                     m.loss, m.lr, m.grad_norm, m.tokens_per_s

@@ -11,7 +11,7 @@ use crate::error::{input_error, Error, Result};
 use crate::family::{foreign_trace, Network};
 use crate::kv::KvCache;
 use crate::lora::{LoraConfig, Plan};
-use crate::quant::QWeight;
+use crate::quant::{QWeight, Quantize};
 use crate::weights::{Weight, Weights};
 use crate::{ops, params, passes};
 
@@ -90,6 +90,30 @@ impl Model {
         let specs = cfg.param_specs();
         let params = params::init_params(&specs, seed, dtype, device)?;
         let parts = Parts::full(params, Vec::new());
+        Model::assemble(cfg.clone(), parts, dtype, device, false, None)
+    }
+
+    /// [`Model::init`] keeping the tensors `quantize` names as ggml blocks, each quantized as
+    /// it is drawn, so a model larger than memory in `dtype` never sits there whole (the same
+    /// values as `init` then [`Model::quantized_with`]).
+    pub fn init_with(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        quantize: &Quantize,
+    ) -> Result<Model> {
+        check_dtype(dtype)?;
+        let (mut params, mut quantized) = (Vec::new(), Vec::new());
+        for spec in cfg.param_specs() {
+            let one = params::init_params(std::slice::from_ref(&spec), seed, dtype, device)?;
+            let (name, var) = one.into_iter().next().expect("one tensor per spec");
+            match quantize.type_for(&name, &spec.shape) {
+                Some(t) => quantized.push((name, QWeight::quantize(var.as_tensor(), t)?)),
+                None => params.push((name, var)),
+            }
+        }
+        let parts = Parts::full(params, quantized);
         Model::assemble(cfg.clone(), parts, dtype, device, false, None)
     }
 

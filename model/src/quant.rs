@@ -9,6 +9,7 @@
 //! dequantizing run row chunks in parallel (candle's own loops are single-threaded).
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -144,6 +145,25 @@ pub fn fitting_type(want: GgmlDType, cols: usize) -> GgmlDType {
     match fits(fallback) {
         true => fallback,
         false => GgmlDType::F16,
+    }
+}
+
+/// Which tensors `Model::load_with` keeps as ggml blocks, and in what type: those named, each
+/// in `dtype`, or in what llama.cpp falls back to when its rows are not whole blocks of it
+/// ([`fitting_type`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantize {
+    pub dtype: GgmlDType,
+    pub names: BTreeSet<String>,
+}
+
+impl Quantize {
+    /// The type tensor `name` of `shape` is kept in, or `None` to keep it in the model's dtype.
+    pub fn type_for(&self, name: &str, shape: &[usize]) -> Option<GgmlDType> {
+        match shape {
+            [_, cols] if self.names.contains(name) => Some(fitting_type(self.dtype, *cols)),
+            _ => None,
+        }
     }
 }
 

@@ -211,9 +211,18 @@ impl AdamW {
         self.scaler.map_or(1.0, |s| s.scale)
     }
 
-    /// Whether parameter `i` is updated through f32 master weights.
-    pub fn has_master(&self, i: usize) -> bool {
-        self.params.get(i).is_some_and(|p| p.master.is_some())
+    /// The f32 weights parameter `i` is updated through, when it has master weights: the
+    /// trained values, of which the parameter is the rounded copy.
+    pub fn master(&self, i: usize) -> Option<&Tensor> {
+        self.params.get(i)?.master.as_ref().map(Var::as_tensor)
+    }
+
+    /// Every master weight by parameter name (empty without master weights).
+    pub fn masters(&self) -> HashMap<String, Tensor> {
+        self.params
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.master.as_ref()?.as_tensor().clone())))
+            .collect()
     }
 
     /// Names of the parameters that get weight decay.

@@ -8,12 +8,13 @@
 //! Every random draw derives from `run.seed` and the position in the run (`seeds`), which is
 //! what makes resuming bit-identical without replaying data.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use sft_data::{Prepared, Report, Template};
 use sft_model::Model;
@@ -61,6 +62,8 @@ pub enum Event<'a> {
         n_params: usize,
         /// Frozen scalars (LoRA's base; 0 in full fine-tuning).
         n_frozen: usize,
+        /// A quantized base: its tensors per ggml type (`q4_k: 168 tensors, q5_0: 72 tensors`).
+        base_quant: Option<String>,
         out_dir: &'a Path,
         /// Where the run computes: `cpu`, `cuda:0`.
         device: String,
@@ -147,10 +150,11 @@ pub fn train(
     let data = data.split(cfg)?;
 
     // 3. Model.
-    let model = match dir.resume_dir() {
+    let mut model = match dir.resume_dir() {
         Some(dir) => setup::resumed_model(cfg, &tok, dir, dtype, &device)?,
         None => setup::model(cfg, &tok, dtype, &device)?,
     };
+    model.set_checkpointing(cfg.train.gradient_checkpointing);
     setup::check_vocab(&model, &tok)?;
     let max_len = setup::max_len(cfg, &model)?;
 
@@ -313,7 +317,8 @@ impl<'a> Run<'a> {
             total_steps: state.total_steps,
             start_step: state.step,
             n_params: count(model.params()),
-            n_frozen: count(model.frozen()),
+            n_frozen: model.frozen_count(),
+            base_quant: setup::quantized_summary(&model),
             out_dir: &out_dir,
             device: setup::device_name(model.device()),
         });
@@ -379,7 +384,8 @@ impl<'a> Run<'a> {
         }
         let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
         let positions: usize = batches.iter().map(|b| b.batch_size * b.seq_len).sum();
-        let scale = 1.0 / targets as f64;
+        // Under f16's loss scaling the gradients carry the scale; the optimizer takes it out.
+        let scale = self.opt.loss_scale() / targets as f64;
         let mut stats = LossStats::default();
         for (k, batch) in batches.iter().enumerate() {
             let seed = dropout_seed(cfg.run.seed, self.state.step, k as u64);
@@ -442,6 +448,8 @@ impl<'a> Run<'a> {
             tokens,
             positions,
             elapsed_s: clock.elapsed_s(),
+            loss_scale: step_stats.loss_scale.map(|(scale, _, _)| scale),
+            skipped: step_stats.loss_scale.is_some_and(|(_, _, skipped)| skipped),
         };
         (self.on_event)(Event::Step(&m));
         if state.step.is_multiple_of(cfg.run.log_every) || state.step == state.total_steps {
@@ -527,7 +535,14 @@ impl<'a> Run<'a> {
             state.best_step = Some(state.step);
             let best = self.out_dir.join("best");
             checkpoint::write_atomically(&best, |d| {
-                export(&self.model, self.save_dtype, self.tok, cfg, state, d)
+                export(
+                    (&self.model, &self.opt),
+                    self.save_dtype,
+                    self.tok,
+                    cfg,
+                    state,
+                    d,
+                )
             })?;
             (self.on_event)(Event::Checkpoint {
                 step: state.step,
@@ -570,7 +585,14 @@ impl<'a> Run<'a> {
         state.elapsed_s = self.clock.elapsed_s();
         if !self.interrupted {
             checkpoint::write_atomically(&final_model, |d| {
-                export(&self.model, self.save_dtype, self.tok, self.cfg, state, d)
+                export(
+                    (&self.model, &self.opt),
+                    self.save_dtype,
+                    self.tok,
+                    self.cfg,
+                    state,
+                    d,
+                )
             })?;
         }
         let metrics_path = out_dir.join("metrics.jsonl");
@@ -729,7 +751,8 @@ fn save_checkpoint(
 ) -> Result<PathBuf> {
     let path = out_dir.join(checkpoint::checkpoint_name(state.step));
     checkpoint::write_atomically(&path, |d| {
-        save_weights(model, d, model.dtype(), cfg)?;
+        // The training dtype's own values: the master weights are in the optimizer's state.
+        save_weights(model, d, model.dtype(), cfg, &HashMap::new())?;
         tok.save(d)?;
         opt.save(&d.join(checkpoint::OPTIMIZER_FILE))?;
         state.write(d)?;
@@ -740,12 +763,19 @@ fn save_checkpoint(
     Ok(path)
 }
 
-/// The model's weights in `dtype`, or with LoRA its adapter (in the training dtype, as PEFT
-/// keeps adapters in full precision).
-fn save_weights(model: &Model, dir: &Path, dtype: DType, cfg: &TrainConfig) -> Result<()> {
+/// The model's weights in `dtype` (from `masters`, the f32 master weights, where a parameter
+/// has them), or with LoRA its adapter (in the training dtype, as PEFT keeps adapters in full
+/// precision).
+fn save_weights(
+    model: &Model,
+    dir: &Path,
+    dtype: DType,
+    cfg: &TrainConfig,
+    masters: &HashMap<String, Tensor>,
+) -> Result<()> {
     match model.lora() {
         Some(_) => model.save_adapter(dir, &setup::base_name(cfg))?,
-        None => model.save(dir, dtype)?,
+        None => model.save_with(dir, dtype, masters)?,
     }
     Ok(())
 }
@@ -891,14 +921,14 @@ impl Budget {
 
 /// Weights in the export dtype, tokenizer, config and state: a directory `transformers` loads.
 fn export(
-    model: &Model,
+    (model, opt): (&Model, &AdamW),
     save_dtype: DType,
     tok: &Tokenizer,
     cfg: &TrainConfig,
     state: &TrainerState,
     dir: &Path,
 ) -> Result<()> {
-    save_weights(model, dir, save_dtype, cfg)?;
+    save_weights(model, dir, save_dtype, cfg, &opt.masters())?;
     tok.save(dir)?;
     state.write(dir)?;
     std::fs::write(dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
