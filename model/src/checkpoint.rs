@@ -23,7 +23,8 @@ use crate::config::ModelConfig;
 use crate::error::{input_error, Error, Result};
 use crate::model::{check_dtype, dtype_name, Model, Parts};
 use crate::params::var_from_f32;
-use crate::quant::{QWeight, Quantize};
+use crate::quant::{QWeight, Quantize, CHUNK_ROWS};
+use candle_core::quantized::GgmlDType;
 
 pub(crate) const CONFIG_FILE: &str = "config.json";
 const GENERATION_CONFIG_FILE: &str = "generation_config.json";
@@ -262,8 +263,7 @@ impl Model {
             let blocks = quantize.and_then(|q| q.type_for(&spec.name, &spec.shape));
             match blocks {
                 Some(t) => {
-                    let values = view_to_var(view, DType::F32, &Device::Cpu).map_err(named)?;
-                    let q = QWeight::quantize(values.as_tensor(), t).map_err(named)?;
+                    let q = quantize_view(view, t).map_err(named)?;
                     quantized.push((spec.name.clone(), q));
                 }
                 None => {
@@ -466,6 +466,35 @@ pub(crate) fn view_to_var(view: &TensorView<'_>, dtype: DType, device: &Device) 
         .to_dtype(dtype)?
         .to_device(device)?;
     Ok(Var::from_tensor(&t)?)
+}
+
+/// A stored 2-D tensor quantized to `dtype` straight from the file's bytes, a chunk of rows at a
+/// time: the f32 matrix never sits in memory whole.
+fn quantize_view(view: &TensorView<'_>, dtype: GgmlDType) -> Result<QWeight> {
+    let (rows, cols) = match view.shape() {
+        &[rows, cols] => (rows, cols),
+        other => return input_error(format!("a {other:?} tensor is not a matrix to quantize")),
+    };
+    let src = st_dtype(view.dtype()).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "stored dtype {:?} is not a float type",
+            view.dtype()
+        ))
+    })?;
+    let size = src.size_in_bytes();
+    let bytes = view.data();
+    QWeight::quantize_with(rows, cols, dtype, CHUNK_ROWS, &|range, out| {
+        let chunk = &bytes[range.start * cols * size..range.end * cols * size];
+        for (o, b) in out.iter_mut().zip(chunk.chunks_exact(size)) {
+            *o = match src {
+                DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                DType::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                DType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32,
+            };
+        }
+        Ok(())
+    })
 }
 
 /// Writes a safetensors file: an 8-byte little-endian header length, the JSON header (padded

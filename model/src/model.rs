@@ -106,12 +106,18 @@ impl Model {
         check_dtype(dtype)?;
         let (mut params, mut quantized) = (Vec::new(), Vec::new());
         for spec in cfg.param_specs() {
-            let one = params::init_params(std::slice::from_ref(&spec), seed, dtype, device)?;
-            let (name, var) = one.into_iter().next().expect("one tensor per spec");
-            match quantize.type_for(&name, &spec.shape) {
-                Some(t) => quantized.push((name, QWeight::quantize(var.as_tensor(), t)?)),
-                None => params.push((name, var)),
+            if let Some(t) = quantize.type_for(&spec.name, &spec.shape) {
+                let (rows, cols) = (spec.shape[0], spec.shape[1]);
+                let chunk = params::init_chunk_rows(cols);
+                let q = QWeight::quantize_with(rows, cols, t, chunk, &|range, out| {
+                    params::init_rows(&spec, seed, range, out);
+                    Ok(())
+                })?;
+                quantized.push((spec.name.clone(), q));
+                continue;
             }
+            let one = params::init_params(std::slice::from_ref(&spec), seed, dtype, device)?;
+            params.extend(one);
         }
         let parts = Parts::full(params, quantized);
         Model::assemble(cfg.clone(), parts, dtype, device, false, None)
