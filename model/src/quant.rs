@@ -167,6 +167,9 @@ impl Quantize {
     }
 }
 
+/// Writes the f32 values of a range of a matrix's rows, row after row (a quantizer's source).
+pub type FillRows<'a> = dyn Fn(Range<usize>, &mut [f32]) -> Result<()> + Sync + 'a;
+
 /// A frozen (rows, cols) matrix in ggml blocks. Cheap to clone (the blocks are shared).
 #[derive(Clone)]
 pub struct QWeight {
@@ -218,7 +221,7 @@ impl QWeight {
         cols: usize,
         dtype: GgmlDType,
         chunk_rows: usize,
-        fill: &(dyn Fn(Range<usize>, &mut [f32]) -> Result<()> + Sync),
+        fill: &FillRows<'_>,
     ) -> Result<QWeight> {
         if cols == 0 || !cols.is_multiple_of(dtype.block_size()) {
             return Err(candle_core::Error::Msg(format!(
@@ -479,7 +482,7 @@ fn quantize_rows<B: GgmlType + 'static>(
     rows: usize,
     cols: usize,
     chunk_rows: usize,
-    fill: &(dyn Fn(Range<usize>, &mut [f32]) -> Result<()> + Sync),
+    fill: &FillRows<'_>,
 ) -> Result<QStorage> {
     let per_row = cols / B::BLCK_SIZE;
     let mut blocks = vec![B::zeros(); rows * per_row];

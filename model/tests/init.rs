@@ -129,7 +129,7 @@ fn init_in_bf16_is_the_rounded_f32_init() {
 fn drawing_a_quantized_model_gives_the_blocks_of_quantizing_it_after() {
     use candle_core::quantized::GgmlDType;
     // An embedding of 3,000 x 512: 1.5M values, more than one random stream of 2^20.
-    let cfg = sft_model::ModelConfig::from_json_str(
+    let cfg = ModelConfig::from_json_str(
         r#"{"model_type": "qwen2", "vocab_size": 3000, "hidden_size": 512,
             "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
             "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": true}"#,
