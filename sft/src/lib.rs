@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod feed;
