@@ -16,6 +16,30 @@ pub(crate) const STEPS: &[&[&str]] = &[
         "warnings",
     ],
     &["test", "--workspace"],
+    // The `mpi` feature (Open MPI and libclang installed; `.ci/run` installs them): lints, then
+    // data-parallel training under `mpirun` (cli/tests/distributed.rs).
+    &[
+        "clippy",
+        "-p",
+        "sft",
+        "-p",
+        "sft-cli",
+        "--all-targets",
+        "--features",
+        "sft-cli/mpi",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    &[
+        "test",
+        "-p",
+        "sft-cli",
+        "--features",
+        "mpi",
+        "--test",
+        "distributed",
+    ],
     // The `cuda` feature compiles (no GPU needed; the compiler comes from PyPI when missing).
     &["xtask", "cuda-check"],
 ];
@@ -27,7 +51,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         if !status.success() {
             bail!("`cargo {}` failed ({status})", step.join(" "));
         }
-        if step[0] == "test" {
+        if step.contains(&"distributed") {
             print_fault_suite()?;
         }
     }
