@@ -75,14 +75,14 @@ fn run_on(
                 }
             })
             .with_context(|| format!("training run {}", cfg.run.out_dir.display()))?;
-            Ok((summary, lead))
+            Ok((summary, lead, coll.ranks()))
         };
         match ranked {
             true => crate::ranks::run(train),
             false => train(&Single),
         }
     });
-    let (summary, lead) = trained?;
+    let (summary, lead, ranks) = trained?;
     progress.finish();
     if !lead {
         // The other ranks report nothing: rank 0 has said it all.
@@ -107,7 +107,13 @@ fn run_on(
             summary.last_checkpoint.display()
         );
         eprintln!(
-            "resume with: sft train{} --resume {}",
+            "resume with: {}sft train{} --resume {}",
+            // The same rank count: a checkpoint resumes with no other.
+            if ranks > 1 {
+                format!("mpirun -np {ranks} ")
+            } else {
+                String::new()
+            },
             config_file
                 .map(|c| format!(" --config {}", c.display()))
                 .unwrap_or_default(),
