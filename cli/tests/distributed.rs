@@ -74,9 +74,16 @@ fn report(name: &str, text: &str) {
     eprintln!("{text}");
 }
 
-/// The tiny Qwen2 fixture on the mixed chats (8 records), into `out`; `extra` follows the
-/// `[run]` keys.
-fn config(dir: &Path, name: &str, out: &Path, extra: &str) -> PathBuf {
+/// The tiny Qwen3 fixture on the mixed chats (8 records), into `out`; `data` goes into `[data]`
+/// (a `train =` of its own replaces the default; `MIXED` stands for the chats' path), `extra`
+/// follows the `[run]` keys.
+fn config(dir: &Path, name: &str, out: &Path, (data, extra): (&str, &str)) -> PathBuf {
+    let mixed = data_dir().join("jsonl/mixed.jsonl");
+    let train = match data.contains("train =") {
+        true => String::new(),
+        false => format!("train = [{mixed:?}]"),
+    };
+    let data = data.replace("MIXED", &format!("{mixed:?}"));
     let text = format!(
         r#"
         [model]
@@ -85,7 +92,8 @@ fn config(dir: &Path, name: &str, out: &Path, extra: &str) -> PathBuf {
         build = "char"
         specials = "chatml"
         [data]
-        train = [{data:?}]
+        {train}
+        {data}
         train_on = "assistant"
         max_len = 64
         skip_invalid = true
@@ -101,7 +109,6 @@ fn config(dir: &Path, name: &str, out: &Path, extra: &str) -> PathBuf {
         {extra}
         "#,
         model = data_dir().join("models/qwen3"),
-        data = data_dir().join("jsonl/mixed.jsonl"),
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -172,11 +179,11 @@ fn compare(a: &Path, b: &Path) -> (f64, f64, f64) {
 
 /// Two ranks of batch 2 against one process of batch 4 and one of batch 2 with accumulation
 /// 2, for `extra` (full fine-tuning, or a `[lora]` section); the largest differences.
-fn equal_to_one_process(name: &str, extra: &str, twice_the_batch: bool) -> String {
+fn equal_to_one_process(name: &str, (data, extra): (&str, &str), twice_the_batch: bool) -> String {
     let dir = scratch(name);
     let run = |label: &str, settings: &str| {
         let out = dir.join(label);
-        let cfg = config(&dir, label, &out, &format!("{settings}\n{extra}"));
+        let cfg = config(&dir, label, &out, (data, &format!("{settings}\n{extra}")));
         (out, cfg)
     };
     let train = "[train]\nmax_steps = 4\nthreads = 1\nbatch_size = 2";
@@ -218,20 +225,28 @@ fn equal_to_one_process(name: &str, extra: &str, twice_the_batch: bool) -> Strin
 
 #[test]
 fn two_ranks_take_the_step_of_one_process_with_the_global_batch() {
-    let mut lines = vec![equal_to_one_process("full", "", true)];
+    let mut lines = vec![equal_to_one_process("full", ("", ""), true)];
     // LoRA without dropout: a batch of 4 rows draws other dropout masks than two of 2.
     let lora = "[lora]\nr = 4\nalpha = 8\ntarget_modules = \"all-linear\"";
     lines.push(equal_to_one_process(
         "lora",
-        &format!("{lora}\ndropout = 0.0"),
+        ("", &format!("{lora}\ndropout = 0.0")),
         true,
     ));
     // With dropout, each rank's micro-batch draws the masks one process draws for it.
     lines.push(equal_to_one_process(
         "lora-dropout",
-        &format!("{lora}\ndropout = 0.1"),
+        ("", &format!("{lora}\ndropout = 0.1")),
         false,
     ));
+    // Streamed data and a mixture: each rank draws the one process's micro-batches.
+    lines.push(equal_to_one_process(
+        "streaming",
+        ("streaming = true\nshuffle_buffer = 4", ""),
+        false,
+    ));
+    let mixture = "train = [{ path = MIXED, weight = 0.5 }, { path = MIXED, samples = 3 }]";
+    lines.push(equal_to_one_process("mixture", (mixture, ""), false));
     report("mpi-equality", &lines.join("\n"));
 }
 
@@ -243,7 +258,7 @@ fn a_checkpoint_resumes_only_with_its_rank_count_and_an_error_ends_the_job() {
         &dir,
         "run",
         &out,
-        "[train]\nmax_steps = 2\nthreads = 1\nbatch_size = 2",
+        ("", "[train]\nmax_steps = 2\nthreads = 1\nbatch_size = 2"),
     );
     ok(mpirun(2, &["train", "--config", cfg.to_str().unwrap()])
         .output()
@@ -313,7 +328,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
     // `extra` begins inside [run].
     let extra =
         format!("save_every = 5\n[train]\nmax_steps = {STEPS}\nthreads = 1\nbatch_size = 2");
-    let cfg = config(&dir, "run", &out, &extra)
+    let cfg = config(&dir, "run", &out, ("", &extra))
         .to_str()
         .unwrap()
         .to_string();
@@ -400,7 +415,7 @@ fn sigusr1_to_mpirun_stops_every_rank_after_the_step_with_a_checkpoint() {
     let dir = scratch("usr1");
     let out = dir.join("out");
     let extra = "save_every = 100000\n[train]\nmax_steps = 100000\nthreads = 1\nbatch_size = 2";
-    let cfg = config(&dir, "run", &out, extra);
+    let cfg = config(&dir, "run", &out, ("", extra));
     let mut job = mpirun(2, &["train", "--config", cfg.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -431,5 +446,43 @@ fn sigusr1_to_mpirun_stops_every_rank_after_the_step_with_a_checkpoint() {
     let (step, ck) = &saved[0];
     check_resumable(ck).unwrap();
     assert_eq!(*step as usize, logged(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Early stopping and the time budget are rank 0's decisions: every rank ends at the step rank 0
+/// ends at, and the run finishes as one process's does.
+#[test]
+fn early_stopping_and_the_time_budget_end_every_rank_together() {
+    let dir = scratch("decide");
+    let runs = [
+        (
+            "early",
+            "val_ratio = 0.25",
+            "eval_every = 1\n[train]\nmax_steps = 50\nthreads = 1\nbatch_size = 2\nearly_stopping = { patience = 1, min_delta = 100.0 }",
+        ),
+        (
+            "budget",
+            "",
+            "[train]\nmax_time = \"2s\"\nepochs = 1000\nthreads = 1\nbatch_size = 2",
+        ),
+    ];
+    for (name, data, extra) in runs {
+        let out = dir.join(name);
+        let cfg = config(&dir, name, &out, (data, extra));
+        let err = ok(mpirun(2, &["train", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap());
+        let taken = steps(&out).len() as u64;
+        let last = list_checkpoints(&out).unwrap().last().unwrap().0;
+        assert_eq!(last, taken, "{name}: {err}");
+        match name {
+            // The first evaluation sets the best; the second cannot improve by 100.
+            "early" => {
+                assert_eq!(taken, 2, "{err}");
+                assert!(err.contains("early stopping"), "{err}");
+            }
+            _ => assert!(taken > 1 && err.contains("time budget"), "{err}"),
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
