@@ -38,9 +38,19 @@ impl Mpi {
             )));
         }
         let world = universe.world();
+        // "Open MPI v4.1.4, package: ..., May 26, 2022\0\0...": the name and version.
         let library = ::mpi::environment::library_version()
-            .map(|v| v.lines().next().unwrap_or_default().trim().to_string())
-            .unwrap_or_else(|_| "MPI".into());
+            .ok()
+            .and_then(|v| {
+                let first = v.lines().next()?.split(',').next()?;
+                Some(
+                    first
+                        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                        .to_string(),
+                )
+            })
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "MPI".into());
         Ok(Mpi {
             rank: world.rank() as usize,
             ranks: world.size() as usize,
