@@ -1,5 +1,6 @@
 //! The processes of a training run: this one alone, or, with the `mpi` feature, the ranks of the
-//! job `mpirun` or `srun` launched (a binary started alone is a job of one rank).
+//! job `mpirun` or `srun` launched (a binary started alone is a job of one rank); with `nccl`
+//! too, each rank on its own GPU with gradients summed by NCCL.
 
 use sft::dist::Collective;
 
@@ -22,10 +23,38 @@ pub(crate) fn run<R>(
     train: impl FnOnce(&dyn Collective) -> anyhow::Result<R>,
 ) -> anyhow::Result<R> {
     let mpi = sft::dist::mpi::Mpi::init()?;
-    let out = train(&mpi);
+    #[cfg(feature = "nccl")]
+    let mpi = {
+        // The rank's GPU among its machine's; no GPU: the ranks train on their CPUs.
+        let ordinal = mpi.local_rank();
+        match candle_core::Device::new_cuda(ordinal) {
+            Ok(candle_core::Device::Cuda(gpu)) => {
+                match sft::dist::nccl::Nccl::init(mpi, gpu, ordinal) {
+                    Ok(nccl) => return finish(&nccl, nccl.mpi(), train),
+                    Err(failed) => {
+                        let (mpi, e) = *failed;
+                        let e = anyhow::Error::from(e);
+                        return finish(&mpi, &mpi, |_| Err::<R, _>(e));
+                    }
+                }
+            }
+            _ => mpi,
+        }
+    };
+    finish(&mpi, &mpi, train)
+}
+
+/// `train` over `coll`, ending the job through `mpi` when it fails in a job of several ranks.
+#[cfg(feature = "mpi")]
+fn finish<R>(
+    coll: &dyn Collective,
+    mpi: &sft::dist::mpi::Mpi,
+    train: impl FnOnce(&dyn Collective) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    let out = train(coll);
     if let Err(e) = &out {
-        if mpi.ranks() > 1 {
-            let who = format!("rank {} of {}: ", mpi.rank(), mpi.ranks());
+        if coll.ranks() > 1 {
+            let who = format!("rank {} of {}: ", coll.rank(), coll.ranks());
             crate::report(e, &who, false);
             mpi.abort(1);
         }

@@ -13,14 +13,17 @@
 //!
 //! [`Single`] is one process: every collective is the identity and costs nothing, so the
 //! training loop has no branch for it. `mpi::Mpi` (the `mpi` feature) runs over the system's
-//! MPI library.
+//! MPI library; `nccl::Nccl` (the `nccl` feature, with `cuda`) sums gradients on the GPUs with
+//! NCCL and the rest over MPI.
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::kernels::with_cpu_f32;
@@ -48,6 +51,11 @@ pub trait Collective {
     /// (NCCL) sums device tensors where they are.
     fn sum_tensors(&self, tensors: &mut [Tensor]) -> Result<()> {
         sum_on_host(self, tensors)
+    }
+    /// The device this rank trains on, when the collective chose it (NCCL: the rank's GPU);
+    /// `None` leaves the choice to `setup::device`.
+    fn device(&self) -> Option<Device> {
+        None
     }
 }
 

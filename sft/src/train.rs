@@ -149,7 +149,11 @@ pub fn train_with(
 ) -> Result<Summary> {
     let t0 = Instant::now();
     let dir = RunDir::open(cfg, opts, coll.rank() == 0, on_event)?;
-    let device = setup::device()?;
+    // A collective over device memory (NCCL) has chosen this rank's GPU.
+    let device = match coll.device() {
+        Some(device) => device,
+        None => setup::device()?,
+    };
     let dtype = parse_dtype(&cfg.model.dtype).map_err(Error::Config)?;
 
     // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.

@@ -60,6 +60,12 @@ impl Mpi {
         })
     }
 
+    /// This rank's index among the job's ranks on its machine (`MPI_Comm_split_type` with
+    /// `MPI_COMM_TYPE_SHARED`): which of the machine's GPUs it takes.
+    pub fn local_rank(&self) -> usize {
+        self.world.split_shared(self.rank as i32).rank() as usize
+    }
+
     /// Ends every process of the job with `code` (`MPI_Abort`): what a rank does after an error,
     /// since the others would wait for it in their next collective.
     pub fn abort(&self, code: i32) -> ! {
