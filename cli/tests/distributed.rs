@@ -322,7 +322,7 @@ fn rank_pid(marker: &str, rank: usize) -> Option<i32> {
 
 #[test]
 fn a_killed_rank_ends_the_job_and_the_run_resumes() {
-    const STEPS: u64 = 150;
+    const STEPS: u64 = 300;
     let dir = scratch("kill");
     let out = dir.join("out");
     // `extra` begins inside [run].
@@ -338,16 +338,19 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill rank 1 once the run has saved twice.
-    while !out.join("checkpoint-000010").exists() {
+    // Kill rank 1 once the run has saved twice (its process found first, so that the kill
+    // follows the second save at once).
+    let mut pid = None;
+    while pid.is_none() || !out.join("checkpoint-000010").exists() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "no checkpoint-000010"
         );
         assert!(job.try_wait().unwrap().is_none(), "the job ended early");
-        std::thread::sleep(Duration::from_millis(5));
+        pid = pid.or_else(|| rank_pid(&cfg, 1));
+        std::thread::sleep(Duration::from_millis(2));
     }
-    let pid = rank_pid(&cfg, 1).expect("rank 1's process");
+    let pid = pid.expect("rank 1's process");
     let killed = Instant::now();
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let output = loop {
