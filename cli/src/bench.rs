@@ -16,6 +16,12 @@
 //! `{"gflops":..,"n":..,"dtype":..,"device":..}`, the peak that model FLOPs utilisation is
 //! measured against.
 //!
+//! `sft bench allreduce --preset NAME --vocab-size V [--rounds N] [--json]`, launched by
+//! `mpirun -np N`: the time to sum the gradients of a preset's shape over the ranks, as a
+//! data-parallel step does (`sft::dist::sum_step`'s buckets), on rank 0
+//! `{"ranks":..,"elements":..,"bytes":..,"seconds_median":..,"seconds":[..],"transport":..}`.
+//! Built without the `mpi` feature, or started alone, it is one rank and sums nothing.
+//!
 //! `train` and `gemm` run on the first CUDA GPU when `sft` is built with `--features cuda` and
 //! one is present, else on the CPU; `--dtype bf16` is for the GPU (on the CPU, f32 is the fast
 //! path: half precision falls back to candle's composed ops).
@@ -38,6 +44,26 @@ pub(crate) enum Command {
     Generate(GenerateArgs),
     /// Measure the matrix-multiply peak.
     Gemm(GemmArgs),
+    /// Time summing a model's gradients over the ranks of an `mpirun` job.
+    Allreduce(AllreduceArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct AllreduceArgs {
+    /// The gradients' shapes: a preset's parameters (`qwen2.5-0.5b`; see
+    /// `cargo xtask init-model`).
+    #[arg(long)]
+    preset: String,
+    /// The vocabulary of `--preset` (Qwen2.5: 151936).
+    #[arg(long)]
+    vocab_size: usize,
+    /// Timed sums (after one untimed one).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[command(flatten)]
+    threads: Threads,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -135,7 +161,73 @@ pub(crate) fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Train(args) => crate::on_pool(args.threads.threads, || train(args)),
         Command::Generate(args) => crate::on_pool(args.threads.threads, || generate(args)),
         Command::Gemm(args) => crate::on_pool(args.threads.threads, || gemm(args)),
+        Command::Allreduce(args) => crate::on_pool(args.threads.threads, || allreduce(args)),
     }
+}
+
+/// Sums zero gradients of the preset's shapes over the ranks `rounds + 1` times and reports the
+/// timed rounds on rank 0. The values do not change the time: an all-reduce moves and adds
+/// every element whatever it holds.
+fn allreduce(args: AllreduceArgs) -> anyhow::Result<()> {
+    let mut json = sft_model::presets::preset(&args.preset).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--preset: unknown preset {:?} (known: {})",
+            args.preset,
+            sft_model::presets::NAMES.join(", ")
+        )
+    })?;
+    json["vocab_size"] = args.vocab_size.into();
+    let config = ModelConfig::from_json_str(&json.to_string())
+        .map_err(|e| anyhow::anyhow!("--preset {}: {e}", args.preset))?;
+    // The parameters' shapes, from a model drawn once and dropped before the gradients exist.
+    let shapes: Vec<Vec<usize>> = Model::init(&config, 0, DType::F32, &candle_core::Device::Cpu)?
+        .params()
+        .iter()
+        .map(|(_, v)| v.as_tensor().dims().to_vec())
+        .collect();
+    crate::ranks::run(|coll| {
+        let mut grads = shapes
+            .iter()
+            .map(|s| {
+                candle_core::Tensor::zeros(s.as_slice(), DType::F32, &candle_core::Device::Cpu)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let elements: usize = grads.iter().map(|g| g.elem_count()).sum();
+        let mut seconds = vec![];
+        for round in 0..=args.rounds {
+            let t0 = std::time::Instant::now();
+            coll.sum_tensors(&mut grads)?;
+            if round > 0 {
+                seconds.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        if coll.rank() != 0 {
+            return Ok(());
+        }
+        let mut sorted = seconds.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+        let bytes = 4 * elements;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ranks": coll.ranks(), "elements": elements, "bytes": bytes,
+                    "seconds_median": median, "seconds": seconds, "transport": coll.describe(),
+                })
+            );
+        } else {
+            println!(
+                "{:.3} s to sum {:.1} MB of f32 gradients ({} tensors of {}) over {}",
+                median,
+                bytes as f64 / 1e6,
+                grads.len(),
+                args.preset,
+                coll.describe()
+            );
+        }
+        Ok(())
+    })
 }
 
 /// The benchmark's model: a checkpoint, or random weights of a preset's shape; with

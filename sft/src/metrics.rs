@@ -34,6 +34,10 @@ pub struct StepMetrics {
     /// The step's gradients overflowed under loss scaling: no update, the scale halved.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// Data-parallel runs: seconds this step spent summing gradients and counts over the ranks
+    /// (absent in one process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
 }
 
 /// One evaluation on the validation set (`kind = "eval"`).
@@ -153,6 +157,7 @@ mod tests {
                 elapsed_s: step as f64,
                 loss_scale: None,
                 skipped: false,
+                allreduce_s: None,
             };
             log.write("train", &m).unwrap();
         }

@@ -50,6 +50,11 @@ pub(crate) struct Args {
     /// (bf16 is for the GPU).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     dtype: String,
+    /// Only the data-parallel benchmark (`sft` built with its `mpi` feature, Open MPI's
+    /// `mpirun` on the PATH): ranks x threads on this machine and the all-reduce of the
+    /// Qwen2.5-0.5B shape's gradients (`xtask/src/ranks.rs`).
+    #[arg(long)]
+    ranks: bool,
 }
 
 /// One training configuration of the benchmark (a row of `docs/performance.md`).
@@ -328,6 +333,9 @@ const CONFIGS: &[BenchConfig] = &[
 ];
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    if args.ranks {
+        return crate::ranks::bench();
+    }
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
