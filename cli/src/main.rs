@@ -16,6 +16,7 @@ mod export;
 mod generate;
 mod merge;
 mod quality;
+mod ranks;
 mod render;
 mod tokenize;
 mod train;
@@ -74,16 +75,17 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            report(&e, backtrace);
+            report(&e, "", backtrace);
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 /// An error as one clean chain: `Error: ...`, then one `Caused by: ...` per cause; the backtrace
-/// only behind `SFT_BACKTRACE=1` (see the README).
-fn report(e: &anyhow::Error, backtrace: bool) {
-    let mut text = format!("Error: {e}\n");
+/// only behind `SFT_BACKTRACE=1` (see the README). `who` goes before the first line: a rank of a
+/// data-parallel job names itself (`rank 1 of 2: Error: ...`).
+fn report(e: &anyhow::Error, who: &str, backtrace: bool) {
+    let mut text = format!("{who}Error: {e}\n");
     for cause in e.chain().skip(1) {
         text.push_str(&format!("Caused by: {cause}\n"));
     }

@@ -12,6 +12,10 @@
 //!
 //! SIGINT (Ctrl-C) or SIGTERM finishes the current optimizer step, saves a checkpoint, prints how
 //! to resume, and exits with status 130 or 143; a second signal exits at once with that status.
+//!
+//! Built with the `mpi` feature and started by `mpirun -np N` (or `srun`), it is one of N
+//! data-parallel ranks (README, "Training on several machines"); SIGUSR1, which Open MPI's
+//! `mpirun` forwards to every rank, then stops the run as SIGINT does (exit status 138).
 
 use std::path::PathBuf;
 
@@ -64,5 +68,5 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     if args.out.is_some() {
         anyhow::bail!("--out is for the demo; with --config use --set run.out_dir=DIR");
     }
-    crate::training::run_config(&cfg, args.resume, args.json, args.config.as_deref())
+    crate::training::run_config_ranked(&cfg, args.resume, args.json, args.config.as_deref())
 }

@@ -1,5 +1,9 @@
 //! Running one training config, with its progress, summary and signal handling as `train`'s doc
 //! describes: what `sft train --config` and the demo's two stages share.
+//!
+//! Built with the `mpi` feature, `sft train --config` is one rank of a data-parallel job when
+//! `mpirun` or `srun` started it (`ranks`): rank 0 reports and writes, the others are silent
+//! unless they fail, and a rank's error ends the whole job.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -10,37 +14,89 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use sft::checkpoint::ResumeFrom;
 use sft::config::ConfigChange;
+use sft::dist::{Collective, Single};
 use sft::feed::SourceReport;
 use sft::{Event, Replan, RunOptions, TrainConfig};
 
-/// Runs one training config. An interrupted run (SIGINT/SIGTERM) has saved its checkpoint when
-/// this returns: the process then exits with 128 + the signal's number.
+/// Runs one training config in this process alone (the demo's stages). An interrupted run
+/// (SIGINT/SIGTERM) has saved its checkpoint when this returns: the process then exits with
+/// 128 + the signal's number.
 pub(crate) fn run_config(
     cfg: &TrainConfig,
     resume: Option<PathBuf>,
     json: bool,
     config_file: Option<&Path>,
 ) -> anyhow::Result<()> {
+    run_on(cfg, resume, json, config_file, false)
+}
+
+/// [`run_config`] as one rank of the job that launched this process, if any (`mpirun -np N`,
+/// `srun`, with the `mpi` feature; one process otherwise).
+pub(crate) fn run_config_ranked(
+    cfg: &TrainConfig,
+    resume: Option<PathBuf>,
+    json: bool,
+    config_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    run_on(cfg, resume, json, config_file, true)
+}
+
+fn run_on(
+    cfg: &TrainConfig,
+    resume: Option<PathBuf>,
+    json: bool,
+    config_file: Option<&Path>,
+    ranked: bool,
+) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let signal = Arc::new(AtomicUsize::new(0));
-    listen_for_signals(&stop, &signal)?;
+    listen_for_signals(&stop, &signal, ranked)?;
     let mut progress = Progress::new(std::io::stderr().is_terminal(), cfg.run.log_every);
     progress.streamed = cfg.data.streaming.then_some(cfg.data.shuffle_buffer);
     let opts = RunOptions {
         resume,
         stop: Some(stop),
     };
-    let summary = crate::on_pool(cfg.train.threads, || {
-        sft::train(cfg, &opts, &mut |e| progress.event(e))
-    })
-    .with_context(|| format!("training run {}", cfg.run.out_dir.display()))?;
+    let trained = crate::on_pool(cfg.train.threads, || {
+        let mut train = |coll: &dyn Collective| {
+            let lead = coll.rank() == 0;
+            if lead && coll.ranks() > 1 {
+                progress.line(&format!(
+                    "data-parallel: {}; a step takes {} x {} rows x {} micro-batch(es)",
+                    coll.describe(),
+                    coll.ranks(),
+                    cfg.train.batch_size,
+                    cfg.train.grad_accum
+                ));
+            }
+            let summary = sft::train_with(cfg, &opts, coll, &mut |e| {
+                if lead {
+                    progress.event(e)
+                }
+            })
+            .with_context(|| format!("training run {}", cfg.run.out_dir.display()))?;
+            Ok((summary, lead, coll.ranks()))
+        };
+        match ranked {
+            true => crate::ranks::run(train),
+            false => train(&Single),
+        }
+    });
+    let (summary, lead, ranks) = trained?;
     progress.finish();
+    if !lead {
+        // The other ranks report nothing: rank 0 has said it all.
+        if summary.interrupted {
+            std::process::exit(128 + signal_number(&signal));
+        }
+        return Ok(());
+    }
     if summary.interrupted {
-        let sig = signal.load(Ordering::SeqCst);
-        let name = if sig == signal_hook::consts::SIGTERM as usize {
-            "SIGTERM"
-        } else {
-            "SIGINT"
+        let sig = signal_number(&signal) as usize;
+        let name = match sig as i32 {
+            signal_hook::consts::SIGTERM => "SIGTERM",
+            signal_hook::consts::SIGUSR1 => "SIGUSR1",
+            _ => "SIGINT",
         };
         if json {
             println!("{}", serde_json::to_string(&summary)?);
@@ -51,13 +107,19 @@ pub(crate) fn run_config(
             summary.last_checkpoint.display()
         );
         eprintln!(
-            "resume with: sft train{} --resume {}",
+            "resume with: {}sft train{} --resume {}",
+            // The same rank count: a checkpoint resumes with no other.
+            if ranks > 1 {
+                format!("mpirun -np {ranks} ")
+            } else {
+                String::new()
+            },
             config_file
                 .map(|c| format!(" --config {}", c.display()))
                 .unwrap_or_default(),
             summary.out_dir.display()
         );
-        std::process::exit(128 + if sig == 0 { 2 } else { sig as i32 });
+        std::process::exit(128 + sig as i32);
     }
     if json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -89,12 +151,31 @@ pub(crate) fn run_config(
     Ok(())
 }
 
+/// The signal that stopped the run: SIGINT when none came to this process (a data-parallel
+/// run's rank 0 stopped every rank).
+fn signal_number(signal: &AtomicUsize) -> i32 {
+    match signal.load(Ordering::SeqCst) {
+        0 => signal_hook::consts::SIGINT,
+        sig => sig as i32,
+    }
+}
+
 /// SIGINT and SIGTERM set `stop` (the run saves after the current step) and record which signal
 /// came in `signal`; a second one, with `stop` already set, exits at once with 128 + its number.
-fn listen_for_signals(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) -> anyhow::Result<()> {
+/// A `ranked` run listens for `crate::ranks::STOP_SIGNALS` too.
+fn listen_for_signals(
+    stop: &Arc<AtomicBool>,
+    signal: &Arc<AtomicUsize>,
+    ranked: bool,
+) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     use signal_hook::flag;
-    for sig in [SIGINT, SIGTERM] {
+    let extra = if ranked {
+        crate::ranks::STOP_SIGNALS
+    } else {
+        &[]
+    };
+    for &sig in [SIGINT, SIGTERM].iter().chain(extra) {
         // The order matters: the exit checks the flag the first signal sets.
         flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(stop))?;
         flag::register_usize(sig, Arc::clone(signal), sig as usize)?;
@@ -182,15 +263,28 @@ impl Progress {
                 start_step,
                 n_params,
                 n_frozen,
+                base_quant,
                 out_dir,
                 device,
-            } => self.started(
-                (start_step, total_steps),
-                (n_params, n_frozen),
-                out_dir,
-                &device,
-            ),
+            } => {
+                if let Some(q) = base_quant {
+                    self.line(&format!("frozen base kept as ggml blocks: {q}"));
+                }
+                self.started(
+                    (start_step, total_steps),
+                    (n_params, n_frozen),
+                    out_dir,
+                    &device,
+                )
+            }
             Event::Step(m) => {
+                if m.skipped {
+                    self.line(&format!(
+                        "step {}: the f16 gradients overflowed at loss scale {}; the step is skipped and the scale halved",
+                        m.step,
+                        m.loss_scale.unwrap_or(f64::NAN)
+                    ));
+                }
                 let msg = format!(
                     "loss {:.4}  lr {:.2e}  grad {:.2}  {:.0} tok/s",
                     m.loss, m.lr, m.grad_norm, m.tokens_per_s

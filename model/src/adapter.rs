@@ -164,6 +164,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
         target_modules,
         modules_to_save: strings("modules_to_save")?,
+        base_quant: None,
     };
     lora.validate().map_err(bad)?;
     Ok(AdapterConfig {

@@ -12,7 +12,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
 use half::{bf16, f16};
@@ -24,7 +23,8 @@ use crate::config::ModelConfig;
 use crate::error::{input_error, Error, Result};
 use crate::model::{check_dtype, dtype_name, Model, Parts};
 use crate::params::var_from_f32;
-use crate::quant::{fitting_type, QWeight};
+use crate::quant::{QWeight, Quantize, CHUNK_ROWS};
+use candle_core::quantized::GgmlDType;
 
 pub(crate) const CONFIG_FILE: &str = "config.json";
 const GENERATION_CONFIG_FILE: &str = "generation_config.json";
@@ -101,22 +101,53 @@ pub(crate) fn checkpoint_error(path: &Path, reason: impl Into<String>) -> Error 
     }
 }
 
-/// Which tensors [`Model::load_with`] keeps as ggml blocks, and in what type: those named, each
-/// in `dtype`, or in what llama.cpp falls back to when its rows are not whole blocks of it
-/// ([`crate::quant::fitting_type`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Quantize {
-    pub dtype: GgmlDType,
-    pub names: BTreeSet<String>,
-}
-
-impl Quantize {
-    /// The type tensor `name` of `shape` is kept in, or `None` to keep it in the model's dtype.
-    pub fn type_for(&self, name: &str, shape: &[usize]) -> Option<GgmlDType> {
-        match shape {
-            [_, cols] if self.names.contains(name) => Some(fitting_type(self.dtype, *cols)),
-            _ => None,
+impl Model {
+    /// The same model with the tensors `quantize` names kept as ggml blocks (frozen), for a
+    /// model made in memory ([`Model::load_with`] quantizes as it reads). Before adapters are
+    /// added.
+    pub fn quantized_with(self, quantize: &Quantize) -> Result<Model> {
+        if self.lora.is_some() {
+            return input_error("a base is quantized before adapters are added to it");
         }
+        let mut params = Vec::with_capacity(self.params.len());
+        let mut quantized = self.quantized;
+        for (name, var) in self.params {
+            match quantize.type_for(&name, var.dims()) {
+                Some(t) => quantized.push((name.clone(), QWeight::quantize(var.as_tensor(), t)?)),
+                None => params.push((name, var)),
+            }
+        }
+        let parts = Parts::full(params, quantized);
+        Model::assemble(self.cfg, parts, self.dtype, &self.device, false, None)
+    }
+
+    /// The same model with every tensor kept as blocks back in the model's dtype (their
+    /// dequantized values, trainable again). Before adapters are added.
+    pub fn dequantized(self) -> Result<Model> {
+        if self.lora.is_some() {
+            return input_error("a base is dequantized before adapters are added to it");
+        }
+        let mut by_name: HashMap<String, Var> = self.params.into_iter().collect();
+        for (name, q) in self.quantized {
+            let t = q
+                .dequantize()?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?;
+            by_name.insert(name, Var::from_tensor(&t)?);
+        }
+        let params = self
+            .cfg
+            .param_specs()
+            .into_iter()
+            .map(|s| {
+                let var = by_name
+                    .remove(&s.name)
+                    .expect("every parameter is in the model");
+                (s.name, var)
+            })
+            .collect();
+        let parts = Parts::full(params, Vec::new());
+        Model::assemble(self.cfg, parts, self.dtype, &self.device, false, None)
     }
 }
 
@@ -232,8 +263,7 @@ impl Model {
             let blocks = quantize.and_then(|q| q.type_for(&spec.name, &spec.shape));
             match blocks {
                 Some(t) => {
-                    let values = view_to_var(view, DType::F32, &Device::Cpu).map_err(named)?;
-                    let q = QWeight::quantize(values.as_tensor(), t).map_err(named)?;
+                    let q = quantize_view(view, t).map_err(named)?;
                     quantized.push((spec.name.clone(), q));
                 }
                 None => {
@@ -252,6 +282,17 @@ impl Model {
     /// `dir/model.safetensors` with every parameter in `dtype` (no `lm_head.weight` when tied).
     /// Tokenizer files are the caller's business.
     pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
+        self.save_with(dir, dtype, &HashMap::new())
+    }
+
+    /// [`Model::save`] with the values in `values` (by parameter name) in place of the
+    /// parameters': the f32 master weights a half-precision model was trained through.
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        dtype: DType,
+        values: &HashMap<String, Tensor>,
+    ) -> Result<()> {
         check_dtype(dtype)?;
         if self.lora.is_some() {
             // Its weights are the base's plus an update: the caller picks the adapter
@@ -280,7 +321,11 @@ impl Model {
         // A tensor kept as blocks is written as its values (the rest of the file's dtype).
         let mut tensors: Vec<(&str, Tensor)> = Vec::with_capacity(self.params.len());
         for (n, v) in &self.params {
-            tensors.push((n.as_str(), v.as_detached_tensor()));
+            let t = match values.get(n) {
+                Some(t) => t.clone(),
+                None => v.as_detached_tensor(),
+            };
+            tensors.push((n.as_str(), t));
         }
         for (n, q) in &self.quantized {
             tensors.push((n.as_str(), q.dequantize()?));
@@ -421,6 +466,35 @@ pub(crate) fn view_to_var(view: &TensorView<'_>, dtype: DType, device: &Device) 
         .to_dtype(dtype)?
         .to_device(device)?;
     Ok(Var::from_tensor(&t)?)
+}
+
+/// A stored 2-D tensor quantized to `dtype` straight from the file's bytes, a chunk of rows at a
+/// time: the f32 matrix never sits in memory whole.
+fn quantize_view(view: &TensorView<'_>, dtype: GgmlDType) -> Result<QWeight> {
+    let (rows, cols) = match view.shape() {
+        &[rows, cols] => (rows, cols),
+        other => return input_error(format!("a {other:?} tensor is not a matrix to quantize")),
+    };
+    let src = st_dtype(view.dtype()).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "stored dtype {:?} is not a float type",
+            view.dtype()
+        ))
+    })?;
+    let size = src.size_in_bytes();
+    let bytes = view.data();
+    QWeight::quantize_with(rows, cols, dtype, CHUNK_ROWS, &|range, out| {
+        let chunk = &bytes[range.start * cols * size..range.end * cols * size];
+        for (o, b) in out.iter_mut().zip(chunk.chunks_exact(size)) {
+            *o = match src {
+                DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                DType::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                DType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32,
+            };
+        }
+        Ok(())
+    })
 }
 
 /// Writes a safetensors file: an 8-byte little-endian header length, the JSON header (padded

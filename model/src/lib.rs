@@ -55,7 +55,6 @@ pub use crate::adapter::{
     base_dir, is_adapter_dir, read_adapter_config, AdapterConfig, ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
 };
-pub use crate::checkpoint::Quantize;
 pub use crate::config::ModelConfig;
 pub use crate::error::{Error, Result};
 pub use crate::gemma::GemmaConfig;
@@ -64,7 +63,7 @@ pub use crate::kv::KvCache;
 pub use crate::linear::{linear_grads, linear_input_grad};
 pub use crate::lora::{frozen_matrices, LoraConfig, ALL_LINEAR};
 pub use crate::model::{AttentionMask, Model, Trace};
-pub use crate::quant::QWeight;
+pub use crate::quant::{QWeight, Quantize};
 pub use crate::qwen2::Qwen2Config;
 pub use crate::rope::RopeScaling;
 pub use crate::weights::Weight;

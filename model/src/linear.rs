@@ -704,15 +704,18 @@ pub(crate) fn quant_input_grad(w: &QWeight, grad: &Tensor) -> Result<Tensor> {
         }
     }
     let n = grad.elem_count() / rows.max(1);
+    fn run<T: Element>(w: &QWeight, g: &Tensor, n: usize, shape: Vec<usize>) -> Result<Tensor> {
+        let (s, l) = g.storage_and_layout();
+        let gv = slice_of::<T>(cpu(&s)?, l, "dense: the gradient")?;
+        Ok(Tensor::from_vec(
+            w.input_grad(gv, n, None)?,
+            shape,
+            g.device(),
+        )?)
+    }
     let dx = match dtype {
-        DType::F64 => {
-            let g = grad.flatten_all()?.to_vec1::<f64>()?;
-            Tensor::from_vec(w.input_grad(&g, n, None)?, shape, grad.device())?
-        }
-        _ => {
-            let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            Tensor::from_vec(w.input_grad(&g, n, None)?, shape, grad.device())?.to_dtype(dtype)?
-        }
+        DType::F64 => run::<f64>(w, &grad.contiguous()?, n, shape)?,
+        _ => run::<f32>(w, &grad.to_dtype(DType::F32)?.contiguous()?, n, shape)?.to_dtype(dtype)?,
     };
     Ok(dx)
 }

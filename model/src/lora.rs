@@ -48,6 +48,11 @@ pub struct LoraConfig {
     /// Modules trained fully (`embed_tokens`, `lm_head`, ...), saved whole in the adapter.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
+    /// Keep the frozen base's matrices (linear weights, embeddings, an untied head) as ggml
+    /// blocks of this type (`q8_0`, `q4_k`, `q6_k`, `q4_0`, ...; see `quant::QUANT_NAMES`):
+    /// QLoRA's memory for LoRA's gradients. A training option, not a property of the adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_quant: Option<String>,
 }
 
 fn default_r() -> usize {
@@ -92,6 +97,7 @@ impl Default for LoraConfig {
             use_rslora: false,
             target_modules: default_targets(),
             modules_to_save: Vec::new(),
+            base_quant: None,
         }
     }
 }
@@ -120,6 +126,15 @@ impl LoraConfig {
         }
         if self.target_modules.is_empty() {
             return Err("lora.target_modules is empty".into());
+        }
+        if let Some(q) = &self.base_quant {
+            if crate::quant::quant_type(q).is_none() {
+                let names: Vec<&str> = crate::quant::QUANT_NAMES.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "lora.base_quant: {q:?} is not a ggml type ({})",
+                    names.join(", ")
+                ));
+            }
         }
         Ok(())
     }

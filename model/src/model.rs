@@ -11,7 +11,7 @@ use crate::error::{input_error, Error, Result};
 use crate::family::{foreign_trace, Network};
 use crate::kv::KvCache;
 use crate::lora::{LoraConfig, Plan};
-use crate::quant::QWeight;
+use crate::quant::{QWeight, Quantize};
 use crate::weights::{Weight, Weights};
 use crate::{ops, params, passes};
 
@@ -90,6 +90,36 @@ impl Model {
         let specs = cfg.param_specs();
         let params = params::init_params(&specs, seed, dtype, device)?;
         let parts = Parts::full(params, Vec::new());
+        Model::assemble(cfg.clone(), parts, dtype, device, false, None)
+    }
+
+    /// [`Model::init`] keeping the tensors `quantize` names as ggml blocks, each quantized as
+    /// it is drawn, so a model larger than memory in `dtype` never sits there whole (the same
+    /// values as `init` then [`Model::quantized_with`]).
+    pub fn init_with(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        quantize: &Quantize,
+    ) -> Result<Model> {
+        check_dtype(dtype)?;
+        let (mut params, mut quantized) = (Vec::new(), Vec::new());
+        for spec in cfg.param_specs() {
+            if let Some(t) = quantize.type_for(&spec.name, &spec.shape) {
+                let (rows, cols) = (spec.shape[0], spec.shape[1]);
+                let chunk = params::init_chunk_rows(cols);
+                let q = QWeight::quantize_with(rows, cols, t, chunk, &|range, out| {
+                    params::init_rows(&spec, seed, range, out);
+                    Ok(())
+                })?;
+                quantized.push((spec.name.clone(), q));
+                continue;
+            }
+            let one = params::init_params(std::slice::from_ref(&spec), seed, dtype, device)?;
+            params.extend(one);
+        }
+        let parts = Parts::full(params, quantized);
         Model::assemble(cfg.clone(), parts, dtype, device, false, None)
     }
 

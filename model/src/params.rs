@@ -90,6 +90,59 @@ pub(crate) fn init_params(
         .collect()
 }
 
+/// Rows of a fresh (rows, cols) tensor per chunk that [`init_rows`] draws: whole streams of
+/// [`INIT_CHUNK`] values.
+pub(crate) fn init_chunk_rows(cols: usize) -> usize {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    INIT_CHUNK / gcd(cols.max(1), INIT_CHUNK)
+}
+
+/// The values of rows `rows` of a fresh 2-D tensor of `spec` (the same values as
+/// [`init_params`] draws), where `rows.start` is a multiple of [`init_chunk_rows`]: the streams
+/// it starts are drawn whole.
+pub(crate) fn init_rows(
+    spec: &ParamSpec,
+    seed: u64,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let cols = spec.shape.last().copied().unwrap_or(1);
+    let start = rows.start * cols;
+    debug_assert!(start.is_multiple_of(INIT_CHUNK) && out.len() == rows.len() * cols);
+    match spec.init {
+        Init::Zeros => out.fill(0.0),
+        Init::Ones => out.fill(1.0),
+        Init::Normal(std) => {
+            let std = std as f32;
+            out.par_chunks_mut(INIT_CHUNK)
+                .enumerate()
+                .for_each(|(k, out)| {
+                    normal_chunk(&spec.name, seed, start / INIT_CHUNK + k, std, out)
+                });
+        }
+        Init::Uniform(_) => {
+            // One stream over the whole tensor: drawn whole.
+            let all = init_values(spec, seed);
+            out.copy_from_slice(&all[start..start + out.len()]);
+        }
+    }
+}
+
+/// Chunk `chunk` of a normal tensor's values: a ChaCha8 stream per (seed, name, chunk).
+fn normal_chunk(name: &str, seed: u64, chunk: usize, std: f32, out: &mut [f32]) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(fnv1a(format!("{name}#{chunk}").as_bytes()));
+    for x in out {
+        let z: f32 = StandardNormal.sample(&mut rng);
+        *x = z * std;
+    }
+}
+
 fn init_values(spec: &ParamSpec, seed: u64) -> Vec<f32> {
     let n = spec.shape.iter().product();
     match spec.init {
@@ -107,14 +160,7 @@ fn init_values(spec: &ParamSpec, seed: u64) -> Vec<f32> {
             let std = std as f32;
             v.par_chunks_mut(INIT_CHUNK)
                 .enumerate()
-                .for_each(|(chunk, out)| {
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                    rng.set_stream(fnv1a(format!("{}#{chunk}", spec.name).as_bytes()));
-                    for x in out {
-                        let z: f32 = StandardNormal.sample(&mut rng);
-                        *x = z * std;
-                    }
-                });
+                .for_each(|(chunk, out)| normal_chunk(&spec.name, seed, chunk, std, out));
             v
         }
     }

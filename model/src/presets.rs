@@ -21,6 +21,8 @@ pub const NAMES: &[&str] = &[
     "qwen2.5-0.5b",
     "gemma3-1b",
     "llama3.2-1b",
+    "qwen2.5-3b",
+    "llama3.1-8b",
 ];
 
 /// The preset's config fields, or `None` for an unknown name.
@@ -138,6 +140,25 @@ pub fn preset(name: &str) -> Option<Value> {
             "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
             "hidden_act": "silu", "initializer_range": 0.02, "use_sliding_window": false,
         }),
+        // Qwen2.5-3B's architecture (3.09B parameters with its 151,936-token vocabulary).
+        "qwen2.5-3b" => json!({
+            "model_type": "qwen2",
+            "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+            "hidden_act": "silu", "initializer_range": 0.02, "use_sliding_window": false,
+        }),
+        // Llama 3.1 8B's architecture (8.03B parameters with its 128,256-token vocabulary).
+        "llama3.1-8b" => json!({
+            "model_type": "llama",
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": false, "hidden_act": "silu", "initializer_range": 0.02,
+            "attention_bias": false, "mlp_bias": false,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        }),
         _ => return None,
     };
     Some(v)
@@ -184,13 +205,15 @@ mod tests {
                 .num_params(),
             1_235_814_400
         );
-        let mut v = preset("gemma3-1b").unwrap();
-        v["vocab_size"] = json!(262_144);
-        assert_eq!(
-            ModelConfig::from_json_str(&v.to_string())
-                .unwrap()
-                .num_params(),
-            999_885_952
-        );
+        for (name, vocab, params) in [
+            ("gemma3-1b", 262_144, 999_885_952),
+            ("qwen2.5-3b", 151_936, 3_085_938_688),
+            ("llama3.1-8b", 128_256, 8_030_261_248),
+        ] {
+            let mut v = preset(name).unwrap();
+            v["vocab_size"] = json!(vocab);
+            let cfg = ModelConfig::from_json_str(&v.to_string()).unwrap();
+            assert_eq!(cfg.num_params(), params, "{name}");
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! dequantizing run row chunks in parallel (candle's own loops are single-threaded).
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -147,6 +148,28 @@ pub fn fitting_type(want: GgmlDType, cols: usize) -> GgmlDType {
     }
 }
 
+/// Which tensors `Model::load_with` keeps as ggml blocks, and in what type: those named, each
+/// in `dtype`, or in what llama.cpp falls back to when its rows are not whole blocks of it
+/// ([`fitting_type`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantize {
+    pub dtype: GgmlDType,
+    pub names: BTreeSet<String>,
+}
+
+impl Quantize {
+    /// The type tensor `name` of `shape` is kept in, or `None` to keep it in the model's dtype.
+    pub fn type_for(&self, name: &str, shape: &[usize]) -> Option<GgmlDType> {
+        match shape {
+            [_, cols] if self.names.contains(name) => Some(fitting_type(self.dtype, *cols)),
+            _ => None,
+        }
+    }
+}
+
+/// Writes the f32 values of a range of a matrix's rows, row after row (a quantizer's source).
+pub type FillRows<'a> = dyn Fn(Range<usize>, &mut [f32]) -> Result<()> + Sync + 'a;
+
 /// A frozen (rows, cols) matrix in ggml blocks. Cheap to clone (the blocks are shared).
 #[derive(Clone)]
 pub struct QWeight {
@@ -168,7 +191,7 @@ impl std::fmt::Debug for QWeight {
 }
 
 /// Rows per parallel chunk when quantizing or dequantizing a whole matrix.
-const CHUNK_ROWS: usize = 64;
+pub(crate) const CHUNK_ROWS: usize = 64;
 
 /// Dequantized values per tile of a product: 4 MiB of f32 scratch, large enough that `gemm`
 /// runs at its pace, small against any weight worth quantizing.
@@ -179,20 +202,37 @@ impl QWeight {
     /// [`fitting_type`]).
     pub fn quantize(t: &Tensor, dtype: GgmlDType) -> Result<QWeight> {
         let (rows, cols) = t.dims2()?;
-        if !cols.is_multiple_of(dtype.block_size()) {
+        let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let values = crate::cpu::contiguous::<f32>(crate::kernels::cpu(&storage)?, layout)
+            .expect("an f32 tensor made contiguous above");
+        QWeight::quantize_with(rows, cols, dtype, CHUNK_ROWS, &|range, out| {
+            out.copy_from_slice(&values[range.start * cols..range.end * cols]);
+            Ok(())
+        })
+    }
+
+    /// A (rows, cols) matrix quantized to `dtype` from its values, which `fill(rows, out)`
+    /// writes `chunk_rows` rows at a time (as f32, row after row; the last chunk may be
+    /// shorter): the f32 matrix never exists whole, only the blocks and a chunk per thread.
+    pub fn quantize_with(
+        rows: usize,
+        cols: usize,
+        dtype: GgmlDType,
+        chunk_rows: usize,
+        fill: &FillRows<'_>,
+    ) -> Result<QWeight> {
+        if cols == 0 || !cols.is_multiple_of(dtype.block_size()) {
             return Err(candle_core::Error::Msg(format!(
                 "a row of {cols} values is not a whole number of {dtype:?} blocks ({})",
                 dtype.block_size()
             ))
             .into());
         }
-        let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let t = t.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        let values = crate::cpu::contiguous::<f32>(crate::kernels::cpu(&storage)?, layout)
-            .expect("an f32 tensor made contiguous above");
-        let bytes = with_block_type!(dtype, B => quantize_rows::<B>(values, cols))?;
-        QWeight::from_bytes(&bytes, dtype, rows, cols)
+        let storage =
+            with_block_type!(dtype, B => quantize_rows::<B>(rows, cols, chunk_rows.max(1), fill))?;
+        QWeight::from_qtensor(QTensor::new(storage, (rows, cols))?)
     }
 
     /// A matrix of ggml blocks as a GGUF file stores it (rows of `cols` values).
@@ -436,18 +476,28 @@ fn dequantize_into<B: GgmlType, T: Real + WithDType>(bytes: &[u8], out: &mut [T]
     Ok(())
 }
 
-/// Quantizes rows of `cols` f32 values into `B` blocks, in parallel chunks of rows; returns
-/// their bytes.
-fn quantize_rows<B: GgmlType>(values: &[f32], cols: usize) -> Result<Vec<u8>> {
+/// Quantizes `rows` rows of `cols` values, which `fill` writes, into `B` blocks, in parallel
+/// chunks of rows; the blocks become the storage as they are (no copy).
+fn quantize_rows<B: GgmlType + 'static>(
+    rows: usize,
+    cols: usize,
+    chunk_rows: usize,
+    fill: &FillRows<'_>,
+) -> Result<QStorage> {
     let per_row = cols / B::BLCK_SIZE;
-    let mut out = vec![B::zeros(); values.len() / cols * per_row];
-    out.par_chunks_mut(per_row * CHUNK_ROWS)
-        .zip(values.par_chunks(cols * CHUNK_ROWS))
-        .for_each(|(blocks, rows)| B::from_float(rows, blocks));
-    let size = size_of::<B>();
-    // SAFETY: the blocks are plain data; their bytes are `out.len() * size`.
-    let bytes = unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<u8>(), out.len() * size) };
-    Ok(bytes.to_vec())
+    let mut blocks = vec![B::zeros(); rows * per_row];
+    blocks
+        .par_chunks_mut(per_row * chunk_rows)
+        .enumerate()
+        .try_for_each(|(chunk, out)| -> Result<()> {
+            let start = chunk * chunk_rows;
+            let n = out.len() / per_row;
+            let mut values = vec![0f32; n * cols];
+            fill(start..start + n, &mut values)?;
+            B::from_float(&values, out);
+            Ok(())
+        })?;
+    Ok(QStorage::Cpu(Box::new(blocks)))
 }
 
 #[cfg(test)]

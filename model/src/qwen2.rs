@@ -113,6 +113,44 @@ fn default_hidden_act() -> String {
 /// `transformers`' default RoPE base when a config names none.
 const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 
+/// The RoPE base (`rope_theta`, or transformers 5's `rope_parameters.rope_theta`) and scaling
+/// (`rope_scaling` or `rope_parameters`), which must agree where both are given.
+fn rope(
+    top_theta: Option<f64>,
+    extra: &Map<String, Value>,
+) -> Result<(Option<f64>, RopeScaling), String> {
+    let mut scaling = match extra.get("rope_scaling").filter(|v| !v.is_null()) {
+        Some(v) => rope_scaling("rope_scaling", v)?,
+        None => RopeScaling::None,
+    };
+    let mut theta = top_theta;
+    if let Some(params) = extra.get("rope_parameters").filter(|v| !v.is_null()) {
+        let from_params = rope_scaling("rope_parameters", params)?;
+        if scaling != RopeScaling::None && from_params != scaling {
+            return Err("rope_scaling and rope_parameters disagree".to_string());
+        }
+        scaling = from_params;
+        if let Some(factor) = params.get("partial_rotary_factor").and_then(Value::as_f64) {
+            if factor != 1.0 {
+                return Err(format!("partial_rotary_factor {factor} is not supported"));
+            }
+        }
+        if let Some(t) = params.get("rope_theta") {
+            let t = t
+                .as_f64()
+                .ok_or_else(|| format!("rope_parameters.rope_theta: {t}"))?;
+            if theta.is_some_and(|top| top != t) {
+                return Err(format!(
+                    "rope_theta {} and rope_parameters.rope_theta {t} disagree",
+                    theta.unwrap_or_default()
+                ));
+            }
+            theta = Some(t);
+        }
+    }
+    Ok((theta, scaling))
+}
+
 impl TryFrom<RawQwen2Config> for Qwen2Config {
     type Error = String;
 
@@ -133,35 +171,7 @@ impl TryFrom<RawQwen2Config> for Qwen2Config {
             ));
         }
         let extra = &raw.extra;
-        let mut scaling = match extra.get("rope_scaling").filter(|v| !v.is_null()) {
-            Some(v) => rope_scaling("rope_scaling", v)?,
-            None => RopeScaling::None,
-        };
-        let mut theta = raw.rope_theta;
-        if let Some(params) = extra.get("rope_parameters").filter(|v| !v.is_null()) {
-            let from_params = rope_scaling("rope_parameters", params)?;
-            if scaling != RopeScaling::None && from_params != scaling {
-                return Err("rope_scaling and rope_parameters disagree".to_string());
-            }
-            scaling = from_params;
-            if let Some(factor) = params.get("partial_rotary_factor").and_then(Value::as_f64) {
-                if factor != 1.0 {
-                    return Err(format!("partial_rotary_factor {factor} is not supported"));
-                }
-            }
-            if let Some(t) = params.get("rope_theta") {
-                let t = t
-                    .as_f64()
-                    .ok_or_else(|| format!("rope_parameters.rope_theta: {t}"))?;
-                if theta.is_some_and(|top| top != t) {
-                    return Err(format!(
-                        "rope_theta {} and rope_parameters.rope_theta {t} disagree",
-                        theta.unwrap_or_default()
-                    ));
-                }
-                theta = Some(t);
-            }
-        }
+        let (theta, scaling) = rope(raw.rope_theta, extra)?;
         if let Some(factor) = extra.get("partial_rotary_factor").and_then(Value::as_f64) {
             if factor != 1.0 {
                 return Err(format!("partial_rotary_factor {factor} is not supported"));

@@ -122,3 +122,38 @@ fn init_in_bf16_is_the_rounded_f32_init() {
         assert_eq!(max_abs_diff(&rounded, b.as_tensor()), 0.0, "{n}");
     }
 }
+
+/// A fresh model quantized as it is drawn (chunks of whole random streams, no f32 matrix held)
+/// has the blocks of the same fresh model drawn whole and then quantized.
+#[test]
+fn drawing_a_quantized_model_gives_the_blocks_of_quantizing_it_after() {
+    use candle_core::quantized::GgmlDType;
+    // An embedding of 3,000 x 512: 1.5M values, more than one random stream of 2^20.
+    let cfg = ModelConfig::from_json_str(
+        r#"{"model_type": "qwen2", "vocab_size": 3000, "hidden_size": 512,
+            "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    let names = sft_model::frozen_matrices(&cfg, &sft_model::LoraConfig::default()).unwrap();
+    assert!(names.contains("model.embed_tokens.weight"));
+    let q = sft_model::Quantize {
+        dtype: GgmlDType::Q8_0,
+        names,
+    };
+    let drawn = Model::init_with(&cfg, 9, DType::F32, &Device::Cpu, &q).unwrap();
+    let after = Model::init(&cfg, 9, DType::F32, &Device::Cpu)
+        .unwrap()
+        .quantized_with(&q)
+        .unwrap();
+    assert_eq!(drawn.quantized().len(), after.quantized().len());
+    for ((n, a), (m, b)) in drawn.quantized().iter().zip(after.quantized()) {
+        assert_eq!(n, m);
+        assert!(a.bytes().unwrap() == b.bytes().unwrap(), "{n}");
+    }
+    for ((n, a), (_, b)) in drawn.params().iter().zip(after.params()) {
+        let (a, b) = (a.as_tensor(), b.as_tensor());
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{n}");
+    }
+}

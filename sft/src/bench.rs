@@ -25,6 +25,8 @@ pub struct BenchOptions {
     /// Train with the model's configured dropout (a fresh seed per step), as training does;
     /// off, steps run without it.
     pub dropout: bool,
+    /// Half-precision weights updated through f32 master weights (`optim.master_weights`).
+    pub master_weights: bool,
     pub seed: u64,
 }
 
@@ -56,6 +58,12 @@ pub struct BenchResult {
     pub dtype: String,
     /// The dropout probability the steps ran with (0 without `dropout`).
     pub dropout: f64,
+    /// A quantized base: its tensors per ggml type.
+    pub base_quant: Option<String>,
+    /// Activation checkpointing.
+    pub gradient_checkpointing: bool,
+    /// Half-precision weights updated through f32 master weights.
+    pub master_weights: bool,
 }
 
 /// Runs the benchmark on `model` (its weights change: it trains).
@@ -66,6 +74,7 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
         model.params(),
         &OptimConfig {
             lr: 1e-5,
+            master_weights: opts.master_weights,
             ..OptimConfig::default()
         },
     )?;
@@ -109,10 +118,8 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
             total.push((t3 - t0).as_secs_f64());
         }
     }
-    let count = |ps: &[(String, candle_core::Var)]| -> usize {
-        ps.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
-    };
-    let (trainable, frozen) = (count(model.params()), count(model.frozen()));
+    let trainable: usize = model.params().iter().map(|(_, v)| v.elem_count()).sum();
+    let frozen = model.frozen_count();
     let tokens = (opts.batch_size * opts.seq_len) as f64;
     let cfg = model.config();
     let attention = 6.0 * cfg.num_layers() as f64 * opts.seq_len as f64 * cfg.hidden_size() as f64;
@@ -140,6 +147,13 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
             (None, true) => cfg.dropout(),
             (None, false) => 0.0,
         },
+        base_quant: crate::setup::quantized_summary(model),
+        gradient_checkpointing: model.checkpointing(),
+        master_weights: opts.master_weights
+            && matches!(
+                model.dtype(),
+                candle_core::DType::BF16 | candle_core::DType::F16
+            ),
     })
 }
 
@@ -264,6 +278,7 @@ mod tests {
                 warmup: 0,
                 target_fraction: 1.0,
                 dropout,
+                master_weights: true,
                 seed: 1,
             };
             let r = bench_train(&model, &opts).unwrap();

@@ -59,6 +59,19 @@ pub struct TrainerState {
     /// Evaluations in a row without improvement (`train.early_stopping`).
     #[serde(default)]
     pub evals_without_improvement: u64,
+    /// Data-parallel ranks the run trains with (`mpirun -np N`): each optimizer step takes
+    /// `ranks x batch_size x grad_accum` rows, so a resume must use the same count. Written
+    /// only when it is not 1.
+    #[serde(default = "one_rank", skip_serializing_if = "is_one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
+}
+
+fn is_one_rank(ranks: &usize) -> bool {
+    *ranks == 1
 }
 
 impl TrainerState {
@@ -527,6 +540,7 @@ mod tests {
             save_dtype: Some("bf16".into()),
             train_s: 0.5,
             evals_without_improvement: 1,
+            ranks: 2,
         };
         state.write(&dir).unwrap();
         assert_eq!(TrainerState::read(&dir).unwrap(), state);

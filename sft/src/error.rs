@@ -15,6 +15,9 @@ pub enum Error {
     NonFinite { what: String, value: f64 },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A data-parallel run's ranks disagree, or its collectives failed.
+    #[error("distributed run: {0}")]
+    Distributed(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

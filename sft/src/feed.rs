@@ -39,11 +39,35 @@ pub use self::mixture::SourceReport;
 pub(crate) use self::read::TrainData;
 pub use self::read::{data_files, read_data, selection, source_selection};
 
+/// Which of each step's micro-batches this process trains on. Under data parallelism a step has
+/// `ranks x train.grad_accum` micro-batches, planned as one process would plan them with that
+/// accumulation, and rank `r` takes the `r`-th run of `grad_accum` of them: the same samples,
+/// rows and dropout seeds as the one process, split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Share {
+    /// One process: every micro-batch.
+    pub const ALL: Share = Share { rank: 0, ranks: 1 };
+
+    /// This rank's micro-batches among a step's `n`, at most `accum` of them (empty when the
+    /// step, at an epoch's end, has fewer).
+    fn range(self, n: usize, accum: usize) -> std::ops::Range<usize> {
+        (self.rank * accum).min(n)..((self.rank + 1) * accum).min(n)
+    }
+}
+
 /// One optimizer step's data, and where the epoch stands after it.
 pub(crate) struct Step {
-    /// The step's micro-batches (fewer than `train.grad_accum` at the end of an epoch).
+    /// This rank's micro-batches of the step (fewer than `train.grad_accum` at the end of an
+    /// epoch; all of the step's in one process).
     pub(crate) batches: Vec<Batch>,
-    /// Samples in `batches`.
+    /// The index of `batches[0]` among the step's micro-batches (what its dropout seed counts).
+    pub(crate) first: usize,
+    /// Samples in the whole step (every rank's micro-batches).
     pub(crate) samples: usize,
     /// The fractional epoch reached, for the log: the epoch plus the share of it done when its
     /// length is known (planned), the epoch alone when streamed.
@@ -62,7 +86,9 @@ pub(crate) struct Feed<'a> {
     form: Form<'a>,
     /// Poems whose metadata dropout draws anew each epoch, so each epoch renders anew.
     stochastic: bool,
+    /// Micro-batches of this rank per step (`train.grad_accum`).
     accum: usize,
+    share: Share,
     pad_id: u32,
     packing: bool,
 }
@@ -97,12 +123,15 @@ pub(crate) struct Preflight<'f> {
 
 impl<'a> Feed<'a> {
     /// `data` split ([`TrainData::split`]), rendered with `tok` and `template` into samples of at
-    /// most `max_len` tokens.
+    /// most `max_len` tokens, for the rank `share` names. Every rank reads and renders all of
+    /// the data (so each knows every step's plan) and collates only its own micro-batches; only
+    /// rank 0 uses the disk cache, whose files would otherwise be written by several processes.
     pub(crate) fn new(
         cfg: &TrainConfig,
         data: TrainData,
         (template, tok): (&'a Template, &'a Tokenizer),
         max_len: usize,
+        share: Share,
     ) -> Result<Feed<'a>> {
         let render_opts = RenderOptions {
             train_on: cfg.data.train_on,
@@ -119,7 +148,7 @@ impl<'a> Feed<'a> {
             .any(|r| matches!(r.sample, Sample::Poem(_)))
             && cfg.data.metadata_keep_prob < 1.0
             && cfg.data.metadata_keep_prob > 0.0;
-        let disk = match cfg.data.cache && !cfg.data.streaming {
+        let disk = match cfg.data.cache && !cfg.data.streaming && share.rank == 0 {
             true => {
                 let dir = cfg
                     .data
@@ -173,6 +202,7 @@ impl<'a> Feed<'a> {
             form,
             stochastic,
             accum: cfg.train.grad_accum,
+            share,
             pad_id: setup::pad_id(tok),
             packing: cfg.data.packing,
         })
@@ -230,7 +260,7 @@ impl<'a> Feed<'a> {
                 .lengths();
             total += plan_epoch(&lengths, &plan.opts, e)?
                 .len()
-                .div_ceil(self.accum) as u64;
+                .div_ceil(self.accum * self.share.ranks) as u64;
         }
         Ok(total)
     }
@@ -252,10 +282,13 @@ impl<'a> Feed<'a> {
     /// done.
     pub(crate) fn next_step(&mut self) -> Result<Step> {
         match &mut self.form {
-            Form::Planned(plan) => {
-                plan.next_step(&mut self.rendered, self.stochastic, self.accum, self.pad_id)
-            }
-            Form::Streamed(stream) => streamed_step(stream, self.accum, self.pad_id),
+            Form::Planned(plan) => plan.next_step(
+                &mut self.rendered,
+                self.stochastic,
+                (self.accum, self.share),
+                self.pad_id,
+            ),
+            Form::Streamed(stream) => streamed_step(stream, (self.accum, self.share), self.pad_id),
         }
     }
 }
@@ -265,9 +298,10 @@ impl Plan {
         &mut self,
         rendered: &mut EpochCache<'_>,
         stochastic: bool,
-        accum: usize,
+        (accum, share): (usize, Share),
         pad_id: u32,
     ) -> Result<Step> {
+        let step_len = accum * share.ranks;
         loop {
             let epoch = rendered.get(self.epoch, stochastic)?;
             if self.cached.as_ref().is_none_or(|(e, _)| *e != self.epoch) {
@@ -280,9 +314,11 @@ impl Plan {
                 self.micro_batch = 0;
                 continue;
             }
-            let end = (self.micro_batch + accum).min(plan.len());
+            let end = (self.micro_batch + step_len).min(plan.len());
             let micro_batches = &plan[self.micro_batch..end];
-            let batches = micro_batches
+            let mine = share.range(micro_batches.len(), accum);
+            let first = mine.start;
+            let batches = micro_batches[mine]
                 .iter()
                 .map(|rows| {
                     let rows: Vec<Vec<&Rendered>> = rows
@@ -301,6 +337,7 @@ impl Plan {
             }
             return Ok(Step {
                 batches,
+                first,
                 samples,
                 epoch_progress,
                 epoch: self.epoch,
@@ -310,21 +347,29 @@ impl Plan {
     }
 }
 
-/// A streamed step: up to `accum` micro-batches from the stream, into the next epoch when this
-/// one has none left.
-fn streamed_step(stream: &mut StreamFeed<'_>, accum: usize, pad_id: u32) -> Result<Step> {
+/// A streamed step: up to `accum x ranks` micro-batches from the stream (this rank's collated),
+/// into the next epoch when this one has none left.
+fn streamed_step(
+    stream: &mut StreamFeed<'_>,
+    (accum, share): (usize, Share),
+    pad_id: u32,
+) -> Result<Step> {
+    let step_len = accum * share.ranks;
     loop {
         let mut batches = Vec::with_capacity(accum);
-        let mut samples = 0;
-        while batches.len() < accum {
+        let (mut taken, mut samples) = (0, 0);
+        while taken < step_len {
             let Some((rows, n)) = stream.next_micro_batch()? else {
                 break;
             };
-            let rows: Vec<Vec<&Rendered>> = rows.iter().map(|r| r.iter().collect()).collect();
-            batches.push(collate(&rows, pad_id, None));
+            if share.range(step_len, accum).contains(&taken) {
+                let rows: Vec<Vec<&Rendered>> = rows.iter().map(|r| r.iter().collect()).collect();
+                batches.push(collate(&rows, pad_id, None));
+            }
+            taken += 1;
             samples += n;
         }
-        if batches.is_empty() {
+        if taken == 0 {
             if stream.position == 0 {
                 return Err(Error::Config(
                     "data.streaming: no training sample survived rendering".into(),
@@ -335,6 +380,7 @@ fn streamed_step(stream: &mut StreamFeed<'_>, accum: usize, pad_id: u32) -> Resu
         }
         return Ok(Step {
             batches,
+            first: share.range(taken, accum).start,
             samples,
             epoch_progress: stream.epoch as f64,
             epoch: stream.epoch,

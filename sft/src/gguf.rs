@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Device};
 use sft_model::gguf::{GgufFile, GgufQuant, WrittenTensor};
-use sft_model::Model;
+use sft_model::{Model, ModelConfig, Quantize};
 use sft_tokenizer::{GgufVocab, Tokenizer};
 
 use crate::error::{Error, Result};
@@ -57,9 +57,33 @@ pub fn gguf_path(path: &Path) -> Result<Option<PathBuf>> {
 
 /// The model of a checkpoint directory or a GGUF file.
 pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    load_model_with(path, dtype, device, None)
+}
+
+/// [`load_model`], keeping the matrices `quantize` names as ggml blocks (a quantized LoRA base).
+pub fn load_model_with(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    quantize: Option<&Quantize>,
+) -> Result<Model> {
     match gguf_path(path)? {
-        Some(file) => Ok(Model::load_gguf(&GgufFile::open(&file)?, dtype, device)?),
-        None => Ok(Model::load(path, dtype, device)?),
+        Some(file) => Ok(Model::load_gguf_with(
+            &GgufFile::open(&file)?,
+            dtype,
+            device,
+            quantize,
+        )?),
+        None => Ok(Model::load_with(path, dtype, device, quantize)?),
+    }
+}
+
+/// The model config of a checkpoint directory (its `config.json`) or a GGUF file (its
+/// metadata).
+pub fn model_config(path: &Path) -> Result<ModelConfig> {
+    match gguf_path(path)? {
+        Some(file) => Ok(sft_model::gguf::gguf_config(&GgufFile::open(&file)?)?),
+        None => Ok(ModelConfig::from_file(&path.join("config.json"))?),
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod feed;
@@ -30,4 +31,4 @@ pub use crate::config::TrainConfig;
 pub use crate::error::{Error, Result};
 pub use crate::optim::{AdamW, OptimConfig, StepStats};
 pub use crate::schedule::{ScheduleConfig, ScheduleKind};
-pub use crate::train::{train, Event, Replan, RunOptions, Summary};
+pub use crate::train::{train, train_with, Event, Replan, RunOptions, Summary};

@@ -28,6 +28,16 @@ pub struct StepMetrics {
     /// micro-batches): `tokens / positions` is how full the rows were.
     pub positions: usize,
     pub elapsed_s: f64,
+    /// f16's loss scaling: the scale this step's gradients carried (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// The step's gradients overflowed under loss scaling: no update, the scale halved.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    /// Data-parallel runs: seconds this step spent summing gradients and counts over the ranks
+    /// (absent in one process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
 }
 
 /// One evaluation on the validation set (`kind = "eval"`).
@@ -145,6 +155,9 @@ mod tests {
                 tokens: 20,
                 positions: 32,
                 elapsed_s: step as f64,
+                loss_scale: None,
+                skipped: false,
+                allreduce_s: None,
             };
             log.write("train", &m).unwrap();
         }

@@ -18,6 +18,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::dist;
 use crate::error::{Error, Result};
 use crate::kernels::{self, AdamWStep, Moments};
 
@@ -211,9 +212,47 @@ impl AdamW {
         self.scaler.map_or(1.0, |s| s.scale)
     }
 
-    /// Whether parameter `i` is updated through f32 master weights.
-    pub fn has_master(&self, i: usize) -> bool {
-        self.params.get(i).is_some_and(|p| p.master.is_some())
+    /// The f32 weights parameter `i` is updated through, when it has master weights: the
+    /// trained values, of which the parameter is the rounded copy.
+    pub fn master(&self, i: usize) -> Option<&Tensor> {
+        self.params.get(i)?.master.as_ref().map(Var::as_tensor)
+    }
+
+    /// Every master weight by parameter name (empty without master weights).
+    pub fn masters(&self) -> HashMap<String, Tensor> {
+        self.params
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.master.as_ref()?.as_tensor().clone())))
+            .collect()
+    }
+
+    /// A checksum of everything a step reads and writes: the parameters, master weights,
+    /// moments, step counts and loss scale. Data-parallel ranks compare it to prove they hold
+    /// the same state.
+    pub fn checksum(&self) -> Result<u64> {
+        let mut sums = vec![self.t, self.skipped];
+        if let Some(s) = &self.scaler {
+            sums.extend([s.scale.to_bits(), s.good_steps]);
+        }
+        for p in &self.params {
+            sums.push(dist::checksum_tensor(p.var.as_tensor())?);
+            if let Some(m) = &p.master {
+                sums.push(dist::checksum_tensor(m.as_tensor())?);
+            }
+            match &p.moments {
+                Moments::Host { m, v } => {
+                    sums.extend([dist::checksum_f32(m), dist::checksum_f32(v)]);
+                }
+                Moments::Device { m, v } => {
+                    sums.extend([dist::checksum_tensor(m)?, dist::checksum_tensor(v)?]);
+                }
+            }
+        }
+        let words: Vec<f32> = sums
+            .iter()
+            .flat_map(|s| [f32::from_bits(*s as u32), f32::from_bits((*s >> 32) as u32)])
+            .collect();
+        Ok(dist::checksum_f32(&words))
     }
 
     /// Names of the parameters that get weight decay.

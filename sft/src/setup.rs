@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use sft_data::{Record, Sample, Template, TemplateOptions};
-use sft_model::{Model, ModelConfig};
+use sft_model::{Model, ModelConfig, Quantize};
 use sft_tokenizer::{
     train_bpe, BpeTrainOptions, CharRoles, CharTokenizer, Tokenizer, TokenizerConfig,
     CHATML_SPECIALS, POEM_SPECIALS,
@@ -253,7 +253,12 @@ pub fn adapter_base(adapter: &Path) -> Result<PathBuf> {
 /// The model without adapters.
 fn base_model(cfg: &TrainConfig, tok: &Tokenizer, dtype: DType, device: &Device) -> Result<Model> {
     if let Some(path) = &cfg.model.path {
-        return crate::gguf::load_model(&crate::hub::resolve_model(path)?, dtype, device);
+        let path = crate::hub::resolve_model(path)?;
+        let quantize = match base_quant(cfg) {
+            Some(q) => Some(quantize_frozen(cfg, &crate::gguf::model_config(&path)?, q)?),
+            None => None,
+        };
+        return crate::gguf::load_model_with(&path, dtype, device, quantize.as_ref());
     }
     let mut json = match &cfg.model.preset {
         Some(name) => sft_model::presets::preset(name).ok_or_else(|| {
@@ -276,7 +281,43 @@ fn base_model(cfg: &TrainConfig, tok: &Tokenizer, dtype: DType, device: &Device)
         .or_insert_with(|| tok.vocab_size().into());
     let config = ModelConfig::from_json_str(&json.to_string())
         .map_err(|e| Error::Config(format!("model.init: {e}")))?;
-    Ok(Model::init(&config, cfg.run.seed, dtype, device)?)
+    let model = Model::init(&config, cfg.run.seed, dtype, device)?;
+    Ok(match base_quant(cfg) {
+        Some(q) => model.quantized_with(&quantize_frozen(cfg, &config, q)?)?,
+        None => model,
+    })
+}
+
+/// `lora.base_quant`, when set.
+fn base_quant(cfg: &TrainConfig) -> Option<&str> {
+    cfg.lora.as_ref().and_then(|l| l.base_quant.as_deref())
+}
+
+/// What a quantized base keeps as blocks: every matrix LoRA leaves frozen, in `quant`'s type.
+fn quantize_frozen(cfg: &TrainConfig, config: &ModelConfig, quant: &str) -> Result<Quantize> {
+    let lora = cfg.lora.as_ref().expect("base_quant is a [lora] key");
+    let dtype = sft_model::quant::quant_type(quant)
+        .ok_or_else(|| Error::Config(format!("lora.base_quant: unknown type {quant:?}")))?;
+    let names = sft_model::frozen_matrices(config, lora).map_err(Error::Config)?;
+    Ok(Quantize { dtype, names })
+}
+
+/// What a quantized base holds, per ggml type: `q4_k: 168 tensors, q5_0: 72`, the types a
+/// tensor fell back to when its rows are not whole blocks of the one asked for included.
+pub fn quantized_summary(model: &Model) -> Option<String> {
+    let mut counts = std::collections::BTreeMap::new();
+    for (_, q) in model.quantized() {
+        *counts
+            .entry(sft_model::quant::quant_name(q.dtype()))
+            .or_insert(0usize) += 1;
+    }
+    (!counts.is_empty()).then(|| {
+        counts
+            .iter()
+            .map(|(t, n)| format!("{t}: {n} tensors"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 /// Every id the tokenizer can produce must have a row in the embedding.

@@ -8,12 +8,13 @@
 //! Every random draw derives from `run.seed` and the position in the run (`seeds`), which is
 //! what makes resuming bit-identical without replaying data.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use sft_data::{Prepared, Report, Template};
 use sft_model::Model;
@@ -21,9 +22,10 @@ use sft_tokenizer::Tokenizer;
 
 use crate::checkpoint::{self, Cleaned, ResumeFrom, TrainerState};
 use crate::config::{dtype_name, parse_dtype, ConfigChange, TrainConfig, RESUME_MUTABLE};
+use crate::dist::{self, Collective, Single};
 use crate::error::{Error, Result};
 use crate::eval;
-use crate::feed::{Feed, SourceReport, Step, TrainData};
+use crate::feed::{Feed, Share, SourceReport, Step, TrainData};
 use crate::metrics::{self, EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
 use crate::plot;
@@ -61,6 +63,8 @@ pub enum Event<'a> {
         n_params: usize,
         /// Frozen scalars (LoRA's base; 0 in full fine-tuning).
         n_frozen: usize,
+        /// A quantized base: its tensors per ggml type (`q4_k: 168 tensors, q5_0: 72 tensors`).
+        base_quant: Option<String>,
         out_dir: &'a Path,
         /// Where the run computes: `cpu`, `cuda:0`.
         device: String,
@@ -131,9 +135,25 @@ pub fn train(
     opts: &RunOptions,
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<Summary> {
+    train_with(cfg, opts, &Single, on_event)
+}
+
+/// [`train`] as one rank of a data-parallel run over `coll` (see `dist`): every rank calls it
+/// with the same config; rank 0 alone writes into `run.out_dir` (metrics, samples, checkpoints,
+/// the export) and takes the decisions that depend on its clock or on evaluation.
+pub fn train_with(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    coll: &dyn Collective,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Summary> {
     let t0 = Instant::now();
-    let dir = RunDir::open(cfg, opts, on_event)?;
-    let device = setup::device()?;
+    let dir = RunDir::open(cfg, opts, coll.rank() == 0, on_event)?;
+    // A collective over device memory (NCCL) has chosen this rank's GPU.
+    let device = match coll.device() {
+        Some(device) => device,
+        None => setup::device()?,
+    };
     let dtype = parse_dtype(&cfg.model.dtype).map_err(Error::Config)?;
 
     // 1-2. Records and tokenizer. A resumed run takes the tokenizer saved in its checkpoint.
@@ -147,18 +167,23 @@ pub fn train(
     let data = data.split(cfg)?;
 
     // 3. Model.
-    let model = match dir.resume_dir() {
+    let mut model = match dir.resume_dir() {
         Some(dir) => setup::resumed_model(cfg, &tok, dir, dtype, &device)?,
         None => setup::model(cfg, &tok, dtype, &device)?,
     };
+    model.set_checkpointing(cfg.train.gradient_checkpointing);
     setup::check_vocab(&model, &tok)?;
     let max_len = setup::max_len(cfg, &model)?;
 
     // 4. Preflight: the data exactly as epoch 0 will see it; the state to start from.
-    let feed = Feed::new(cfg, data, (&template, &tok), max_len)?;
+    let share = Share {
+        rank: coll.rank(),
+        ranks: coll.ranks(),
+    };
+    let feed = Feed::new(cfg, data, (&template, &tok), max_len, share)?;
     let mut run = Run::start(
         cfg,
-        opts,
+        (opts, coll),
         (dir, t0),
         (&tok, &template),
         model,
@@ -185,19 +210,26 @@ struct RunDir {
     /// Removed only once this run has set up without error, just before it writes its first
     /// file.
     previous_run: Vec<PathBuf>,
+    /// This process writes into `out_dir`: one process, or rank 0 of a data-parallel run.
+    writes: bool,
 }
 
 impl RunDir {
+    /// `writes`: this process owns `out_dir` (the other ranks of a data-parallel run only read
+    /// the checkpoint they resume from).
     fn open(
         cfg: &TrainConfig,
         opts: &RunOptions,
+        writes: bool,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<RunDir> {
         let out_dir = cfg.run.out_dir.clone();
-        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-        let cleaned = checkpoint::clean_leftovers(&out_dir)?;
-        if cleaned != Cleaned::default() {
-            on_event(Event::Cleaned(&cleaned));
+        if writes {
+            std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+            let cleaned = checkpoint::clean_leftovers(&out_dir)?;
+            if cleaned != Cleaned::default() {
+                on_event(Event::Cleaned(&cleaned));
+            }
         }
         let resume = opts
             .resume
@@ -207,13 +239,15 @@ impl RunDir {
         // A previous run in out_dir is refused now.
         let (changes, previous_run) = match &resume {
             Some(from) => (resume_changes(cfg, &from.checkpoint)?, vec![]),
-            None => (vec![], previous_run_files(&out_dir, cfg.run.overwrite)?),
+            None if writes => (vec![], previous_run_files(&out_dir, cfg.run.overwrite)?),
+            None => (vec![], vec![]),
         };
         Ok(RunDir {
             out_dir,
             resume,
             changes,
             previous_run,
+            writes,
         })
     }
 
@@ -244,6 +278,8 @@ impl Clock {
 struct Run<'a> {
     cfg: &'a TrainConfig,
     stop: Option<&'a AtomicBool>,
+    /// The other ranks of a data-parallel run ([`Single`] in one process).
+    coll: &'a dyn Collective,
     on_event: &'a mut dyn FnMut(Event<'_>),
     out_dir: PathBuf,
     /// The checkpoint this run resumed from.
@@ -259,7 +295,8 @@ struct Run<'a> {
     /// The export dtype, resolved once: the base directory may be gone by the time the run
     /// exports.
     save_dtype: DType,
-    metrics: MetricsLog,
+    /// Written by rank 0 alone, as everything in `out_dir`.
+    metrics: Option<MetricsLog>,
     clock: Clock,
     budget: Option<Budget>,
     /// Target tokens of the last step: a step without any learned nothing, and is neither
@@ -277,7 +314,7 @@ impl<'a> Run<'a> {
     /// optimizer, and the run's config written into `out_dir`.
     fn start(
         cfg: &'a TrainConfig,
-        opts: &'a RunOptions,
+        (opts, coll): (&'a RunOptions, &'a dyn Collective),
         (dir, t0): (RunDir, Instant),
         (tok, template): (&'a Tokenizer, &'a Template),
         model: Model,
@@ -285,7 +322,13 @@ impl<'a> Run<'a> {
         on_event: &'a mut dyn FnMut(Event<'_>),
     ) -> Result<Run<'a>> {
         let (data_fingerprint, val) = preflight(&mut feed, &dir, on_event)?;
-        let mut state = start_state(cfg, &mut feed, &dir, data_fingerprint, on_event)?;
+        let mut state = start_state(
+            cfg,
+            &mut feed,
+            &dir,
+            (data_fingerprint, coll.ranks()),
+            on_event,
+        )?;
         let save_dtype = match (&cfg.model.save_dtype, &state.save_dtype) {
             (None, Some(saved)) => parse_dtype(saved).map_err(Error::Config)?,
             _ => setup::save_dtype(cfg, &model)?,
@@ -304,8 +347,10 @@ impl<'a> Run<'a> {
             }
         }
         let out_dir = dir.out_dir;
-        std::fs::write(out_dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
-            .map_err(|e| Error::io(&out_dir, e))?;
+        if dir.writes {
+            std::fs::write(out_dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())
+                .map_err(|e| Error::io(&out_dir, e))?;
+        }
         let count = |ps: &[(String, candle_core::Var)]| -> usize {
             ps.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
         };
@@ -313,11 +358,15 @@ impl<'a> Run<'a> {
             total_steps: state.total_steps,
             start_step: state.step,
             n_params: count(model.params()),
-            n_frozen: count(model.frozen()),
+            n_frozen: model.frozen_count(),
+            base_quant: setup::quantized_summary(&model),
             out_dir: &out_dir,
             device: setup::device_name(model.device()),
         });
-        let metrics = MetricsLog::open(&out_dir.join("metrics.jsonl"))?;
+        let metrics = match dir.writes {
+            true => Some(MetricsLog::open(&out_dir.join("metrics.jsonl"))?),
+            false => None,
+        };
         let clock = Clock {
             t0,
             elapsed_before: state.elapsed_s,
@@ -335,6 +384,7 @@ impl<'a> Run<'a> {
         Ok(Run {
             cfg,
             stop: opts.stop.as_deref(),
+            coll,
             on_event,
             out_dir,
             resumed_from: dir.resume.map(|r| r.checkpoint),
@@ -363,13 +413,22 @@ impl<'a> Run<'a> {
     fn step(&mut self, step: Step) -> Result<()> {
         let Step {
             batches,
+            first,
             samples,
             epoch_progress,
             epoch,
             micro_batch,
         } = step;
         let cfg = self.cfg;
-        let targets: usize = batches.iter().map(|b| b.n_targets).sum();
+        // The whole step's counts: every rank's loss is divided by all of its target tokens.
+        let [targets, tokens, positions] = dist::sum_counts(
+            self.coll,
+            [
+                batches.iter().map(|b| b.n_targets).sum(),
+                batches.iter().map(|b| b.n_tokens).sum(),
+                batches.iter().map(|b| b.batch_size * b.seq_len).sum(),
+            ],
+        )?;
         self.step_targets = targets;
         if targets == 0 {
             // Every sample keeps at least one target, so this needs a step made only of
@@ -377,12 +436,12 @@ impl<'a> Run<'a> {
             (self.state.epoch, self.state.micro_batch) = (epoch, micro_batch);
             return Ok(());
         }
-        let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
-        let positions: usize = batches.iter().map(|b| b.batch_size * b.seq_len).sum();
-        let scale = 1.0 / targets as f64;
+        // Under f16's loss scaling the gradients carry the scale; the optimizer takes it out.
+        let scale = self.opt.loss_scale() / targets as f64;
         let mut stats = LossStats::default();
         for (k, batch) in batches.iter().enumerate() {
-            let seed = dropout_seed(cfg.run.seed, self.state.step, k as u64);
+            // The seed one process gives this micro-batch of the step.
+            let seed = dropout_seed(cfg.run.seed, self.state.step, (first + k) as u64);
             stats.add(accumulate_micro_batch(
                 &self.model,
                 batch,
@@ -391,7 +450,9 @@ impl<'a> Run<'a> {
                 &mut self.grads,
             )?);
         }
-        let loss = stats.mean();
+        let mut grads = self.grads.take();
+        let summed = dist::sum_step(self.coll, &mut grads, self.model.params(), stats.loss_sum)?;
+        let loss = summed.loss_sum / targets as f64;
         if !loss.is_finite() {
             return Err(Error::NonFinite {
                 what: format!("loss at step {}", self.state.step + 1),
@@ -400,9 +461,16 @@ impl<'a> Run<'a> {
         }
         let state = &mut self.state;
         let lr = cfg.schedule.lr(cfg.optim.lr, state.step, state.total_steps);
-        let step_stats = self.opt.step(&self.grads.take(), lr)?;
+        let step_stats = self.opt.step(&grads, lr)?;
+        drop(grads);
         self.last_train_loss = Some(loss);
         state.step += 1;
+        // At the logged steps of the schedule every rank agrees on (the budget's estimate
+        // below is rank 0's alone until `after_step`).
+        let due = state.step.is_multiple_of(cfg.run.log_every) || state.step == state.total_steps;
+        if self.coll.ranks() > 1 && due {
+            dist::check_replicas(self.coll, self.opt.checksum()?, state.step)?;
+        }
         (state.epoch, state.micro_batch) = (epoch, micro_batch);
         state.samples_seen += samples as u64;
         state.tokens_seen += tokens as u64;
@@ -442,10 +510,15 @@ impl<'a> Run<'a> {
             tokens,
             positions,
             elapsed_s: clock.elapsed_s(),
+            loss_scale: step_stats.loss_scale.map(|(scale, _, _)| scale),
+            skipped: step_stats.loss_scale.is_some_and(|(_, _, skipped)| skipped),
+            allreduce_s: (self.coll.ranks() > 1).then_some(summed.seconds),
         };
         (self.on_event)(Event::Step(&m));
         if state.step.is_multiple_of(cfg.run.log_every) || state.step == state.total_steps {
-            self.metrics.write("train", &m)?;
+            if let Some(log) = &mut self.metrics {
+                log.write("train", &m)?;
+            }
             state.last_metrics = Some(serde_json::to_value(&m).expect("serialisable"));
             clock.last_log = (Instant::now(), 0);
         }
@@ -455,10 +528,14 @@ impl<'a> Run<'a> {
     /// What follows a step: evaluation (with early stopping and `best`) and sample
     /// generations when due or at the end, a checkpoint when due, at the end or on a stop
     /// signal.
+    ///
+    /// In a data-parallel run rank 0 alone evaluates, generates and saves (the others wait in
+    /// the next collective); its schedule total and stop decision are then every rank's.
     fn after_step(&mut self) -> Result<()> {
         let (step, targets) = (self.state.step, self.step_targets);
+        let writes = self.metrics.is_some();
         let due = |every: Option<u64>| every.is_some_and(|n| step % n == 0 && targets > 0);
-        if due(self.cfg.run.eval_every) || step >= self.state.total_steps {
+        if writes && (due(self.cfg.run.eval_every) || step >= self.state.total_steps) {
             self.evaluate()?;
             self.generate_samples()?;
         }
@@ -466,7 +543,7 @@ impl<'a> Run<'a> {
         let at_end = step >= self.state.total_steps;
         let stop = !at_end && self.stop.is_some_and(|s| s.load(Ordering::SeqCst));
         let saved_now = self.last_saved.as_ref().is_some_and(|(s, _)| *s == step);
-        if due(self.cfg.run.save_every) || at_end || (stop && !saved_now) {
+        if writes && (due(self.cfg.run.save_every) || at_end || (stop && !saved_now)) {
             self.state.elapsed_s = self.clock.elapsed_s();
             let cfg = self.cfg;
             let path = save_checkpoint(
@@ -480,7 +557,8 @@ impl<'a> Run<'a> {
             (self.on_event)(Event::Checkpoint { step, path: &path });
             self.last_saved = Some((step, path));
         }
-        self.interrupted = stop;
+        (self.state.total_steps, self.interrupted) =
+            dist::agree(self.coll, self.state.total_steps, stop)?;
         Ok(())
     }
 
@@ -499,7 +577,9 @@ impl<'a> Run<'a> {
             (state.step, state.epoch),
             &|| self.clock.elapsed_s(),
         )?;
-        self.metrics.write("eval", &e)?;
+        if let Some(log) = &mut self.metrics {
+            log.write("eval", &e)?;
+        }
         (self.on_event)(Event::Eval(&e));
         if let Some(es) = &cfg.train.early_stopping {
             let improved = state
@@ -527,7 +607,14 @@ impl<'a> Run<'a> {
             state.best_step = Some(state.step);
             let best = self.out_dir.join("best");
             checkpoint::write_atomically(&best, |d| {
-                export(&self.model, self.save_dtype, self.tok, cfg, state, d)
+                export(
+                    (&self.model, &self.opt),
+                    self.save_dtype,
+                    self.tok,
+                    cfg,
+                    state,
+                    d,
+                )
             })?;
             (self.on_event)(Event::Checkpoint {
                 step: state.step,
@@ -568,20 +655,30 @@ impl<'a> Run<'a> {
         let final_model = out_dir.join("final");
         let state = &mut self.state;
         state.elapsed_s = self.clock.elapsed_s();
-        if !self.interrupted {
+        let metrics_path = out_dir.join("metrics.jsonl");
+        let plot_path = out_dir.join("loss.svg");
+        let writes = self.metrics.is_some();
+        if writes && !self.interrupted {
             checkpoint::write_atomically(&final_model, |d| {
-                export(&self.model, self.save_dtype, self.tok, self.cfg, state, d)
+                export(
+                    (&self.model, &self.opt),
+                    self.save_dtype,
+                    self.tok,
+                    self.cfg,
+                    state,
+                    d,
+                )
             })?;
         }
-        let metrics_path = out_dir.join("metrics.jsonl");
-        let (train_series, val_series) = metrics::read_loss_series(&metrics_path)?;
-        let plot_path = out_dir.join("loss.svg");
-        let title = format!("{} ({} steps)", out_dir.display(), state.step);
-        std::fs::write(
-            &plot_path,
-            plot::loss_svg(&title, &train_series, &val_series),
-        )
-        .map_err(|e| Error::io(&plot_path, e))?;
+        if writes {
+            let (train_series, val_series) = metrics::read_loss_series(&metrics_path)?;
+            let title = format!("{} ({} steps)", out_dir.display(), state.step);
+            std::fs::write(
+                &plot_path,
+                plot::loss_svg(&title, &train_series, &val_series),
+            )
+            .map_err(|e| Error::io(&plot_path, e))?;
+        }
         let last_checkpoint = match (self.last_saved, self.resumed_from) {
             (Some((_, p)), _) => p,
             (None, Some(from)) => from,
@@ -624,10 +721,14 @@ fn preflight(
             removed: &dir.previous_run,
         });
     }
-    write_json(&dir.out_dir.join("preflight.json"), first.report)?;
+    if dir.writes {
+        write_json(&dir.out_dir.join("preflight.json"), first.report)?;
+    }
     if let Some(sources) = &first.mixture {
         on_event(Event::Mixture { sources });
-        write_json(&dir.out_dir.join("mixture.json"), sources)?;
+        if dir.writes {
+            write_json(&dir.out_dir.join("mixture.json"), sources)?;
+        }
     }
     if first.samples == 0 {
         return Err(Error::Config(
@@ -655,7 +756,7 @@ fn start_state(
     cfg: &TrainConfig,
     feed: &mut Feed<'_>,
     dir: &RunDir,
-    data_fingerprint: String,
+    (data_fingerprint, ranks): (String, usize),
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<TrainerState> {
     let Some(from) = &dir.resume else {
@@ -678,6 +779,7 @@ fn start_state(
             save_dtype: None,
             train_s: 0.0,
             evals_without_improvement: 0,
+            ranks,
         });
     };
     let ck = &from.checkpoint;
@@ -688,6 +790,14 @@ fn start_state(
             ck.display(),
             s.data_fingerprint,
             data_fingerprint
+        )));
+    }
+    if s.ranks != ranks {
+        return Err(Error::Config(format!(
+            "{}: the run trained with {} rank(s), this one has {ranks}; a step takes ranks x batch_size x grad_accum rows, so resume it with {} rank(s)",
+            ck.display(),
+            s.ranks,
+            s.ranks
         )));
     }
     let before = s.total_steps;
@@ -705,7 +815,10 @@ fn start_state(
     }
     s.total_steps = total;
     let mut dropped_log_lines = 0;
-    for log in ["metrics.jsonl", "samples.jsonl"] {
+    for log in ["metrics.jsonl", "samples.jsonl"]
+        .into_iter()
+        .filter(|_| dir.writes)
+    {
         dropped_log_lines += metrics::drop_after(&dir.out_dir.join(log), s.step)?;
     }
     on_event(Event::Resumed {
@@ -729,7 +842,8 @@ fn save_checkpoint(
 ) -> Result<PathBuf> {
     let path = out_dir.join(checkpoint::checkpoint_name(state.step));
     checkpoint::write_atomically(&path, |d| {
-        save_weights(model, d, model.dtype(), cfg)?;
+        // The training dtype's own values: the master weights are in the optimizer's state.
+        save_weights(model, d, model.dtype(), cfg, &HashMap::new())?;
         tok.save(d)?;
         opt.save(&d.join(checkpoint::OPTIMIZER_FILE))?;
         state.write(d)?;
@@ -740,12 +854,19 @@ fn save_checkpoint(
     Ok(path)
 }
 
-/// The model's weights in `dtype`, or with LoRA its adapter (in the training dtype, as PEFT
-/// keeps adapters in full precision).
-fn save_weights(model: &Model, dir: &Path, dtype: DType, cfg: &TrainConfig) -> Result<()> {
+/// The model's weights in `dtype` (from `masters`, the f32 master weights, where a parameter
+/// has them), or with LoRA its adapter (in the training dtype, as PEFT keeps adapters in full
+/// precision).
+fn save_weights(
+    model: &Model,
+    dir: &Path,
+    dtype: DType,
+    cfg: &TrainConfig,
+    masters: &HashMap<String, Tensor>,
+) -> Result<()> {
     match model.lora() {
         Some(_) => model.save_adapter(dir, &setup::base_name(cfg))?,
-        None => model.save(dir, dtype)?,
+        None => model.save_with(dir, dtype, masters)?,
     }
     Ok(())
 }
@@ -891,14 +1012,14 @@ impl Budget {
 
 /// Weights in the export dtype, tokenizer, config and state: a directory `transformers` loads.
 fn export(
-    model: &Model,
+    (model, opt): (&Model, &AdamW),
     save_dtype: DType,
     tok: &Tokenizer,
     cfg: &TrainConfig,
     state: &TrainerState,
     dir: &Path,
 ) -> Result<()> {
-    save_weights(model, dir, save_dtype, cfg)?;
+    save_weights(model, dir, save_dtype, cfg, &opt.masters())?;
     tok.save(dir)?;
     state.write(dir)?;
     std::fs::write(dir.join(checkpoint::CONFIG_FILE), cfg.to_toml_string())

@@ -6,17 +6,14 @@
 //! - LoRA: all of the above hold for adapters; a fresh adapter's loss is the base's, bit for bit;
 //!   frozen weights are bit-identical after training.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use common::{data_dir, eight_samples, load, load_as, lora, max_abs, max_diff};
 use sft::step::{accumulate_micro_batch, GradAccumulator};
 use sft::{AdamW, OptimConfig};
 use sft_data::{collate, pack_bins, Rendered};
 use sft_model::{LoraConfig, Model};
-
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
-}
 
 #[derive(serde::Deserialize)]
 struct Sample {
@@ -44,35 +41,6 @@ struct ParamStats {
 
 fn rendered(s: &Sample) -> Rendered {
     Rendered::new(s.ids.clone(), s.loss_mask.iter().map(|&m| m == 1).collect()).unwrap()
-}
-
-fn load(name: &str) -> Model {
-    load_as(name, DType::F32)
-}
-
-fn load_as(name: &str, dtype: DType) -> Model {
-    Model::load(&data_dir().join("models").join(name), dtype, &Device::Cpu).unwrap()
-}
-
-/// LoRA on every linear layer (rank 4, no dropout) plus `save`, with B made non-zero so that A
-/// has a gradient.
-fn lora(model: Model, save: &[&str]) -> Model {
-    let cfg = LoraConfig {
-        r: 4,
-        dropout: 0.0,
-        modules_to_save: save.iter().map(|s| s.to_string()).collect(),
-        ..LoraConfig::default()
-    };
-    let model = model.with_lora(&cfg, 7).unwrap();
-    for (i, (name, var)) in model.params().iter().enumerate() {
-        if name.ends_with("lora_B.weight") {
-            let n = var.elem_count();
-            let v: Vec<f32> = (0..n).map(|j| 0.1 * ((i * 131 + j) as f32).sin()).collect();
-            let v = Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap();
-            var.set(&v.to_dtype(var.dtype()).unwrap()).unwrap();
-        }
-    }
-    model
 }
 
 /// Every model the batch-shape tests run: the fixtures, fully and with LoRA. Gemma 2 trains
@@ -181,20 +149,6 @@ fn three_steps_match_pytorch() {
 }
 
 /// Eight samples of different lengths with targets in different places.
-fn eight_samples() -> Vec<Rendered> {
-    (0..8u32)
-        .map(|k| {
-            let len = 4 + (k as usize * 5) % 13;
-            let ids: Vec<u32> = (0..len as u32)
-                .map(|i| (i * 31 + k * 17 + 3) % 256)
-                .collect();
-            let start = 1 + (k as usize) % (len - 2);
-            let mask = (0..len).map(|i| i >= start).collect();
-            Rendered::new(ids, mask).unwrap()
-        })
-        .collect()
-}
-
 fn grads_for(model: &Model, micro_batches: &[Vec<Vec<&Rendered>>]) -> Vec<Tensor> {
     let batches: Vec<_> = micro_batches
         .iter()
@@ -210,24 +164,6 @@ fn grads_for(model: &Model, micro_batches: &[Vec<Vec<&Rendered>>]) -> Vec<Tensor
         .into_iter()
         .map(|g| g.expect("every parameter gets a gradient"))
         .collect()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_diff(a: &[Tensor], b: &[Tensor]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| max_abs(&(x - y).unwrap()))
-        .fold(0.0, f32::max)
 }
 
 #[test]

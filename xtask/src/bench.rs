@@ -22,7 +22,8 @@ pub(crate) struct Args {
     /// Also run the PyTorch peer and print our/their ratios.
     #[arg(long)]
     peer: bool,
-    /// Training configurations to run (a, b, c, c-dropout, d, e, e-lora; see `CONFIGS`); empty
+    /// Training configurations to run (a, b, c, c-dropout, d, e, e-lora, e-lora-q8,
+    /// e-lora-q4k, f, f-ckpt, f-lora, f-lora-ckpt, g-3b-q4k, h-8b-q4k; see `CONFIGS`); empty
     /// for none.
     #[arg(long, value_delimiter = ',', default_value = "a,b,c,c-dropout,d")]
     configs: Vec<String>,
@@ -49,6 +50,11 @@ pub(crate) struct Args {
     /// (bf16 is for the GPU).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     dtype: String,
+    /// Only the data-parallel benchmark (`sft` built with its `mpi` feature, Open MPI's
+    /// `mpirun` on the PATH): ranks x threads on this machine and the all-reduce of the
+    /// Qwen2.5-0.5B shape's gradients (`xtask/src/ranks.rs`).
+    #[arg(long)]
+    ranks: bool,
 }
 
 /// One training configuration of the benchmark (a row of `docs/performance.md`).
@@ -68,6 +74,13 @@ struct BenchConfig {
     dropout: bool,
     /// LoRA r = 16 on every linear layer (alpha 32, dropout 0.05), on both sides (PEFT's).
     lora: bool,
+    /// With `lora`: the frozen base kept as ggml blocks of this type (no peer).
+    base_quant: Option<&'static str>,
+    /// Activation checkpointing (no peer).
+    checkpointing: bool,
+    /// Random weights drawn in memory from the preset (`sft bench train --preset`) rather than
+    /// a checkpoint written first: for shapes whose f32 checkpoint would not fit in memory.
+    in_memory: bool,
 }
 
 impl BenchConfig {
@@ -89,6 +102,9 @@ const CONFIGS: &[BenchConfig] = &[
         base: None,
         dropout: false,
         lora: false,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
     },
     BenchConfig {
         name: "b",
@@ -102,6 +118,9 @@ const CONFIGS: &[BenchConfig] = &[
         base: None,
         dropout: false,
         lora: false,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
     },
     BenchConfig {
         name: "c",
@@ -115,6 +134,9 @@ const CONFIGS: &[BenchConfig] = &[
         base: None,
         dropout: false,
         lora: false,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
     },
     BenchConfig {
         name: "c-dropout",
@@ -128,6 +150,9 @@ const CONFIGS: &[BenchConfig] = &[
         base: Some("c"),
         dropout: true,
         lora: false,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
     },
     BenchConfig {
         name: "d",
@@ -141,6 +166,9 @@ const CONFIGS: &[BenchConfig] = &[
         base: None,
         dropout: false,
         lora: false,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
     },
     BenchConfig {
         name: "e",
@@ -154,6 +182,9 @@ const CONFIGS: &[BenchConfig] = &[
         base: Some("d"),
         dropout: false,
         lora: false,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
     },
     BenchConfig {
         name: "e-lora",
@@ -167,10 +198,144 @@ const CONFIGS: &[BenchConfig] = &[
         base: Some("d"),
         dropout: false,
         lora: true,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
+    },
+    BenchConfig {
+        name: "e-lora-q8",
+        what: "the same LoRA on a q8_0 base",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 512,
+        single_step: false,
+        base: Some("d"),
+        dropout: false,
+        lora: true,
+        base_quant: Some("q8_0"),
+        checkpointing: false,
+        in_memory: false,
+    },
+    BenchConfig {
+        name: "e-lora-q4k",
+        what: "the same LoRA on a q4_k base (q5_0 for rows of 896)",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 512,
+        single_step: false,
+        base: Some("d"),
+        dropout: false,
+        lora: true,
+        base_quant: Some("q4_k"),
+        checkpointing: false,
+        in_memory: false,
+    },
+    BenchConfig {
+        name: "f",
+        what: "Qwen2.5-0.5B shape, full fine-tuning, one step at 1x2048",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 2048,
+        single_step: true,
+        base: Some("d"),
+        dropout: false,
+        lora: false,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
+    },
+    BenchConfig {
+        name: "f-ckpt",
+        what: "the same with activation checkpointing",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 2048,
+        single_step: true,
+        base: Some("d"),
+        dropout: false,
+        lora: false,
+        base_quant: None,
+        checkpointing: true,
+        in_memory: false,
+    },
+    BenchConfig {
+        name: "f-lora",
+        what: "Qwen2.5-0.5B shape, LoRA r=16, one step at 1x2048",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 2048,
+        single_step: true,
+        base: Some("d"),
+        dropout: false,
+        lora: true,
+        base_quant: None,
+        checkpointing: false,
+        in_memory: false,
+    },
+    BenchConfig {
+        name: "f-lora-ckpt",
+        what: "the same with activation checkpointing",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 2048,
+        single_step: true,
+        base: Some("d"),
+        dropout: false,
+        lora: true,
+        base_quant: None,
+        checkpointing: true,
+        in_memory: false,
+    },
+    BenchConfig {
+        name: "g-3b-q4k",
+        what: "Qwen2.5-3B shape, LoRA r=16 on a q4_k base, one step at 1x512",
+        preset: "qwen2.5-3b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 512,
+        single_step: true,
+        base: None,
+        dropout: false,
+        lora: true,
+        base_quant: Some("q4_k"),
+        checkpointing: false,
+        in_memory: true,
+    },
+    BenchConfig {
+        name: "h-8b-q4k",
+        what: "Llama 3.1 8B shape, LoRA r=16 on a q4_k base, one step at 1x512",
+        preset: "llama3.1-8b",
+        vocab: 128_256,
+        sets: &[],
+        batch: 1,
+        seq: 512,
+        single_step: true,
+        base: None,
+        dropout: false,
+        lora: true,
+        base_quant: Some("q4_k"),
+        checkpointing: false,
+        in_memory: true,
     },
 ];
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    if args.ranks {
+        return crate::ranks::bench();
+    }
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -233,6 +398,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         "\nspeed ratio = sft tokens/s / PyTorch tokens/s (above 1: sft is faster); RSS ratio = sft / PyTorch (below 1: sft uses less).\n"
     );
     lora_vs_full(&results, &mut md);
+    bigger_models(&results, &mut md);
     if threads > 1 && !args.cuda {
         one_thread(&args, &on, &mut results, &mut md)?;
     }
@@ -273,7 +439,7 @@ fn train_config(
 ) -> anyhow::Result<Value> {
     let device = if args.cuda { "cuda" } else { "cpu" };
     let model = on.dir.join("models").join(cfg.base());
-    if !model.join("model.safetensors").is_file() {
+    if !cfg.in_memory && !model.join("model.safetensors").is_file() {
         eprintln!("initialising {} ({})", model.display(), cfg.what);
         crate::init_model::write_preset(cfg.preset, cfg.vocab, cfg.sets, &model)?;
     }
@@ -288,7 +454,9 @@ fn train_config(
         bail!("built with --cuda, but `sft` found no GPU and ran on the CPU");
     }
     eprintln!("sft:     {ours}");
-    let theirs = match python {
+    // PyTorch's peer has no quantized base, checkpointing or in-memory shapes here.
+    let peer = python.filter(|_| cfg.base_quant.is_none() && !cfg.checkpointing && !cfg.in_memory);
+    let theirs = match peer {
         Some(py) => {
             let v: Value = crate::json_output(
                 Command::new(py)
@@ -403,6 +571,75 @@ fn lora_vs_full(results: &[Value], md: &mut String) {
     md.push('\n');
 }
 
+/// What a quantized base and activation checkpointing cost and save, against the same step
+/// without them (configurations `e-lora-q8`/`e-lora-q4k` against `e-lora`, `f-ckpt` against
+/// `f`, `f-lora-ckpt` against `f-lora`), and the real shapes' LoRA steps on a q4_k base.
+fn bigger_models(results: &[Value], md: &mut String) {
+    let find = |name: &str| results.iter().find(|r| r["config"] == name);
+    let f = |r: &Value, k: &str| r["sft"][k].as_f64().unwrap_or(f64::NAN);
+    let pairs = [
+        ("e-lora-q8", "e-lora", "q8_0 base vs f32 base (LoRA, 1x512)"),
+        (
+            "e-lora-q4k",
+            "e-lora",
+            "q4_k base vs f32 base (LoRA, 1x512)",
+        ),
+        (
+            "f-ckpt",
+            "f",
+            "checkpointing vs not (full fine-tuning, 1x2048)",
+        ),
+        (
+            "f-lora-ckpt",
+            "f-lora",
+            "checkpointing vs not (LoRA, 1x2048)",
+        ),
+    ];
+    let rows: Vec<String> = pairs
+        .iter()
+        .filter_map(|(a, b, what)| {
+            let (a, b) = (find(a)?, find(b)?);
+            Some(format!(
+                "| {what} | {:.2}x ({:.1} vs {:.1} tok/s) | {:.0}% ({:.0} vs {:.0} MiB) |",
+                f(a, "tokens_per_s") / f(b, "tokens_per_s"),
+                f(a, "tokens_per_s"),
+                f(b, "tokens_per_s"),
+                100.0 * f(a, "peak_rss_mib") / f(b, "peak_rss_mib"),
+                f(a, "peak_rss_mib"),
+                f(b, "peak_rss_mib"),
+            ))
+        })
+        .collect();
+    if !rows.is_empty() {
+        let _ = writeln!(md, "| sft | tokens/s | peak RSS |\n|---|---|---|");
+        for r in rows {
+            let _ = writeln!(md, "{r}");
+        }
+        md.push('\n');
+    }
+    let big: Vec<&Value> = ["g-3b-q4k", "h-8b-q4k"]
+        .iter()
+        .filter_map(|n| find(n))
+        .collect();
+    if !big.is_empty() {
+        let _ = writeln!(
+            md,
+            "| shape (LoRA r=16, q4_k base, 1x512) | parameters | tokens/s | peak RSS |\n|---|---|---|---|"
+        );
+        for r in big {
+            let _ = writeln!(
+                md,
+                "| {} | {:.2}B | {:.1} | {:.0} MiB |",
+                r["config"].as_str().unwrap_or("?"),
+                f(r, "params") / 1e9,
+                f(r, "tokens_per_s"),
+                f(r, "peak_rss_mib"),
+            );
+        }
+        md.push('\n');
+    }
+}
+
 /// `sft bench train --json` on one configuration.
 fn sft_bench_train(
     sft: &Path,
@@ -412,17 +649,28 @@ fn sft_bench_train(
     threads: usize,
     dtype: &str,
 ) -> anyhow::Result<Value> {
+    let weights = match cfg.in_memory {
+        true => vec![
+            "--preset".into(),
+            cfg.preset.into(),
+            "--vocab-size".into(),
+            cfg.vocab.to_string().into(),
+        ],
+        false => vec!["--model".into(), model.as_os_str().to_owned()],
+    };
     crate::json_output(
         Command::new(sft)
-            .args(["bench", "train", "--json", "--dtype", dtype, "--model"])
-            .arg(model)
+            .args(["bench", "train", "--json", "--dtype", dtype])
+            .args(&weights)
             .args(["--batch-size", &cfg.batch.to_string()])
             .args(["--seq-len", &cfg.seq.to_string()])
             .args(["--steps", &steps.to_string()])
             .args(["--warmup", &warmup.to_string()])
             .args(["--threads", &threads.to_string()])
             .args(cfg.dropout.then_some("--dropout"))
-            .args(cfg.lora.then_some("--lora")),
+            .args(cfg.lora.then_some("--lora"))
+            .args(cfg.base_quant.iter().flat_map(|q| ["--base-quant", q]))
+            .args(cfg.checkpointing.then_some("--gradient-checkpointing")),
     )
 }
 

@@ -16,7 +16,20 @@ pub(crate) const STEPS: &[&[&str]] = &[
         "warnings",
     ],
     &["test", "--workspace"],
-    // The `cuda` feature compiles (no GPU needed; the compiler comes from PyPI when missing).
+    // The `mpi` feature (Open MPI and libclang installed; `.ci/run` installs them):
+    // data-parallel training under `mpirun` (cli/tests/distributed.rs). Its lints run in
+    // `cuda-check`, with the `nccl` feature.
+    &[
+        "test",
+        "-p",
+        "sft-cli",
+        "--features",
+        "mpi",
+        "--test",
+        "distributed",
+    ],
+    // The `cuda` feature compiles, with `nccl` where MPI is installed (no GPU needed; the
+    // compiler comes from PyPI when missing).
     &["xtask", "cuda-check"],
 ];
 
@@ -27,7 +40,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         if !status.success() {
             bail!("`cargo {}` failed ({status})", step.join(" "));
         }
-        if step[0] == "test" {
+        if step.contains(&"distributed") {
             print_fault_suite()?;
         }
     }

@@ -7,7 +7,10 @@
 //! (`nvidia-cuda-nvcc` and the headers it needs, about 320 MB unpacked) go into
 //! `target/cuda-toolkit`, once. The check runs clippy with warnings denied on every target of
 //! `sft` and `sft-cli` with the feature, in its own target directory (`target/cuda-check`) so that the CPU
-//! build's artefacts are not rebuilt. Linking needs the driver's `libcuda.so` and running needs
+//! build's artefacts are not rebuilt. Where an MPI library is installed (`mpicc` on `PATH`, as
+//! `.ci/run` installs it) the check includes the `nccl` feature, data-parallel ranks whose
+//! gradients NCCL sums on the GPUs (NCCL itself is loaded at run time, so building needs only
+//! MPI and libclang). Linking needs the driver's `libcuda.so` and running needs
 //! a GPU: both are for a machine that has one (docs/performance.md).
 
 use std::path::{Path, PathBuf};
@@ -55,6 +58,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let target = crate::project_root().join("target/cuda-check");
+    let mpi = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|d| d.join("mpicc").is_file());
+    if !mpi {
+        eprintln!("no MPI library (mpicc): the `nccl` feature is left out of the check");
+    }
+    let features = if mpi { "cuda,sft-cli/nccl" } else { "cuda" };
     let step = [
         "clippy",
         "--package",
@@ -62,7 +71,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         "--package",
         "sft-cli",
         "--features",
-        "cuda",
+        features,
         "--all-targets",
         "--target-dir",
     ];
@@ -86,7 +95,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         bail!("the `cuda` feature does not build ({status})");
     }
     eprintln!(
-        "the `cuda` feature builds (clippy clean) with {}",
+        "the `{features}` features build (clippy clean) with {}",
         nvcc.display()
     );
     Ok(())

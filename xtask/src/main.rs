@@ -10,6 +10,7 @@ mod ci;
 mod cuda;
 mod hub;
 mod init_model;
+mod ranks;
 mod train;
 
 use std::path::PathBuf;

@@ -21,11 +21,11 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Var};
 
-use crate::checkpoint::{checkpoint_error, Quantize};
+use crate::checkpoint::checkpoint_error;
 use crate::config::ModelConfig;
 use crate::error::{input_error, Error, Result};
 use crate::model::{check_dtype, Model, Parts};
-use crate::quant::QWeight;
+use crate::quant::{QWeight, Quantize};
 
 pub use crate::gguf::file::{type_name, value_f64, value_uint, GgufFile, TensorEntry};
 pub use crate::gguf::mix::{GgufQuant, TensorRole};

@@ -177,6 +177,7 @@ pub fn lora_config(dropout: f64, targets: &[&str], save: &[&str]) -> sft_model::
         use_rslora: false,
         target_modules: targets.iter().map(|s| s.to_string()).collect(),
         modules_to_save: save.iter().map(|s| s.to_string()).collect(),
+        base_quant: None,
     }
 }
 
