@@ -237,6 +237,112 @@ fn char_bytes() -> HashMap<char, u8> {
         .collect()
 }
 
+/// The BPE merges of a GGUF vocabulary as `tokenizer.json` writes them: `tokenizer.ggml.merges`,
+/// or for a SentencePiece vocabulary without them, merges made from the scores.
+fn merges_json(
+    v: &GgufVocab,
+    tokens: &[String],
+    spm: bool,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<Vec<Value>> {
+    Ok(match (v.merges.is_empty(), spm) {
+        (false, _) => v
+            .merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                // llama.cpp splits at the first space after the first character.
+                let cut = m
+                    .char_indices()
+                    .skip(1)
+                    .find(|&(_, c)| c == ' ')
+                    .map(|(at, _)| at)
+                    .ok_or_else(|| bad(format!("tokenizer.ggml.merges[{i}] {m:?} has no space")))?;
+                Ok(json!([&m[..cut], &m[cut + 1..]]))
+            })
+            .collect::<Result<_>>()?,
+        (true, false) => {
+            return Err(bad(
+                "tokenizer.ggml.merges is missing (a gpt2 vocabulary needs its merges)".into(),
+            ))
+        }
+        (true, true) if v.scores.is_empty() => return Err(bad(
+            "tokenizer.ggml.scores is missing (a llama vocabulary without merges needs the scores)"
+                .into(),
+        )),
+        (true, true) => merges_from_scores(tokens, &v.scores)
+            .into_iter()
+            .map(|(l, r)| json!([l, r]))
+            .collect(),
+    })
+}
+
+/// The `tokenizer.json` a GGUF vocabulary stands for: SentencePiece's BPE with byte fallback,
+/// or byte-level BPE split as `tokenizer.ggml.pre` names.
+fn tokenizer_json(
+    v: &GgufVocab,
+    tokens: &[String],
+    spm: bool,
+    added: Vec<Value>,
+    vocab: serde_json::Map<String, Value>,
+    merges: Vec<Value>,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<Value> {
+    let add_prefix = spm && v.add_space_prefix.unwrap_or(true);
+    if spm {
+        let mut normalizers = vec![];
+        if add_prefix {
+            normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        }
+        normalizers
+            .push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if add_prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        Ok(json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": {"type": "Sequence", "normalizers": normalizers},
+            "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {
+                "type": "BPE", "dropout": null,
+                "unk_token": v.unk.map(|u| tokens[u as usize].clone()),
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab, "merges": merges,
+            },
+        }))
+    } else {
+        let pre = v.pre.as_deref().unwrap_or("default");
+        let split = pre_split(pre).ok_or_else(|| {
+            bad(format!(
+                "tokenizer.ggml.pre {pre:?} is not supported (supported: {})",
+                known_pres()
+            ))
+        })?;
+        Ok(json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer_json(split),
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": false,
+                // llama.cpp's Llama 3 tokenizer takes a whole word that is a token as it is.
+                "ignore_merges": matches!(split, Split::Regex(LLAMA3)),
+                "vocab": vocab, "merges": merges,
+            },
+        }))
+    }
+}
+
 impl Tokenizer {
     /// The tokenizer a GGUF vocabulary stands for; `origin` names the file in errors.
     pub fn from_gguf_vocab(v: &GgufVocab, origin: &Path) -> Result<Tokenizer> {
@@ -328,92 +434,8 @@ impl Tokenizer {
                 "rstrip": false, "normalized": false, "special": special,
             }));
         }
-        let merges: Vec<Value> = match (v.merges.is_empty(), spm) {
-            (false, _) => v
-                .merges
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    // llama.cpp splits at the first space after the first character.
-                    let cut = m
-                        .char_indices()
-                        .skip(1)
-                        .find(|&(_, c)| c == ' ')
-                        .map(|(at, _)| at)
-                        .ok_or_else(|| bad(format!("tokenizer.ggml.merges[{i}] {m:?} has no space")))?;
-                    Ok(json!([&m[..cut], &m[cut + 1..]]))
-                })
-                .collect::<Result<_>>()?,
-            (true, false) => {
-                return Err(bad(
-                    "tokenizer.ggml.merges is missing (a gpt2 vocabulary needs its merges)".into(),
-                ))
-            }
-            (true, true) if v.scores.is_empty() => {
-                return Err(bad(
-                    "tokenizer.ggml.scores is missing (a llama vocabulary without merges needs the scores)"
-                        .into(),
-                ))
-            }
-            (true, true) => merges_from_scores(&tokens, &v.scores)
-                .into_iter()
-                .map(|(l, r)| json!([l, r]))
-                .collect(),
-        };
-        let add_prefix = spm && v.add_space_prefix.unwrap_or(true);
-        let json = if spm {
-            let mut normalizers = vec![];
-            if add_prefix {
-                normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
-            }
-            normalizers.push(
-                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
-            );
-            let mut decoders = vec![
-                json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                json!({"type": "ByteFallback"}),
-                json!({"type": "Fuse"}),
-            ];
-            if add_prefix {
-                decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-            }
-            json!({
-                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-                "normalizer": {"type": "Sequence", "normalizers": normalizers},
-                "pre_tokenizer": null, "post_processor": null,
-                "decoder": {"type": "Sequence", "decoders": decoders},
-                "model": {
-                    "type": "BPE", "dropout": null,
-                    "unk_token": v.unk.map(|u| tokens[u as usize].clone()),
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                    "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                    "vocab": vocab, "merges": merges,
-                },
-            })
-        } else {
-            let pre = v.pre.as_deref().unwrap_or("default");
-            let split = pre_split(pre).ok_or_else(|| {
-                bad(format!(
-                    "tokenizer.ggml.pre {pre:?} is not supported (supported: {})",
-                    known_pres()
-                ))
-            })?;
-            json!({
-                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-                "normalizer": null,
-                "pre_tokenizer": pre_tokenizer_json(split),
-                "post_processor": null,
-                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                "model": {
-                    "type": "BPE", "dropout": null, "unk_token": null,
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                    "fuse_unk": false, "byte_fallback": false,
-                    // llama.cpp's Llama 3 tokenizer takes a whole word that is a token as it is.
-                    "ignore_merges": matches!(split, Split::Regex(LLAMA3)),
-                    "vocab": vocab, "merges": merges,
-                },
-            })
-        };
+        let merges = merges_json(v, &tokens, spm, &bad)?;
+        let json = tokenizer_json(v, &tokens, spm, added, vocab, merges, &bad)?;
         let tok = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
             bad(format!(
                 "the tokenizer its tokenizer.ggml keys describe: {e}"

@@ -225,10 +225,38 @@ pub(crate) fn file_arch(f: &GgufFile) -> Result<Arch> {
     })
 }
 
+/// What every architecture's metadata says, read and checked.
+#[derive(Clone, Copy)]
+struct Common {
+    hidden: u64,
+    layers: u64,
+    heads: u64,
+    head_dim: u64,
+    theta: f64,
+    /// A linear RoPE scaling factor.
+    scaling: Option<f64>,
+    tied: bool,
+}
+
+/// `{arch}.{k}`, the key of an architecture's metadata.
+fn arch_key(arch: Arch, k: &str) -> String {
+    format!("{}.{k}", arch.name())
+}
+
 /// The `config.json` of the family that runs the file as llama.cpp does.
 pub(crate) fn config_json(f: &GgufFile, arch: Arch) -> Result<Json> {
-    let a = arch.name();
-    let key = |k: &str| format!("{a}.{k}");
+    let mut c = Map::new();
+    let common = common_keys(f, arch, &mut c)?;
+    match arch {
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => llama_keys(f, arch, &common, &mut c)?,
+        Arch::Gemma2 | Arch::Gemma3 => gemma_keys(f, arch, &common, &mut c)?,
+    }
+    Ok(Json::Object(c))
+}
+
+/// The keys every family shares, put into `c`.
+fn common_keys(f: &GgufFile, arch: Arch, c: &mut Map<String, Json>) -> Result<Common> {
+    let key = |k: &str| arch_key(arch, k);
     let required = |k: &str| -> Result<u64> {
         f.uint(&key(k))?
             .ok_or_else(|| f.error(format!("metadata key {} is missing", key(k))))
@@ -323,9 +351,6 @@ pub(crate) fn config_json(f: &GgufFile, arch: Arch) -> Result<Json> {
         }
     }
     let tied = f.tensor("output.weight").is_none();
-    let has = |name: &str| f.tensor(name).is_some();
-
-    let mut c = Map::new();
     let mut put = |k: &str, v: Json| {
         c.insert(k.to_string(), v);
     };
@@ -347,181 +372,220 @@ pub(crate) fn config_json(f: &GgufFile, arch: Arch) -> Result<Json> {
             put(k, json!(v));
         }
     }
-    let linear = |factor: f64| json!({"rope_type": "linear", "factor": factor});
+    Ok(Common {
+        hidden,
+        layers,
+        heads,
+        head_dim,
+        theta,
+        scaling,
+        tied,
+    })
+}
+
+/// Llama's and Qwen's keys, put into `c`.
+fn llama_keys(f: &GgufFile, arch: Arch, common: &Common, c: &mut Map<String, Json>) -> Result<()> {
+    let key = |k: &str| arch_key(arch, k);
+    let has = |name: &str| f.tensor(name).is_some();
+    let mut put = |k: &str, v: Json| {
+        c.insert(k.to_string(), v);
+    };
+    let Common {
+        hidden,
+        heads,
+        head_dim,
+        theta,
+        scaling,
+        ..
+    } = *common;
+    put("model_type", json!(arch.name()));
+    let class = match arch {
+        Arch::Llama => "LlamaForCausalLM",
+        Arch::Qwen2 => "Qwen2ForCausalLM",
+        _ => "Qwen3ForCausalLM",
+    };
+    put("architectures", json!([class]));
+    put("hidden_act", json!("silu"));
+    put("rope_theta", json!(theta));
+    let q_bias = has("blk.0.attn_q.bias");
     match arch {
-        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {
-            let model_type = a;
-            put("model_type", json!(model_type));
-            let class = match arch {
-                Arch::Llama => "LlamaForCausalLM",
-                Arch::Qwen2 => "Qwen2ForCausalLM",
-                _ => "Qwen3ForCausalLM",
-            };
-            put("architectures", json!([class]));
-            put("hidden_act", json!("silu"));
-            put("rope_theta", json!(theta));
-            let q_bias = has("blk.0.attn_q.bias");
-            match arch {
-                Arch::Qwen2 if !q_bias => {
-                    return Err(f.error(
-                        "tensor blk.0.attn_q.bias is missing (Qwen2's q, k and v have biases)",
-                    ))
-                }
-                Arch::Qwen2 if hidden != heads * head_dim => {
-                    return Err(f.error(format!(
-                        "{} {head_dim} x {heads} heads is not the hidden size {hidden}, which \
-                         Qwen2 requires",
-                        key("attention.key_length")
-                    )))
-                }
-                Arch::Llama if q_bias != has("blk.0.attn_output.bias") => {
-                    return Err(f.error(
-                        "llama: biases on q/k/v without one on attn_output (or the other way \
-                         round): transformers' Llama has all four or none",
-                    ))
-                }
-                _ => {}
+        Arch::Qwen2 if !q_bias => {
+            return Err(
+                f.error("tensor blk.0.attn_q.bias is missing (Qwen2's q, k and v have biases)")
+            )
+        }
+        Arch::Qwen2 if hidden != heads * head_dim => {
+            return Err(f.error(format!(
+                "{} {head_dim} x {heads} heads is not the hidden size {hidden}, which \
+                 Qwen2 requires",
+                key("attention.key_length")
+            )))
+        }
+        Arch::Llama if q_bias != has("blk.0.attn_output.bias") => {
+            return Err(f.error(
+                "llama: biases on q/k/v without one on attn_output (or the other way \
+                 round): transformers' Llama has all four or none",
+            ))
+        }
+        _ => {}
+    }
+    if arch != Arch::Qwen2 {
+        put("attention_bias", json!(q_bias));
+    }
+    if arch == Arch::Llama {
+        put("mlp_bias", json!(has("blk.0.ffn_gate.bias")));
+    }
+    let llama3 = match arch {
+        Arch::Llama if has("rope_freqs.weight") => {
+            llama3_from_factors(f, theta, head_dim as usize)?
+        }
+        _ => None,
+    };
+    match (llama3, scaling) {
+        (Some(_), Some(_)) => {
+            return Err(
+                f.error("both rope_freqs.weight and a rope.scaling.type: one RoPE scaling only")
+            )
+        }
+        (Some(s), None) => put("rope_scaling", s),
+        (None, Some(factor)) => put("rope_scaling", linear_scaling(factor)),
+        (None, None) => {}
+    }
+    Ok(())
+}
+
+/// Gemma 2's and Gemma 3's keys, put into `c`.
+fn gemma_keys(f: &GgufFile, arch: Arch, common: &Common, c: &mut Map<String, Json>) -> Result<()> {
+    let key = |k: &str| arch_key(arch, k);
+    let mut put = |k: &str, v: Json| {
+        c.insert(k.to_string(), v);
+    };
+    let Common {
+        hidden,
+        layers,
+        heads,
+        head_dim,
+        theta,
+        scaling,
+        tied,
+    } = *common;
+    let gemma3 = arch == Arch::Gemma3;
+    put(
+        "model_type",
+        json!(if gemma3 { "gemma3_text" } else { "gemma2" }),
+    );
+    put(
+        "architectures",
+        json!([if gemma3 {
+            "Gemma3ForCausalLM"
+        } else {
+            "Gemma2ForCausalLM"
+        }]),
+    );
+    put("hidden_activation", json!("gelu_pytorch_tanh"));
+    if !gemma3 && !tied {
+        return Err(f.error(
+            "gemma2 with an output.weight: llama.cpp ties Gemma 2's head to the \
+             embedding and would ignore it",
+        ));
+    }
+    // llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B models.
+    let big = if gemma3 {
+        GEMMA3_27B_LAYERS
+    } else {
+        GEMMA2_27B_LAYERS
+    };
+    let scalar = match layers as usize == big {
+        true => hidden / heads,
+        false => head_dim,
+    };
+    put("query_pre_attn_scalar", json!(scalar));
+    let window = match gemma3 {
+        true => f.uint(&key("attention.sliding_window"))?.filter(|&w| w > 0),
+        false => Some(
+            f.uint(&key("attention.sliding_window"))?
+                .unwrap_or(GEMMA2_WINDOW),
+        ),
+    };
+    let pattern = if gemma3 {
+        GEMMA3_PATTERN
+    } else {
+        GEMMA2_PATTERN
+    };
+    let sliding: Vec<bool> = match window {
+        None => vec![false; layers as usize],
+        Some(_) => sliding_layers(f, &key("attention.sliding_window_pattern"), layers, pattern)?,
+    };
+    put("sliding_window", window.map_or(Json::Null, |w| json!(w)));
+    let types: Vec<&str> = sliding
+        .iter()
+        .map(|&s| {
+            if s {
+                "sliding_attention"
+            } else {
+                "full_attention"
             }
-            if arch != Arch::Qwen2 {
-                put("attention_bias", json!(q_bias));
+        })
+        .collect();
+    put("layer_types", json!(types));
+    let softcap = |k: &str, default: Option<f64>| -> Result<Json> {
+        Ok(match f.float(&key(k))?.or(default) {
+            Some(x) if x != 0.0 => json!(x),
+            _ => Json::Null,
+        })
+    };
+    put(
+        "final_logit_softcapping",
+        softcap(
+            "final_logit_softcapping",
+            (!gemma3).then_some(GEMMA2_FINAL_SOFTCAP),
+        )?,
+    );
+    if gemma3 {
+        put("attn_logit_softcapping", Json::Null);
+        let local = f
+            .float(&key("rope.freq_base_swa"))?
+            .unwrap_or(GEMMA3_LOCAL_BASE);
+        // llama.cpp scales only the global layers' RoPE (the sliding ones run at
+        // scale 1), which is transformers' `rope_scaling` for Gemma 3.
+        let full = match scaling {
+            Some(factor) => {
+                json!({"rope_type": "linear", "factor": factor, "rope_theta": theta})
             }
-            if arch == Arch::Llama {
-                put("mlp_bias", json!(has("blk.0.ffn_gate.bias")));
-            }
-            let llama3 = match arch {
-                Arch::Llama if has("rope_freqs.weight") => {
-                    llama3_from_factors(f, theta, head_dim as usize)?
-                }
-                _ => None,
-            };
-            match (llama3, scaling) {
-                (Some(_), Some(_)) => {
-                    return Err(f.error(
-                        "both rope_freqs.weight and a rope.scaling.type: one RoPE scaling only",
-                    ))
-                }
-                (Some(s), None) => put("rope_scaling", s),
-                (None, Some(factor)) => put("rope_scaling", linear(factor)),
-                (None, None) => {}
+            None => json!({"rope_type": "default", "rope_theta": theta}),
+        };
+        put(
+            "rope_parameters",
+            json!({
+                "full_attention": full,
+                "sliding_attention": {"rope_type": "default", "rope_theta": local},
+            }),
+        );
+    } else {
+        put(
+            "attn_logit_softcapping",
+            softcap("attn_logit_softcapping", Some(GEMMA2_ATTN_SOFTCAP))?,
+        );
+        if let Some(local) = f.float(&key("rope.freq_base_swa"))? {
+            if local != theta {
+                return Err(f.error(format!(
+                    "{} {local} differs from rope.freq_base {theta}: Gemma 2 has one RoPE \
+                     base",
+                    key("rope.freq_base_swa")
+                )));
             }
         }
-        Arch::Gemma2 | Arch::Gemma3 => {
-            let gemma3 = arch == Arch::Gemma3;
-            put(
-                "model_type",
-                json!(if gemma3 { "gemma3_text" } else { "gemma2" }),
-            );
-            put(
-                "architectures",
-                json!([if gemma3 {
-                    "Gemma3ForCausalLM"
-                } else {
-                    "Gemma2ForCausalLM"
-                }]),
-            );
-            put("hidden_activation", json!("gelu_pytorch_tanh"));
-            if !gemma3 && !tied {
-                return Err(f.error(
-                    "gemma2 with an output.weight: llama.cpp ties Gemma 2's head to the \
-                     embedding and would ignore it",
-                ));
-            }
-            // llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B models.
-            let big = if gemma3 {
-                GEMMA3_27B_LAYERS
-            } else {
-                GEMMA2_27B_LAYERS
-            };
-            let scalar = match layers as usize == big {
-                true => hidden / heads,
-                false => head_dim,
-            };
-            put("query_pre_attn_scalar", json!(scalar));
-            let window = match gemma3 {
-                true => f.uint(&key("attention.sliding_window"))?.filter(|&w| w > 0),
-                false => Some(
-                    f.uint(&key("attention.sliding_window"))?
-                        .unwrap_or(GEMMA2_WINDOW),
-                ),
-            };
-            let pattern = if gemma3 {
-                GEMMA3_PATTERN
-            } else {
-                GEMMA2_PATTERN
-            };
-            let sliding: Vec<bool> = match window {
-                None => vec![false; layers as usize],
-                Some(_) => {
-                    sliding_layers(f, &key("attention.sliding_window_pattern"), layers, pattern)?
-                }
-            };
-            put("sliding_window", window.map_or(Json::Null, |w| json!(w)));
-            let types: Vec<&str> = sliding
-                .iter()
-                .map(|&s| {
-                    if s {
-                        "sliding_attention"
-                    } else {
-                        "full_attention"
-                    }
-                })
-                .collect();
-            put("layer_types", json!(types));
-            let softcap = |k: &str, default: Option<f64>| -> Result<Json> {
-                Ok(match f.float(&key(k))?.or(default) {
-                    Some(x) if x != 0.0 => json!(x),
-                    _ => Json::Null,
-                })
-            };
-            put(
-                "final_logit_softcapping",
-                softcap(
-                    "final_logit_softcapping",
-                    (!gemma3).then_some(GEMMA2_FINAL_SOFTCAP),
-                )?,
-            );
-            if gemma3 {
-                put("attn_logit_softcapping", Json::Null);
-                let local = f
-                    .float(&key("rope.freq_base_swa"))?
-                    .unwrap_or(GEMMA3_LOCAL_BASE);
-                // llama.cpp scales only the global layers' RoPE (the sliding ones run at
-                // scale 1), which is transformers' `rope_scaling` for Gemma 3.
-                let full = match scaling {
-                    Some(factor) => {
-                        json!({"rope_type": "linear", "factor": factor, "rope_theta": theta})
-                    }
-                    None => json!({"rope_type": "default", "rope_theta": theta}),
-                };
-                put(
-                    "rope_parameters",
-                    json!({
-                        "full_attention": full,
-                        "sliding_attention": {"rope_type": "default", "rope_theta": local},
-                    }),
-                );
-            } else {
-                put(
-                    "attn_logit_softcapping",
-                    softcap("attn_logit_softcapping", Some(GEMMA2_ATTN_SOFTCAP))?,
-                );
-                if let Some(local) = f.float(&key("rope.freq_base_swa"))? {
-                    if local != theta {
-                        return Err(f.error(format!(
-                            "{} {local} differs from rope.freq_base {theta}: Gemma 2 has one RoPE \
-                             base",
-                            key("rope.freq_base_swa")
-                        )));
-                    }
-                }
-                put("rope_theta", json!(theta));
-                if let Some(factor) = scaling {
-                    put("rope_scaling", linear(factor));
-                }
-            }
+        put("rope_theta", json!(theta));
+        if let Some(factor) = scaling {
+            put("rope_scaling", linear_scaling(factor));
         }
     }
-    Ok(Json::Object(c))
+    Ok(())
+}
+
+/// transformers' linear RoPE scaling.
+fn linear_scaling(factor: f64) -> Json {
+    json!({"rope_type": "linear", "factor": factor})
 }
 
 /// Which layers slide: `sliding_window_pattern` as one bool per layer or as a period (every
