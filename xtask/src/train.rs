@@ -341,6 +341,10 @@ impl Stage {
                 "wall time",
                 num(s, "elapsed_s").map(|t| format!("{:.0} s", t)),
             ),
+            (
+                "peak memory",
+                num(s, "peak_rss_mib").map(|m| format!("{m:.0} MiB")),
+            ),
             ("output", Some(format!("`{}`", cfg.run.out_dir.display()))),
             (
                 "loss plot",
