@@ -981,24 +981,29 @@ fn generation(
 /// `golden_lora.py`): `--python`, else `target/bench-venv` (created or completed with pip from
 /// PyPI the first time).
 fn peer_python(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    venv_python(given, &["torch", "transformers", "peft"])
+}
+
+/// `given`, else the Python of `target/bench-venv` with `packages` importable (the venv created,
+/// or completed with pip from PyPI, the first time).
+pub(crate) fn venv_python(given: Option<&Path>, packages: &[&str]) -> anyhow::Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.to_owned());
     }
     let venv = crate::project_root().join("target/bench-venv");
     let python = venv.join("bin/python");
+    let import = format!("import {}", packages.join(", "));
     let ok = |py: &Path| {
         Command::new(py)
-            .args(["-c", "import torch, transformers, peft"])
+            .args(["-c", &import])
             .status()
             .is_ok_and(|s| s.success())
     };
     if python.is_file() && ok(&python) {
         return Ok(python);
     }
-    eprintln!(
-        "installing torch, transformers and peft into {} (once)",
-        venv.display()
-    );
+    let list = packages.join(", ");
+    eprintln!("installing {list} into {} (once)", venv.display());
     if !python.is_file() {
         let status = Command::new("python3")
             .arg("-m")
@@ -1010,21 +1015,11 @@ fn peer_python(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         }
     }
     let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "torch",
-            "transformers",
-            "peft",
-        ])
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(packages)
         .status()?;
     if !status.success() || !ok(&python) {
-        bail!(
-            "installing torch, transformers and peft into {} failed",
-            venv.display()
-        );
+        bail!("installing {list} into {} failed", venv.display());
     }
     Ok(python)
 }

@@ -11,6 +11,7 @@ mod cuda;
 mod hub;
 mod init_model;
 mod ranks;
+mod real_model;
 mod train;
 
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ enum Cmd {
     /// Lint `sft` with its `cuda` feature (installs NVIDIA's compiler from PyPI when there is
     /// no CUDA toolkit); no GPU needed.
     CudaCheck(cuda::Args),
+    /// A real model end to end from a GGUF file: SmolLM2-135M-Instruct (from PyPI) against
+    /// transformers, LoRA on a facts task with checks, merge, export, read back.
+    RealModel(real_model::Args),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench(args) => bench::run(args),
         Cmd::CudaCheck(args) => cuda::run(args),
+        Cmd::RealModel(args) => real_model::run(args),
     }
 }
 

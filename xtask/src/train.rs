@@ -107,6 +107,12 @@ pub(crate) struct CheckSection {
     pub(crate) min_shi_compliance: Option<f64>,
     /// Mean compliance over the ci tunes of `poem_styles` the model must reach.
     pub(crate) min_ci_compliance: Option<f64>,
+    /// `cargo xtask real-model`: share of the general questions whose answer by the tuned
+    /// model still holds the expected word.
+    pub(crate) min_general_match: Option<f64>,
+    /// `cargo xtask real-model`: exact match on `answers` of the merged model exported to q8_0
+    /// GGUF and read back.
+    pub(crate) min_export_exact_match: Option<f64>,
 }
 
 impl CheckSection {
@@ -126,12 +132,13 @@ pub(crate) struct Check {
 }
 
 pub(crate) struct Stage {
-    summary: Value,
+    /// `sft train --json`'s summary.
+    pub(crate) summary: Value,
     last_metrics: Option<Value>,
     pub(crate) checks: Vec<Check>,
 }
 
-fn run_stage(
+pub(crate) fn run_stage(
     sft: &Path,
     config: &Path,
     sets: &[String],
