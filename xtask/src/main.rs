@@ -10,6 +10,7 @@ mod ci;
 mod cuda;
 mod hub;
 mod init_model;
+mod llama_cpp;
 mod ranks;
 mod real_model;
 mod train;
@@ -51,6 +52,9 @@ enum Cmd {
     /// A real model end to end from a GGUF file: SmolLM2-135M-Instruct (from PyPI) against
     /// transformers, LoRA on a facts task with checks, merge, export, read back.
     RealModel(real_model::Args),
+    /// llama.cpp (node-llama-cpp from npm) reads `sft export`'s f16 and q8_0 files: its prompt
+    /// ids and greedy ids against sft's.
+    LlamaCppCheck(llama_cpp::Args),
 }
 
 #[derive(Subcommand)]
@@ -100,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(args) => bench::run(args),
         Cmd::CudaCheck(args) => cuda::run(args),
         Cmd::RealModel(args) => real_model::run(args),
+        Cmd::LlamaCppCheck(args) => llama_cpp::run(args),
     }
 }
 

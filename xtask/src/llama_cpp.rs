@@ -1,0 +1,254 @@
+//! `cargo xtask llama-cpp-check [--model GGUF|DIR] [--node-dir DIR] [--sft PATH]
+//! [--summary FILE]`: llama.cpp itself reads what `sft export` writes.
+//!
+//! The model (default: SmolLM2-135M-Instruct's GGUF, fetched as `cargo xtask real-model` does)
+//! is exported to f16 and q8_0; for each file, llama.cpp (node-llama-cpp's prebuilt CPU build,
+//! installed from npm into `target/llama-cpp-node` when absent) tokenizes each general question
+//! of `tests/data/facts/general.json` as rendered by the chat template, continues it greedily
+//! from sft's prompt ids, and is teacher-forced along sft's greedy answer (`sft generate` on the
+//! same file) to give its own choice at every step.
+//!
+//! The checks: llama.cpp's prompt ids are sft's; its greedy ids are sft's, except where they
+//! part at a near-tie. llama.cpp rounds the activations inside its matrix products (to f16 for
+//! f16 weights, to 8-bit blocks for q8_0; sft multiplies the dequantized weights in f32), so the
+//! two implementations' logits differ by a few hundredths to tenths, and a step whose two best
+//! tokens are that close may go either way. At each parting the table gives sft's margin for its
+//! token and llama.cpp's for its own (teacher-forced, the same prefix); their sum, how far the
+//! two implementations disagree about the pair, must stay under `--tie-gap`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::real_model::{
+    checks_table, general_questions, prompts, run_json, sft_generate, smollm2_gguf,
+};
+use crate::train::Check;
+
+/// The node-llama-cpp the check was written against (its llama.cpp: build b1-0ad4a86).
+const NODE_LLAMA_CPP: &str = "node-llama-cpp@3.22.1";
+/// New tokens per greedy answer.
+const MAX_NEW_TOKENS: usize = 48;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// The model to export: a checkpoint directory, an adapter or a GGUF file.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where node-llama-cpp is (installed with npm when absent; relative to the workspace).
+    #[arg(long, default_value = "target/llama-cpp-node")]
+    node_dir: PathBuf,
+    /// A prebuilt `sft` binary (default: build the release one).
+    #[arg(long)]
+    sft: Option<PathBuf>,
+    /// Where the exports go.
+    #[arg(long, default_value = "runs/llama-cpp-check")]
+    out: PathBuf,
+    /// Where greedy ids part, sft's margin plus llama.cpp's must be under this.
+    #[arg(long, default_value_t = 0.5)]
+    tie_gap: f64,
+    /// Also write the Markdown summary here.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+}
+
+fn node_llama_cpp(dir: &Path) -> anyhow::Result<()> {
+    if dir
+        .join("node_modules/node-llama-cpp/package.json")
+        .is_file()
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    eprintln!("$ npm install --prefix {} {NODE_LLAMA_CPP}", dir.display());
+    let status = Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--prefix"])
+        .arg(dir)
+        .arg(NODE_LLAMA_CPP)
+        .status()
+        .context("running npm (Node.js is needed for llama.cpp's node-llama-cpp)")?;
+    if !status.success() {
+        bail!("npm install {NODE_LLAMA_CPP} failed ({status})");
+    }
+    Ok(())
+}
+
+/// sft's logits after `ids`: the best token's minus `other`'s.
+fn sft_margin(model: &sft_model::Model, ids: &[u32], other: u32) -> anyhow::Result<f64> {
+    let n = ids.len();
+    let input = Tensor::from_vec(ids.to_vec(), (1, n), &Device::Cpu)?;
+    let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), (1, n), &Device::Cpu)?;
+    let logits = model.forward(&input, &pos, &sft_model::AttentionMask::Causal, None)?;
+    let last: Vec<f32> = logits.get(0)?.get(n - 1)?.to_vec1()?;
+    let best = last.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    Ok((best - last[other as usize]) as f64)
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => smollm2_gguf()?,
+    };
+    let node_dir = crate::project_root().join(&args.node_dir);
+    node_llama_cpp(&node_dir)?;
+    let sft = match &args.sft {
+        Some(p) => p.clone(),
+        None => crate::build_sft()?,
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let questions: Vec<String> = general_questions()?.into_iter().map(|(q, _)| q).collect();
+    let mut checks = vec![];
+    let mut md = format!(
+        "#### llama.cpp on `sft export`s of `{}`\n\n",
+        model.display()
+    );
+    for quant in ["f16", "q8_0"] {
+        let file = args.out.join(format!("model-{quant}.gguf"));
+        let _ = std::fs::remove_file(&file);
+        let status = Command::new(&sft)
+            .args(["export", "--quant", quant, "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&file)
+            .status()?;
+        if !status.success() {
+            bail!("sft export --quant {quant} failed ({status})");
+        }
+        let (table, file_checks) = compare(&sft, &node_dir, &file, quant, &questions, &args)?;
+        md.push_str(&table);
+        checks.extend(file_checks);
+    }
+    md.push_str(&checks_table(&checks));
+    println!("{md}");
+    if let Some(p) = &args.summary {
+        std::fs::write(p, &md).with_context(|| p.display().to_string())?;
+    }
+    let failed = checks.iter().filter(|c| !c.passed).count();
+    if failed > 0 {
+        bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
+/// sft and llama.cpp on one exported file: a Markdown table of the answers and the checks.
+fn compare(
+    sft: &Path,
+    node_dir: &Path,
+    file: &Path,
+    quant: &str,
+    questions: &[String],
+    args: &Args,
+) -> anyhow::Result<(String, Vec<Check>)> {
+    let (rendered, stop_ids) = prompts(file, questions)?;
+    let mut ours = vec![];
+    for q in questions {
+        ours.push(sft_generate(sft, file, q, &args.out, MAX_NEW_TOKENS)?);
+    }
+    // Along sft's answer, its stop token included when it is the template's only one.
+    let forced = |i: usize| -> Vec<u32> {
+        let mut ids = ours[i].ids.clone();
+        if ours[i].stopped && stop_ids.len() == 1 {
+            ids.push(stop_ids[0]);
+        }
+        ids
+    };
+    let script = crate::project_root().join("xtask/scripts/llama_greedy.mjs");
+    let reply = run_json(
+        Command::new("node").arg(&script).arg(node_dir),
+        &json!({
+            "gguf": file,
+            "prompts": rendered.iter().enumerate().map(|(i, p)| json!({
+                "ids": p.ids, "text": p.text, "forced": forced(i),
+            })).collect::<Vec<_>>(),
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "threads": 2,
+        }),
+    )?;
+    let model = sft::gguf::load_model(file, DType::F32, &Device::Cpu)?;
+    let tok = sft::gguf::load_tokenizer(file)?;
+    let mut md = format!(
+        "`{quant}` ({:.1} MB), node-llama-cpp {}, llama.cpp {}:\n\n| question | sft | llama.cpp | teacher-forced steps where llama.cpp picks sft's token |\n|---|---|---|---|\n",
+        std::fs::metadata(file)?.len() as f64 / 1e6,
+        reply["node_llama_cpp"].as_str().unwrap_or("?"),
+        reply["llama_cpp"]["release"].as_str().unwrap_or("?")
+    );
+    let (mut same_prompt, mut same, mut ties, mut worst) = (0, 0, 0, 0f64);
+    let (mut steps, mut steps_same) = (0, 0);
+    for (i, q) in questions.iter().enumerate() {
+        let answer: &Value = &reply["answers"][i];
+        let tokenized: Vec<u32> = serde_json::from_value(answer["tokenized"].clone())?;
+        same_prompt += usize::from(tokenized == rendered[i].ids);
+        let theirs: Vec<u32> = serde_json::from_value(answer["ids"].clone())?;
+        let teacher = answer["forced"]
+            .as_array()
+            .context("no teacher-forced steps")?;
+        let forced = forced(i);
+        let agree = teacher
+            .iter()
+            .zip(&forced)
+            .filter(|(s, &t)| s["token"].as_u64() == Some(t as u64))
+            .count();
+        steps += forced.len();
+        steps_same += agree;
+        let verdict = if ours[i].ids == theirs {
+            same += 1;
+            "the same ids".to_string()
+        } else {
+            let k = ours[i]
+                .ids
+                .iter()
+                .zip(&theirs)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let mut prefix = rendered[i].ids.clone();
+            prefix.extend_from_slice(&ours[i].ids[..k]);
+            // sft's token at k (or its stop) against llama.cpp's pick there.
+            let step = teacher
+                .get(k)
+                .with_context(|| format!("{q}: no teacher-forced step {k}"))?;
+            let their_pick = step["token"].as_u64().context("no token")? as u32;
+            let sft_gap = sft_margin(&model, &prefix, their_pick)?;
+            let llama_gap = step["logit"].as_f64().unwrap_or(f64::NAN)
+                - step["forced_logit"].as_f64().unwrap_or(f64::NAN);
+            let gap = sft_gap + llama_gap;
+            worst = worst.max(gap);
+            ties += usize::from(gap < args.tie_gap);
+            format!(
+                "parts at token {k}: sft's margin {sft_gap:.3}, llama.cpp's {llama_gap:.3}; {:?}",
+                tok.decode_skip_special(&theirs)?
+            )
+        };
+        let _ = writeln!(
+            md,
+            "| {q} | {:?} | {verdict} | {agree}/{} |",
+            ours[i].text,
+            forced.len()
+        );
+    }
+    md.push('\n');
+    let n = questions.len();
+    let checks = vec![
+        Check {
+            name: format!("{quant}: llama.cpp's prompt ids are sft's"),
+            value: format!("{same_prompt}/{n}"),
+            target: format!("{n}/{n}"),
+            passed: same_prompt == n,
+        },
+        Check {
+            name: format!(
+                "{quant}: llama.cpp's greedy ids are sft's, or part where the two disagree by < {}",
+                args.tie_gap
+            ),
+            value: format!(
+                "{same}/{n} the same, {ties} at a near-tie (widest {worst:.3}); {steps_same}/{steps} teacher-forced steps agree"
+            ),
+            target: format!("{n}/{n}"),
+            passed: same + ties == n,
+        },
+    ];
+    Ok((md, checks))
+}
