@@ -67,6 +67,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
     };
 
+    // `--out` may name a directory yet to be made, as `--out` of merge and train may.
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {pos}/{len} tensors  {msg}")

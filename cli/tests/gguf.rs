@@ -139,9 +139,10 @@ fn lora_on_a_gguf_base_trains_merges_and_exports() {
         "{merged_loss} vs {alone}"
     );
 
-    // Exported from the adapter (merged on the way), with a Modelfile; read back.
+    // Exported from the adapter (merged on the way), with a Modelfile, into a directory that
+    // does not exist yet; read back.
     let gguf = dir.join("export/model.gguf");
-    std::fs::create_dir_all(gguf.parent().unwrap()).unwrap();
+    assert!(!gguf.parent().unwrap().exists());
     let out = ok(sft()
         .args(["export", "--quant", "f32", "--ollama", "--model"])
         .arg(&adapter)
