@@ -1,10 +1,10 @@
-//! `cargo xtask llama-cpp-check [--model GGUF|DIR] [--node-dir DIR] [--sft PATH]
-//! [--summary FILE]`: llama.cpp itself reads what `sft export` writes.
+//! `cargo xtask llama-cpp-check [--model GGUF|DIR] [--questions JSONL] [--node-dir DIR]
+//! [--sft PATH] [--summary FILE]`: llama.cpp itself reads what `sft export` writes.
 //!
 //! The model (default: SmolLM2-135M-Instruct's GGUF, fetched as `cargo xtask real-model` does)
 //! is exported to f16 and q8_0; for each file, llama.cpp (node-llama-cpp's prebuilt CPU build,
 //! installed from npm into `target/llama-cpp-node` when absent) tokenizes each general question
-//! of `tests/data/facts/general.json` as rendered by the chat template, continues it greedily
+//! of `tests/data/facts/general.json` (or `--questions`) as rendered by the chat template, continues it greedily
 //! from sft's prompt ids, and is teacher-forced along sft's greedy answer (`sft generate` on the
 //! same file) to give its own choice at every step.
 //!
@@ -47,6 +47,10 @@ pub(crate) struct Args {
     /// A prebuilt `sft` binary (default: build the release one).
     #[arg(long)]
     sft: Option<PathBuf>,
+    /// The questions: the first user turn of each chat of this JSONL file (default: the general
+    /// questions of `tests/data/facts/general.json`).
+    #[arg(long)]
+    questions: Option<PathBuf>,
     /// Where the exports go.
     #[arg(long, default_value = "runs/llama-cpp-check")]
     out: PathBuf,
@@ -95,6 +99,29 @@ fn sft_margin(
     Ok((last[token as usize] - last[other as usize]) as f64)
 }
 
+/// The questions asked: the general ones, or the first user turn of each chat of a JSONL file.
+fn questions(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    let Some(path) = path else {
+        return Ok(general_questions()?.into_iter().map(|(q, _)| q).collect());
+    };
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: Value = serde_json::from_str(line).with_context(at)?;
+        let q = v["messages"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["role"] == "user"))
+            .and_then(|m| m["content"].as_str())
+            .with_context(|| format!("{}: no user turn", at()))?;
+        out.push(q.to_string());
+    }
+    Ok(out)
+}
+
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let model = match &args.model {
         Some(m) => m.clone(),
@@ -107,7 +134,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         None => crate::build_sft()?,
     };
     std::fs::create_dir_all(&args.out)?;
-    let questions: Vec<String> = general_questions()?.into_iter().map(|(q, _)| q).collect();
+    let questions = questions(args.questions.as_deref())?;
     let mut checks = vec![];
     let mut md = format!(
         "#### llama.cpp on `sft export`s of `{}`\n\n",
