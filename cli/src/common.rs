@@ -67,6 +67,17 @@ pub(crate) fn open(
     adapter: Option<&Path>,
     t: &TemplateArgs,
 ) -> anyhow::Result<Checkpoint> {
+    open_with(dir, adapter, None, t)
+}
+
+/// [`open`], with the tokenizer of `tokenizer_from` (a model and its adapter) when `dir` and
+/// `adapter` have none of their own.
+pub(crate) fn open_with(
+    dir: &Path,
+    adapter: Option<&Path>,
+    tokenizer_from: Option<(&Path, Option<&Path>)>,
+    t: &TemplateArgs,
+) -> anyhow::Result<Checkpoint> {
     // A hub id (`Qwen/Qwen2.5-0.5B-Instruct`) names its snapshot in the local HF cache.
     let dir = &sft::hub::resolve_model(dir)?;
     // A checkpoint cut short says what it lacks, before anything tries to read the missing part.
@@ -76,7 +87,15 @@ pub(crate) fn open(
     if let Some(a) = adapter {
         sft_model::manifest::check_complete(a)?;
     }
-    let tok = sft::setup::inference_tokenizer(dir, adapter)?;
+    let tok = match (
+        sft::setup::inference_tokenizer(dir, adapter),
+        tokenizer_from,
+    ) {
+        (Err(_), Some((model, adapter))) => {
+            sft::setup::inference_tokenizer(&sft::hub::resolve_model(model)?, adapter)?
+        }
+        (tok, _) => tok?,
+    };
     let model = sft::setup::load_for_inference(dir, adapter, DType::F32, &sft::setup::device()?)
         .with_context(|| match adapter {
             Some(a) => format!(

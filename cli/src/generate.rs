@@ -13,16 +13,17 @@
 //!   decoded new tokens with special tokens (markers) removed; the line also carries
 //!   `"stopped"` (true when the stop token ended it). `--num-samples N` draws N samples, sample i
 //!   seeded from (`--seed`, i).
-//! - `--compare BASE_DIR`: the same prompts on a base checkpoint too; with `--json` each line
-//!   carries `"model": "base"` or `"model": "tuned"`.
+//! - `--compare BASE_DIR`: the same prompts on a base checkpoint too, without `--adapter` (and
+//!   on the tuned run's tokenizer when it has none); with `--json` each line carries
+//!   `"model": "base"` or `"model": "tuned"`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use sft_data::{Message, Prompt};
 use sft_model::generate::generate;
 
-use crate::common::{self, ModelArgs, SamplingArgs, TemplateArgs};
+use crate::common::{self, Checkpoint, ModelArgs, SamplingArgs, TemplateArgs};
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "messages", "record"])))]
@@ -53,15 +54,19 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let prompt = prompt(&args)?;
+    let tuned = (args.model.path.as_path(), args.model.adapter.as_deref());
     let mut runs = vec![];
     if let Some(base) = &args.compare {
-        runs.push(("base", base.as_path()));
-        runs.push(("tuned", args.model.path.as_path()));
+        // The base runs without the adapter, on the tuned run's tokenizer where it has none of
+        // its own (an adapter carries the tokenizer it was trained with).
+        runs.push(("base", (base.as_path(), None)));
+        runs.push(("tuned", tuned));
     } else {
-        runs.push(("", args.model.path.as_path()));
+        runs.push(("", tuned));
     }
-    for (label, dir) in runs {
-        let outputs = generate_with(dir, &prompt, &args)?;
+    for (label, (dir, adapter)) in runs {
+        let ck = common::open_with(dir, adapter, Some(tuned), &args.template)?;
+        let outputs = generate_with(&ck, &prompt, &args)?;
         if !args.json && !label.is_empty() {
             println!("=== {label}: {} ===", dir.display());
         }
@@ -117,8 +122,7 @@ fn prompt(args: &Args) -> anyhow::Result<Input> {
 
 type Output = (Vec<u32>, String, bool);
 
-fn generate_with(dir: &Path, input: &Input, args: &Args) -> anyhow::Result<Vec<Output>> {
-    let ck = common::open(dir, args.model.adapter.as_deref(), &args.template)?;
+fn generate_with(ck: &Checkpoint, input: &Input, args: &Args) -> anyhow::Result<Vec<Output>> {
     let ids = match input {
         Input::Text(t) => ck.tok.encode(t)?,
         Input::Prompt(p) => p.ids(&ck.template, &ck.tok)?,

@@ -147,6 +147,12 @@ fn run_on(
                 summary.out_dir.join("best").display()
             );
         }
+        if let Some(c) = summary.streamed {
+            println!(
+                "  streamed    {} records read: {} filtered out, {} invalid lines skipped, {} samples dropped while rendering (too long or no target)",
+                c.records, c.filtered_out, c.invalid_skipped, c.dropped
+            );
+        }
         println!("  model       {}", summary.final_model.display());
         println!("  checkpoint  {}", summary.last_checkpoint.display());
         println!("  metrics     {}", summary.metrics.display());

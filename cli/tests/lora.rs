@@ -120,6 +120,73 @@ fn train_resume_eval_merge_an_adapter() {
     let alone = eval(&[&last]);
     assert_eq!(alone, eval(&[&base, &last]));
 
+    // generate --compare BASE with --adapter: the base lines are the base's own generations,
+    // the tuned lines the adapter's. Copies whose tokenizer covers the model's whole vocabulary,
+    // so that any id the random base draws decodes.
+    let with_tokenizer = |from: &Path, name: &str| {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        // Without the manifest, whose sizes name the tokenizer it came with.
+        for f in std::fs::read_dir(from).unwrap() {
+            let f = f.unwrap().path();
+            if f.file_name().unwrap() != "sft_manifest.json" {
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+        let mut tok: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(last.join("char_tokenizer.json")).unwrap())
+                .unwrap();
+        let vocab = 256; // the fixture's config.json
+        let specials = tok["special_tokens"].as_array().unwrap().len();
+        let chars = tok["chars"].as_array_mut().unwrap();
+        let mut c = 0x4e00u32;
+        while specials + chars.len() < vocab {
+            let ch = char::from_u32(c).unwrap().to_string();
+            if !chars.iter().any(|x| x == &ch) {
+                chars.push(ch.into());
+            }
+            c += 1;
+        }
+        std::fs::write(to.join("char_tokenizer.json"), tok.to_string()).unwrap();
+        to
+    };
+    let base_tok = with_tokenizer(&base, "base-with-tokenizer");
+    let adapter_tok = with_tokenizer(&last, "adapter-with-tokenizer");
+    let generate = |args: &[&Path]| -> Vec<(String, String)> {
+        let mut c = sft();
+        c.args([
+            "generate",
+            "--json",
+            "--prompt",
+            "ab",
+            "--max-new-tokens",
+            "24",
+        ]);
+        for (flag, path) in ["--model", "--adapter", "--compare"].iter().zip(args) {
+            c.arg(flag).arg(path);
+        }
+        ok(c.output().unwrap())
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["model"].as_str().unwrap_or("").to_owned(),
+                    v["ids"].to_string(),
+                )
+            })
+            .collect()
+    };
+    let plain = &generate(&[&base_tok])[0].1;
+    let tuned = &generate(&[&base_tok, &adapter_tok])[0].1;
+    assert_ne!(plain, tuned, "the adapter changes the greedy ids");
+    let expected = [
+        ("base".to_owned(), plain.clone()),
+        ("tuned".to_owned(), tuned.clone()),
+    ];
+    assert_eq!(generate(&[&base_tok, &adapter_tok, &base_tok]), expected);
+    // A base without a tokenizer of its own reads the adapter's.
+    assert_eq!(generate(&[&base, &adapter_tok, &base]), expected);
+
     // merge: a plain checkpoint with the same loss.
     let merged = dir.join("merged");
     ok(sft()

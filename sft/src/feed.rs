@@ -38,6 +38,7 @@ use crate::setup;
 pub use self::mixture::SourceReport;
 pub(crate) use self::read::TrainData;
 pub use self::read::{data_files, read_data, selection, source_selection};
+pub use self::stream::StreamCounts;
 
 /// Which of each step's micro-batches this process trains on. Under data parallelism a step has
 /// `ranks x train.grad_accum` micro-batches, planned as one process would plan them with that
@@ -275,6 +276,15 @@ impl<'a> Feed<'a> {
                 Ok(())
             }
             Form::Streamed(stream) => stream.seek(epoch, micro_batch),
+        }
+    }
+
+    /// What a streamed run read and left out so far; `None` for a planned one, whose preflight
+    /// report counts it all.
+    pub(crate) fn stream_counts(&self) -> Option<StreamCounts> {
+        match &self.form {
+            Form::Planned(_) => None,
+            Form::Streamed(stream) => Some(stream.counts()),
         }
     }
 

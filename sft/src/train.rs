@@ -25,7 +25,7 @@ use crate::config::{dtype_name, parse_dtype, ConfigChange, TrainConfig, RESUME_M
 use crate::dist::{self, Collective, Single};
 use crate::error::{Error, Result};
 use crate::eval;
-use crate::feed::{Feed, Share, SourceReport, Step, TrainData};
+use crate::feed::{Feed, Share, SourceReport, Step, StreamCounts, TrainData};
 use crate::metrics::{self, EvalMetrics, MetricsLog, StepMetrics};
 use crate::optim::AdamW;
 use crate::plot;
@@ -115,6 +115,9 @@ pub struct Summary {
     /// The run was stopped through [`RunOptions::stop`] before its last step: `last_checkpoint`
     /// holds where it stood, and `final_model` was not written.
     pub interrupted: bool,
+    /// A streamed run (`data.streaming`): what it read and left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed: Option<StreamCounts>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -698,6 +701,7 @@ impl<'a> Run<'a> {
             plot: plot_path,
             elapsed_s: state.elapsed_s,
             interrupted: self.interrupted,
+            streamed: self.feed.stream_counts(),
         })
     }
 }

@@ -281,6 +281,9 @@ fn a_streamed_run_resumes_bit_identically_across_epochs() {
         assert_eq!(full.steps, 40);
         let state = TrainerState::read(&full.last_checkpoint).unwrap();
         assert!(state.epoch >= 2, "epoch {}", state.epoch);
+        // The summary counts what the stream read past its preflight's first buffer.
+        let counts = full.streamed.expect("a streamed run's counts");
+        assert!(counts.records > 2 * 60, "{counts:?}");
         let mut again = cfg.clone();
         again.run.out_dir = dir.join(format!("resumed-{packing}"));
         let resume = RunOptions {

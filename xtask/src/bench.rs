@@ -1,5 +1,5 @@
 //! `cargo xtask bench [--peer] [--configs a,b,c,d] [--threads N] [--steps N] [--warmup N]
-//! [--python PATH] [--skip-data] [--skip-generate] [--cuda] [--dtype f32|bf16]`.
+//! [--python PATH] [--skip-data] [--skip-generate] [--skip-one-thread] [--cuda] [--dtype f32|bf16]`.
 //!
 //! Training throughput of the release `sft` on the configurations of `docs/performance.md`
 //! (`CONFIGS`; models written with `init-model` into `target/bench/models`), optionally against PyTorch run by
@@ -23,8 +23,8 @@ pub(crate) struct Args {
     #[arg(long)]
     peer: bool,
     /// Training configurations to run (a, b, c, c-dropout, d, e, e-lora, e-lora-q8,
-    /// e-lora-q4k, f, f-ckpt, f-lora, f-lora-ckpt, g-3b-q4k, h-8b-q4k; see `CONFIGS`); empty
-    /// for none.
+    /// e-lora-q8-ckpt, e-lora-q4k, f, f-ckpt, f-lora, f-lora-ckpt, g-3b-q4k, h-8b-q4k; see
+    /// `CONFIGS`); empty for none.
     #[arg(long, value_delimiter = ',', default_value = "a,b,c,c-dropout,d")]
     configs: Vec<String>,
     /// Compute threads for both sides (default: available cores).
@@ -42,6 +42,9 @@ pub(crate) struct Args {
     skip_data: bool,
     #[arg(long)]
     skip_generate: bool,
+    /// Skip rerunning each multi-step configuration on one thread.
+    #[arg(long)]
+    skip_one_thread: bool,
     /// Build `sft` with its `cuda` feature (needs the CUDA toolkit) and run the training
     /// configurations, ours and the peer's, on the GPU.
     #[arg(long)]
@@ -216,6 +219,22 @@ const CONFIGS: &[BenchConfig] = &[
         lora: true,
         base_quant: Some("q8_0"),
         checkpointing: false,
+        in_memory: false,
+    },
+    BenchConfig {
+        name: "e-lora-q8-ckpt",
+        what: "the same LoRA on a q8_0 base, with activation checkpointing",
+        preset: "qwen2.5-0.5b",
+        vocab: 151_936,
+        sets: &[],
+        batch: 1,
+        seq: 512,
+        single_step: false,
+        base: Some("d"),
+        dropout: false,
+        lora: true,
+        base_quant: Some("q8_0"),
+        checkpointing: true,
         in_memory: false,
     },
     BenchConfig {
@@ -399,7 +418,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     );
     lora_vs_full(&results, &mut md);
     bigger_models(&results, &mut md);
-    if threads > 1 && !args.cuda {
+    if threads > 1 && !args.cuda && !args.skip_one_thread {
         one_thread(&args, &on, &mut results, &mut md)?;
     }
     if !args.skip_data {
@@ -579,6 +598,11 @@ fn bigger_models(results: &[Value], md: &mut String) {
     let f = |r: &Value, k: &str| r["sft"][k].as_f64().unwrap_or(f64::NAN);
     let pairs = [
         ("e-lora-q8", "e-lora", "q8_0 base vs f32 base (LoRA, 1x512)"),
+        (
+            "e-lora-q8-ckpt",
+            "e-lora",
+            "q8_0 base and checkpointing vs f32 base (LoRA, 1x512)",
+        ),
         (
             "e-lora-q4k",
             "e-lora",

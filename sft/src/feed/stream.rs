@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
 use sft_data::{
     render_record, Format, InvalidPolicy, RecordStream, RenderOptions, RenderOutcome, Rendered,
     Selection, Template,
@@ -48,8 +49,23 @@ pub(super) struct StreamFeed<'a> {
     carry: Option<Rendered>,
     /// Micro-batches handed out in this epoch.
     pub(super) position: usize,
-    /// Samples dropped while rendering (too long, no targets), over the run.
-    pub(super) dropped: usize,
+    /// What the stream read and left out, over this process's epochs (the current epoch's
+    /// invalid lines are in `records.skipped` until it ends).
+    counts: StreamCounts,
+}
+
+/// What a streamed run read and left out, counted as it goes (the preflight report covers only
+/// the first buffer of records). A resumed run counts the epoch it replays too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StreamCounts {
+    /// Valid records read.
+    pub records: usize,
+    /// Records `data.filter` left out.
+    pub filtered_out: usize,
+    /// Invalid lines skipped (`data.skip_invalid`).
+    pub invalid_skipped: usize,
+    /// Samples dropped while rendering: too long under `length_policy = "drop"`, or no target.
+    pub dropped: usize,
 }
 
 /// One micro-batch: rows of samples (one sample a row without packing).
@@ -90,7 +106,7 @@ impl<'a> StreamFeed<'a> {
             rng: ChaCha8Rng::seed_from_u64(stream_seed(seed, 0)),
             carry: None,
             position: 0,
-            dropped: 0,
+            counts: StreamCounts::default(),
         }
     }
 
@@ -106,6 +122,7 @@ impl<'a> StreamFeed<'a> {
     }
 
     fn start_epoch(&mut self, epoch: u64) {
+        self.counts.invalid_skipped += self.records.skipped.len();
         self.epoch = epoch;
         self.records = RecordStream::new(self.files.clone(), self.format, self.policy);
         self.read = 0;
@@ -122,7 +139,9 @@ impl<'a> StreamFeed<'a> {
             let Some(mut record) = self.records.next().transpose()? else {
                 break;
             };
+            self.counts.records += 1;
             if !self.selection.apply(&mut record)? {
+                self.counts.filtered_out += 1;
                 continue;
             }
             let index = self.read;
@@ -136,7 +155,7 @@ impl<'a> StreamFeed<'a> {
                 index,
             )? {
                 RenderOutcome::Kept { rendered, .. } => self.buffer.push(rendered),
-                RenderOutcome::Dropped(_) => self.dropped += 1,
+                RenderOutcome::Dropped(_) => self.counts.dropped += 1,
             }
         }
         if self.buffer.is_empty() {
@@ -195,6 +214,14 @@ impl<'a> StreamFeed<'a> {
     /// Starts the next epoch.
     pub(super) fn next_epoch(&mut self) {
         self.start_epoch(self.epoch + 1);
+    }
+
+    /// What was read and left out so far.
+    pub(super) fn counts(&self) -> StreamCounts {
+        StreamCounts {
+            invalid_skipped: self.counts.invalid_skipped + self.records.skipped.len(),
+            ..self.counts
+        }
     }
 }
 
@@ -289,6 +316,58 @@ mod tests {
             sorted.sort();
             assert_eq!(plain, sorted);
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every record read, filtered out, skipped as invalid or dropped while rendering is
+    /// counted, over epochs.
+    #[test]
+    fn what_the_stream_leaves_out_is_counted() {
+        let dir = std::env::temp_dir().join(format!("sft-streamcounts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, tok) = setup(&dir);
+        // 23 records "xx"; 2 invalid lines; 3 records of 9 characters, too long for max_len 5.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("\n{\"text\": 7}\nnot json\n");
+        for c in ['a', 'b', 'c'] {
+            text.push_str(&format!("{{\"text\": \"{}\"}}\n", c.to_string().repeat(9)));
+        }
+        std::fs::write(&path, text).unwrap();
+        let template = Template::new(TemplateChoice::Auto, &tok).unwrap();
+        let opts = RenderOptions {
+            max_len: Some(5),
+            ..RenderOptions::default()
+        };
+        let mut feed = StreamFeed::new(
+            vec![path.clone()],
+            None,
+            InvalidPolicy::Skip,
+            &template,
+            &tok,
+            opts,
+            4,
+            None,
+            8,
+            7,
+            Selection::default(),
+        );
+        assert_eq!(drain(&mut feed).into_iter().flatten().count(), 23);
+        let one = StreamCounts {
+            records: 26,
+            filtered_out: 0,
+            invalid_skipped: 2,
+            dropped: 3,
+        };
+        assert_eq!(feed.counts(), one);
+        feed.next_epoch();
+        drain(&mut feed);
+        let two = StreamCounts {
+            records: 52,
+            invalid_skipped: 4,
+            dropped: 6,
+            ..one
+        };
+        assert_eq!(feed.counts(), two);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
