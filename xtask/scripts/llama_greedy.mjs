@@ -9,7 +9,7 @@
 // answers: {"node_llama_cpp": VERSION, "llama_cpp": RELEASE, "answers": [{"ids": [...],
 //           "tokenized": [...], "forced": [{"token": ID, "logit": X, "forced_logit": Y,
 //           "rival_logit": Z}]}]}:
-// `ids` are the new ids up to (not including) an end-of-generation token; `tokenized` is
+// `ids` are the new ids up to and including an end-of-generation token; `tokenized` is
 // llama.cpp's ids for the prompt text (special tokens parsed); `forced[k]` is llama.cpp's greedy
 // token after the prompt and the first k forced ids, its logit and the logit of forced id k; at
 // the step where `ids` first leave the forced ids, `rival_logit` is the logit of `ids`' token
@@ -62,9 +62,9 @@ for (const p of req.prompts) {
   await sequence.clearHistory();
   const ids = [];
   // temperature 0: the addon's sampler is llama_sampler_init_greedy (argmax).
-  for await (const t of sequence.evaluate(p.ids, greedy)) {
+  for await (const t of sequence.evaluate(p.ids, { ...greedy, yieldEogToken: true })) {
     ids.push(t);
-    if (ids.length >= req.max_new_tokens) break;
+    if (model.isEogToken(t) || ids.length >= req.max_new_tokens) break;
   }
   const want = p.forced ?? [];
   let part = 0;

@@ -33,7 +33,7 @@ use crate::train::Check;
 
 /// The node-llama-cpp the check was written against (its llama.cpp: build b1-0ad4a86).
 const NODE_LLAMA_CPP: &str = "node-llama-cpp@3.22.1";
-/// New tokens per greedy answer.
+/// New tokens per greedy answer (fewer where the model's context ends sooner).
 const MAX_NEW_TOKENS: usize = 48;
 
 #[derive(clap::Args, Debug)]
@@ -54,7 +54,8 @@ pub(crate) struct Args {
     /// Where the exports go.
     #[arg(long, default_value = "runs/llama-cpp-check")]
     out: PathBuf,
-    /// Where greedy ids part, sft's logits for the two tokens must be closer than this.
+    /// Where greedy ids part, sft's logits for the two tokens must be closer than this (either
+    /// way).
     #[arg(long, default_value_t = 0.5)]
     tie_gap: f64,
     /// Also write the Markdown summary here.
@@ -168,6 +169,57 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How llama.cpp's greedy answer compares with sft's.
+enum Outcome {
+    Same,
+    /// The same ids, until llama.cpp ended at this token: an end of generation for llama.cpp,
+    /// which sft's template does not stop at.
+    EndsAt(u32),
+    /// At step `k` sft chose `mine`, llama.cpp `rival`; sft's logits for the two are `gap`
+    /// apart, llama.cpp's teacher-forced ones `llama_gap` the other way.
+    Parts {
+        k: usize,
+        mine: u32,
+        rival: u32,
+        gap: f64,
+        llama_gap: Option<f64>,
+    },
+}
+
+/// `mine`: sft's answer with its stop token; `theirs`: llama.cpp's, with the end-of-generation
+/// token it stopped at; `teacher`: llama.cpp's teacher-forced steps along sft's answer.
+fn outcome(
+    model: &sft_model::Model,
+    prompt: &[u32],
+    mine: &[u32],
+    theirs: &[u32],
+    teacher: &[Value],
+    stop: u32,
+) -> anyhow::Result<Outcome> {
+    if mine == theirs {
+        return Ok(Outcome::Same);
+    }
+    let k = mine.iter().zip(theirs).take_while(|(a, b)| a == b).count();
+    if k == theirs.len() && !theirs.is_empty() {
+        return Ok(Outcome::EndsAt(theirs[k - 1]));
+    }
+    let (m, rival) = (
+        mine.get(k).copied().unwrap_or(stop),
+        theirs.get(k).copied().unwrap_or(stop),
+    );
+    let mut prefix = prompt.to_vec();
+    prefix.extend_from_slice(&mine[..k]);
+    Ok(Outcome::Parts {
+        k,
+        mine: m,
+        rival,
+        gap: sft_margin(model, &prefix, m, rival)?,
+        llama_gap: teacher
+            .get(k)
+            .and_then(|s| Some(s["rival_logit"].as_f64()? - s["forced_logit"].as_f64()?)),
+    })
+}
+
 /// sft and llama.cpp on one exported file: a Markdown table of the answers and the checks.
 fn compare(
     sft: &Path,
@@ -178,9 +230,16 @@ fn compare(
     args: &Args,
 ) -> anyhow::Result<(String, Vec<Check>)> {
     let (rendered, stop_ids) = prompts(file, questions)?;
+    let model = sft::gguf::load_model(file, DType::F32, &Device::Cpu)?;
+    // Within the model's context: sft stops at its end, llama.cpp's context would run on.
+    let longest = rendered.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    let max_new = MAX_NEW_TOKENS.min(model.config().max_positions().saturating_sub(longest));
+    if max_new == 0 {
+        bail!("{}: a prompt fills the model's context", file.display());
+    }
     let mut ours = vec![];
     for q in questions {
-        ours.push(sft_generate(sft, file, q, &args.out, MAX_NEW_TOKENS)?);
+        ours.push(sft_generate(sft, file, q, &args.out, max_new)?);
     }
     // Along sft's answer, its stop token included when it is the template's only one.
     let forced = |i: usize| -> Vec<u32> {
@@ -198,11 +257,10 @@ fn compare(
             "prompts": rendered.iter().enumerate().map(|(i, p)| json!({
                 "ids": p.ids, "text": p.text, "forced": forced(i),
             })).collect::<Vec<_>>(),
-            "max_new_tokens": MAX_NEW_TOKENS,
+            "max_new_tokens": max_new,
             "threads": 2,
         }),
     )?;
-    let model = sft::gguf::load_model(file, DType::F32, &Device::Cpu)?;
     let tok = sft::gguf::load_tokenizer(file)?;
     let mut md = format!(
         "`{quant}` ({:.1} MB), node-llama-cpp {}, llama.cpp {}:\n\n| question | sft | llama.cpp | teacher-forced steps where llama.cpp picks sft's token |\n|---|---|---|---|\n",
@@ -228,40 +286,49 @@ fn compare(
             .count();
         steps += forced.len();
         steps_same += agree;
-        let verdict = if ours[i].ids == theirs {
-            same += 1;
-            "the same ids".to_string()
-        } else {
-            let k = ours[i]
-                .ids
-                .iter()
-                .zip(&theirs)
-                .take_while(|(a, b)| a == b)
-                .count();
-            let mut prefix = rendered[i].ids.clone();
-            prefix.extend_from_slice(&ours[i].ids[..k]);
-            // Where one stopped, its token is the stop.
-            let stop = stop_ids
-                .first()
-                .copied()
-                .context("the template has no stop id")?;
-            let mine = ours[i].ids.get(k).copied().unwrap_or(stop);
-            let rival = theirs.get(k).copied().unwrap_or(stop);
-            let sft_gap = sft_margin(&model, &prefix, mine, rival)?;
-            let llama_gap = teacher
-                .get(k)
-                .and_then(|s| Some(s["rival_logit"].as_f64()? - s["forced_logit"].as_f64()?));
-            worst = worst.max(sft_gap);
-            ties += usize::from(sft_gap < args.tie_gap);
-            format!(
-                "parts at token {k} ({:?} for sft's {:?}): sft's logits {sft_gap:.3} apart{}; {:?}",
-                tok.decode(&[rival])?,
-                tok.decode(&[mine])?,
-                llama_gap.map_or(String::new(), |g| format!(
-                    ", llama.cpp's teacher-forced ones {g:.3} the other way"
-                )),
-                tok.decode_skip_special(&theirs)?
-            )
+        let stop = stop_ids
+            .first()
+            .copied()
+            .context("the template has no stop id")?;
+        // sft's answer with the stop it ended at (the one llama.cpp ended at, if it is one).
+        let mut mine = ours[i].ids.clone();
+        if ours[i].stopped {
+            let at = theirs.get(mine.len()).copied();
+            mine.push(at.filter(|t| stop_ids.contains(t)).unwrap_or(stop));
+        }
+        let verdict = match outcome(&model, &rendered[i].ids, &mine, &theirs, teacher, stop)? {
+            Outcome::Same => {
+                same += 1;
+                "the same ids".to_string()
+            }
+            Outcome::EndsAt(t) => {
+                same += 1;
+                format!(
+                    "the same ids, until llama.cpp ends at {:?}, an end of generation for it, not for sft's template",
+                    tok.decode(&[t])?
+                )
+            }
+            Outcome::Parts {
+                k,
+                mine,
+                rival,
+                gap,
+                llama_gap,
+            } => {
+                // sft's full pass may even prefer llama.cpp's token by a hair (its generation
+                // runs token by token through the KV cache): a near-tie either way.
+                worst = worst.max(gap.abs());
+                ties += usize::from(gap.abs() < args.tie_gap);
+                format!(
+                    "parts at token {k} ({:?} for sft's {:?}): sft's logits {gap:.3} apart{}; {:?}",
+                    tok.decode(&[rival])?,
+                    tok.decode(&[mine])?,
+                    llama_gap.map_or(String::new(), |g| format!(
+                        ", llama.cpp's teacher-forced ones {g:.3} the other way"
+                    )),
+                    tok.decode_skip_special(&theirs)?
+                )
+            }
         };
         let _ = writeln!(
             md,
