@@ -169,6 +169,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Text for a Markdown table's cell: a `|` (as in `<|im_end|>`) would end the cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}
+
 /// How llama.cpp's greedy answer compares with sft's.
 enum Outcome {
     Same,
@@ -332,8 +337,10 @@ fn compare(
         };
         let _ = writeln!(
             md,
-            "| {q} | {:?} | {verdict} | {agree}/{} |",
-            ours[i].text,
+            "| {} | {} | {} | {agree}/{} |",
+            cell(q),
+            cell(&format!("{:?}", ours[i].text)),
+            cell(&verdict),
             forced.len()
         );
     }
