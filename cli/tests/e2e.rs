@@ -278,7 +278,8 @@ fn bad_configs_are_clear_errors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The README's first command, reduced: both demo stages with a tiny model and a few steps.
+/// The README's first command, reduced: both demo stages with a tiny model and a few steps, then
+/// the before/after counts for two poems per style.
 #[test]
 fn bundled_demo_runs_end_to_end() {
     let dir = scratch("demo");
@@ -290,14 +291,25 @@ fn bundled_demo_runs_end_to_end() {
         .args([
             "--set",
             "pretrain.model.init={n_layer = 1, n_embd = 32, n_head = 2, dropout = 0.0}",
+            "--set",
+            "sft.check.poems_per_style=2",
         ])
         .output()
         .unwrap());
-    assert!(stdout.contains("sample poems from"), "{stdout}");
+    for line in [
+        "of 2 poems per style",
+        "五言绝句: 0/2 -> ",
+        "七言绝句: 0/2 -> ",
+        "{\"author\":\"李白\",\"style\":\"七言绝句\"}",
+        "count again: sft eval-poems",
+    ] {
+        assert!(stdout.contains(line), "{line} in {stdout}");
+    }
     for f in [
-        "data/poems.jsonl",
+        "data/jueju.jsonl",
         "data/LICENSE-chinese-poetry",
         "pretrain/final/char_tokenizer.json",
+        "pretrain/loss.svg",
         "sft/final/model.safetensors",
         "sft/metrics.jsonl",
         "sft/loss.svg",
