@@ -9,6 +9,10 @@
 //! `cargo xtask train` enforces on the same configs), a few poems of the fine-tuned model, and
 //! where the plots and checkpoints are. `--set KEY=V` overrides apply to both stages,
 //! `--set pretrain.KEY=V` and `--set sft.KEY=V` to one.
+//!
+//! With `--json`, stdout is each stage's summary object (as `sft train --config --json`), then
+//! `{"demo":{"pretrained":[..],"fine_tuned":[..],"samples":[{prompt,poem}],"target":x}}`, the
+//! two lists in `sft eval-poems --json`'s `styles` form.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
