@@ -21,6 +21,25 @@ use sft_data::{InvalidPolicy, Sample};
 
 use crate::common::{ModelArgs, TemplateArgs};
 
+/// `sft eval-poems`' sampling. The bundled demo counts poems in form with the same settings, so
+/// `sft eval-poems` on the demo's models prints the demo's numbers.
+pub(crate) const SEED: u64 = 0;
+pub(crate) const TEMPERATURE: f64 = 0.8;
+pub(crate) const TOP_K: usize = 50;
+pub(crate) const MAX_NEW_TOKENS: usize = 160;
+
+/// `sft eval-poems`' options with its default sampling: `per_style` poems for each of `styles`.
+pub(crate) fn default_options(styles: Vec<String>, per_style: usize) -> PoemEvalOptions {
+    PoemEvalOptions {
+        styles,
+        per_style,
+        max_new_tokens: MAX_NEW_TOKENS,
+        temperature: TEMPERATURE,
+        top_k: Some(TOP_K),
+        seed: SEED,
+    }
+}
+
 /// The ci tunes the bundled poems have most of.
 const DEFAULT_TUNES: [&str; 6] = ["浣溪沙", "鹧鸪天", "蝶恋花", "西江月", "水调歌头", "沁园春"];
 
@@ -36,13 +55,13 @@ pub(crate) struct PoemArgs {
     styles: Vec<String>,
     #[arg(long, default_value_t = 50)]
     per_style: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SEED)]
     seed: u64,
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = TEMPERATURE)]
     temperature: f64,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = TOP_K)]
     top_k: usize,
-    #[arg(long, default_value_t = 160)]
+    #[arg(long, default_value_t = MAX_NEW_TOKENS)]
     max_new_tokens: usize,
     /// How many poems of --data score the author conditioning (0 skips it).
     #[arg(long, default_value_t = 200)]

@@ -8,7 +8,8 @@
 //!
 //! Progress goes to stderr: a bar with loss and ETA on a terminal, one line per logged step
 //! otherwise. The summary (where the checkpoints, metrics and plot are) goes to stdout; with
-//! `--json` it is one JSON object (`interrupted: true` when a signal stopped the run).
+//! `--json` it is one JSON object (`interrupted: true` when a signal stopped the run); the demo
+//! prints one per stage, then its counts (see `demo`).
 //!
 //! SIGINT (Ctrl-C) or SIGTERM finishes the current optimizer step, saves a checkpoint, prints how
 //! to resume, and exits with status 130 or 143; a second signal exits at once with that status.

@@ -18,15 +18,15 @@ use sft::dist::{Collective, Single};
 use sft::feed::SourceReport;
 use sft::{Event, Replan, RunOptions, TrainConfig};
 
-/// Runs one training config in this process alone (the demo's stages). An interrupted run
-/// (SIGINT/SIGTERM) has saved its checkpoint when this returns: the process then exits with
-/// 128 + the signal's number.
+/// Runs one training config in this process alone (the demo's stages) and returns its summary.
+/// An interrupted run (SIGINT/SIGTERM) does not return: it has saved its checkpoint, and the
+/// process exits with 128 + the signal's number.
 pub(crate) fn run_config(
     cfg: &TrainConfig,
     resume: Option<PathBuf>,
     json: bool,
     config_file: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<sft::Summary> {
     run_on(cfg, resume, json, config_file, false)
 }
 
@@ -38,7 +38,7 @@ pub(crate) fn run_config_ranked(
     json: bool,
     config_file: Option<&Path>,
 ) -> anyhow::Result<()> {
-    run_on(cfg, resume, json, config_file, true)
+    run_on(cfg, resume, json, config_file, true).map(|_| ())
 }
 
 fn run_on(
@@ -47,7 +47,7 @@ fn run_on(
     json: bool,
     config_file: Option<&Path>,
     ranked: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<sft::Summary> {
     let stop = Arc::new(AtomicBool::new(false));
     let signal = Arc::new(AtomicUsize::new(0));
     listen_for_signals(&stop, &signal, ranked)?;
@@ -89,7 +89,7 @@ fn run_on(
         if summary.interrupted {
             std::process::exit(128 + signal_number(&signal));
         }
-        return Ok(());
+        return Ok(summary);
     }
     if summary.interrupted {
         let sig = signal_number(&signal) as usize;
@@ -158,7 +158,7 @@ fn run_on(
         println!("  metrics     {}", summary.metrics.display());
         println!("  loss plot   {}", summary.plot.display());
     }
-    Ok(())
+    Ok(summary)
 }
 
 /// The signal that stopped the run: SIGINT when none came to this process (a data-parallel

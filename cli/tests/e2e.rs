@@ -278,7 +278,8 @@ fn bad_configs_are_clear_errors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The README's first command, reduced: both demo stages with a tiny model and a few steps.
+/// The README's first command, reduced: both demo stages with a tiny model and a few steps, then
+/// the before/after counts for two poems per style.
 #[test]
 fn bundled_demo_runs_end_to_end() {
     let dir = scratch("demo");
@@ -290,14 +291,25 @@ fn bundled_demo_runs_end_to_end() {
         .args([
             "--set",
             "pretrain.model.init={n_layer = 1, n_embd = 32, n_head = 2, dropout = 0.0}",
+            "--set",
+            "sft.check.poems_per_style=2",
         ])
         .output()
         .unwrap());
-    assert!(stdout.contains("sample poems from"), "{stdout}");
+    for line in [
+        "of 2 poems per style",
+        "五言绝句: 0/2 -> ",
+        "七言绝句: 0/2 -> ",
+        "{\"author\":\"李白\",\"style\":\"七言绝句\"}",
+        "count again: sft eval-poems",
+    ] {
+        assert!(stdout.contains(line), "{line} in {stdout}");
+    }
     for f in [
-        "data/poems.jsonl",
+        "data/jueju.jsonl",
         "data/LICENSE-chinese-poetry",
         "pretrain/final/char_tokenizer.json",
+        "pretrain/loss.svg",
         "sft/final/model.safetensors",
         "sft/metrics.jsonl",
         "sft/loss.svg",
@@ -309,6 +321,35 @@ fn bundled_demo_runs_end_to_end() {
     let a = std::fs::read_to_string(out.join("pretrain/final/config.json")).unwrap();
     let b = std::fs::read_to_string(out.join("sft/final/config.json")).unwrap();
     assert_eq!(a, b);
+
+    // `--json`: the two stages' summaries, then the counts, one object a line.
+    let stdout = ok(sft()
+        .args(["train", "--json", "--out"])
+        .arg(&out)
+        .args([
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "sft.check.poems_per_style=1",
+        ])
+        .args([
+            "--set",
+            "pretrain.model.init={n_layer = 1, n_embd = 32, n_head = 2, dropout = 0.0}",
+        ])
+        .output()
+        .unwrap());
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[..2].iter().all(|s| s["final_model"].is_string()));
+    let demo = &lines[2]["demo"];
+    for model in ["pretrained", "fine_tuned"] {
+        assert_eq!(demo[model][1]["style"], "七言绝句", "{demo}");
+        assert_eq!(demo[model][1]["generated"], 1, "{demo}");
+    }
+    assert_eq!(demo["samples"].as_array().map(Vec::len), Some(6));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

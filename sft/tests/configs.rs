@@ -1,5 +1,5 @@
-//! Every shipped config under `configs/` parses and validates (the full demo's settings are the
-//! two nanopoet configs, which the bundled demo compiles in).
+//! Every shipped config under `configs/` parses and validates (the bundled demo compiles in the
+//! two `demo-*` configs).
 
 use std::path::Path;
 

@@ -480,6 +480,57 @@ mod tests {
         assert!(CheckSection::of(&cfg).is_err());
     }
 
+    /// The GitHub workflow's training step is a `cargo xtask train` that this program accepts,
+    /// the same line `.ci/run train-demo` runs, on configs that load and hold the demo to its
+    /// target, and the artifact it keeps is their run directory.
+    #[test]
+    fn the_workflow_runs_the_demo_check() {
+        use clap::Parser;
+        let root = crate::project_root();
+        let workflow =
+            std::fs::read_to_string(root.join(".github/workflows/train-demo.yml")).unwrap();
+        let line = workflow
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("run: "))
+            .find(|l| l.starts_with("cargo xtask train "))
+            .expect("a `run: cargo xtask train ...` step");
+        let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+        assert!(
+            ci.lines().any(|l| l.trim() == line),
+            ".ci/run lacks `{line}`"
+        );
+        // Plain words, so what clap sees here is what the shell passes there.
+        assert!(
+            !line.contains(['\'', '"', '$', '|', ';', '&', '\\']),
+            "{line}"
+        );
+        // `cargo xtask` is the alias of the xtask binary: its arguments start after `cargo`.
+        let parsed = crate::Xtask::try_parse_from(line.split_whitespace().skip(1));
+        let crate::Cmd::Train(args) = parsed.unwrap_or_else(|e| panic!("{line}: {e}")).command
+        else {
+            panic!("{line}: not `xtask train`");
+        };
+        let mut out_dirs = vec![];
+        for config in &args.config {
+            let cfg = TrainConfig::load(&root.join(config), &args.sets).unwrap();
+            out_dirs.push(cfg.run.out_dir.clone());
+            if config == args.config.last().unwrap() {
+                let check = CheckSection::of(&cfg).unwrap();
+                assert_eq!(check.poem_styles, ["五言绝句", "七言绝句"]);
+                assert!(check.min_shi_compliance.is_some_and(|m| m >= 0.5));
+            }
+        }
+        let artifact = workflow
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("path: "))
+            .expect("an artifact path");
+        assert!(
+            out_dirs.iter().all(|d| d.starts_with(artifact)),
+            "{out_dirs:?} outside {artifact}"
+        );
+        assert!(args.summary.is_some_and(|s| s.starts_with(artifact)));
+    }
+
     /// Every shipped config's `[check]` reads, so CI finds a typo in one before it trains.
     #[test]
     fn shipped_checks_read() {
