@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sft_tests::gguf::{gguf_string, RawGguf};
 
 /// Targeted and random cases per input kind (seven kinds: about 700 cases).
 const TARGETED: usize = 50;
@@ -1177,21 +1178,6 @@ fn safetensors_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
     cases
 }
 
-/// A GGUF file taken apart: the header's fields, each key-value pair's raw bytes, the tensor
-/// list, and the data section, so one part can be changed and the file put back together.
-struct Gguf {
-    version: u32,
-    kv: Vec<(String, u32, Vec<u8>)>,
-    tensors: Vec<(String, Vec<u64>, u32, u64)>,
-    data: Vec<u8>,
-}
-
-fn gguf_string(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u64).to_le_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
 /// Reads a GGUF file front to back.
 struct Reader<'a> {
     b: &'a [u8],
@@ -1234,71 +1220,47 @@ impl Reader<'_> {
     }
 }
 
-impl Gguf {
-    fn parse(b: &[u8]) -> Gguf {
-        let mut r = Reader { b, at: 0 };
-        assert_eq!(r.take(4), b"GGUF");
-        let version = r.u32();
-        let n_tensors = r.u64();
-        let n_kv = r.u64();
-        let mut kv = vec![];
-        for _ in 0..n_kv {
-            let key = r.string();
-            let t = r.u32();
-            let start = r.at;
-            r.skip_value(t);
-            kv.push((key, t, b[start..r.at].to_vec()));
-        }
-        let mut tensors = vec![];
-        for _ in 0..n_tensors {
-            let name = r.string();
-            let n_dims = r.u32();
-            let dims = (0..n_dims).map(|_| r.u64()).collect();
-            let t = r.u32();
-            let offset = r.u64();
-            tensors.push((name, dims, t, offset));
-        }
-        let data = b[r.at.next_multiple_of(32)..].to_vec();
-        Gguf {
-            version,
-            kv,
-            tensors,
-            data,
-        }
+/// Reads a GGUF file's parts front to back.
+fn parse_gguf(b: &[u8]) -> RawGguf {
+    let mut r = Reader { b, at: 0 };
+    assert_eq!(r.take(4), b"GGUF");
+    let version = r.u32();
+    let n_tensors = r.u64();
+    let n_kv = r.u64();
+    let mut kv = vec![];
+    for _ in 0..n_kv {
+        let key = r.string();
+        let t = r.u32();
+        let start = r.at;
+        r.skip_value(t);
+        kv.push((key, t, b[start..r.at].to_vec()));
     }
+    let mut tensors = vec![];
+    for _ in 0..n_tensors {
+        let name = r.string();
+        let n_dims = r.u32();
+        let dims = (0..n_dims).map(|_| r.u64()).collect();
+        let t = r.u32();
+        let offset = r.u64();
+        tensors.push((name, dims, t, offset));
+    }
+    let data = b[r.at.next_multiple_of(32)..].to_vec();
+    RawGguf {
+        version,
+        kv,
+        tensors,
+        data,
+    }
+}
 
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut v = b"GGUF".to_vec();
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        v.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
-        for (k, t, value) in &self.kv {
-            v.extend(gguf_string(k));
-            v.extend_from_slice(&t.to_le_bytes());
-            v.extend_from_slice(value);
-        }
-        for (name, dims, t, offset) in &self.tensors {
-            v.extend(gguf_string(name));
-            v.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                v.extend_from_slice(&d.to_le_bytes());
-            }
-            v.extend_from_slice(&t.to_le_bytes());
-            v.extend_from_slice(&offset.to_le_bytes());
-        }
-        v.resize(v.len().next_multiple_of(32), 0);
-        v.extend_from_slice(&self.data);
-        v
-    }
-
-    fn key(&self, key: &str) -> usize {
-        self.kv.iter().position(|(k, _, _)| k == key).unwrap()
-    }
+/// Where `key` is among the file's key-value pairs.
+fn key_index(g: &RawGguf, key: &str) -> usize {
+    g.kv.iter().position(|(k, _, _)| k == key).unwrap()
 }
 
 fn gguf_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
     let pristine = fx.pristine(Kind::Gguf);
-    let g = Gguf::parse(&pristine);
+    let g = parse_gguf(&pristine);
     assert_eq!(g.to_bytes(), pristine, "the test's GGUF writer is sft's");
     let data_start = pristine.len() - g.data.len();
     // Keys sft reads, and the type each must have.
@@ -1317,7 +1279,7 @@ fn gguf_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
     ];
     let mut cases = Vec::new();
     for t in 0..TARGETED {
-        let mut m = Gguf::parse(&pristine);
+        let mut m = parse_gguf(&pristine);
         let i = rng.below(g.tensors.len());
         let name = g.tensors[i].0.clone();
         let (what, expect): (String, Vec<String>) =
@@ -1333,13 +1295,13 @@ fn gguf_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
                 }
                 1 => {
                     let key = *rng.pick(&read_keys);
-                    let k = m.key(key);
+                    let k = key_index(&m, key);
                     m.kv[k] = (key.into(), 8, gguf_string("not the type"));
                     (format!("{key} made a string"), vec![key.into()])
                 }
                 2 => {
                     let key = *rng.pick(&read_keys[1..5]);
-                    m.kv.remove(m.key(key));
+                    m.kv.remove(key_index(&m, key));
                     (format!("{key} removed"), vec![key.into()])
                 }
                 3 => {
@@ -1394,13 +1356,13 @@ fn gguf_cases(fx: &Fixture, rng: &mut Rng) -> Vec<Case> {
                         ("tokenizer.ggml.model", "bert"),
                         ("tokenizer.ggml.pre", "tekken"),
                     ]);
-                    let k = m.key(key);
+                    let k = key_index(&m, key);
                     m.kv[k].2 = gguf_string(value);
                     (format!("{key} = {value:?}"), vec![value.into()])
                 }
                 _ => {
                     // A token list one entry short.
-                    let k = m.key("tokenizer.ggml.token_type");
+                    let k = key_index(&m, "tokenizer.ggml.token_type");
                     let n = u64::from_le_bytes(m.kv[k].2[4..12].try_into().unwrap());
                     let value = &mut m.kv[k].2;
                     value[4..12].copy_from_slice(&(n - 1).to_le_bytes());

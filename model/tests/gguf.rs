@@ -10,6 +10,7 @@ use candle_core::{DType, Device};
 use common::*;
 use sft_model::gguf::{GgufFile, GgufQuant};
 use sft_model::{AttentionMask, Model, ModelConfig};
+use sft_tests::gguf::{gguf_string, RawGguf};
 
 /// The fixtures llama.cpp can run as they are (Mistral's sliding window and Gemma 2's
 /// `query_pre_attn_scalar` 12 are refused, see below).
@@ -218,79 +219,39 @@ fn what_llama_cpp_would_run_differently_is_refused_by_name() {
     assert!(err.contains("sft-gpt"), "{err}");
 }
 
-/// A GGUF file assembled by hand, to damage one part at a time.
-struct Raw {
-    version: u32,
-    kv: Vec<(String, u32, Vec<u8>)>,
-    tensors: Vec<(String, Vec<u64>, u32, u64)>,
-    data: Vec<u8>,
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u64).to_le_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-impl Raw {
-    /// The header of `path`'s first `n_kv` keys... rebuilt from an export: its metadata as
-    /// written, its tensors with their offsets, and its data.
-    fn from_export(path: &std::path::Path) -> Raw {
-        let file = GgufFile::open(path).unwrap();
-        let mut kv = vec![];
-        for key in file.keys() {
-            let (t, bytes) = encode(file.get(key).unwrap());
-            kv.push((key.clone(), t, bytes));
-        }
-        let bytes = std::fs::read(path).unwrap();
-        let mut tensors = vec![];
-        let mut offset = 0u64;
-        for t in file.tensors() {
-            let id = match t.dtype {
-                GgmlDType::F32 => 0,
-                GgmlDType::Q8_0 => 8,
-                other => panic!("{other:?}"),
-            };
-            let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
-            tensors.push((t.name.clone(), dims, id, offset));
-            let n: usize = t.shape.iter().product();
-            let size = match id {
-                0 => n * 4,
-                _ => n / 32 * 34,
-            };
-            offset += (size as u64).next_multiple_of(32);
-        }
-        let data = bytes[bytes.len() - offset as usize..].to_vec();
-        Raw {
-            version: 3,
-            kv,
-            tensors,
-            data,
-        }
+/// An export's parts as candle's reader reads them (its metadata re-encoded, its tensors with
+/// their offsets, its data), to damage one part at a time.
+fn raw_from_export(path: &std::path::Path) -> RawGguf {
+    let file = GgufFile::open(path).unwrap();
+    let mut kv = vec![];
+    for key in file.keys() {
+        let (t, bytes) = encode(file.get(key).unwrap());
+        kv.push((key.clone(), t, bytes));
     }
-
-    fn bytes(&self) -> Vec<u8> {
-        let mut v = b"GGUF".to_vec();
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        v.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
-        for (k, t, value) in &self.kv {
-            v.extend(string(k));
-            v.extend_from_slice(&t.to_le_bytes());
-            v.extend_from_slice(value);
-        }
-        for (name, dims, t, offset) in &self.tensors {
-            v.extend(string(name));
-            v.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                v.extend_from_slice(&d.to_le_bytes());
-            }
-            v.extend_from_slice(&t.to_le_bytes());
-            v.extend_from_slice(&offset.to_le_bytes());
-        }
-        v.resize(v.len().next_multiple_of(32), 0);
-        v.extend_from_slice(&self.data);
-        v
+    let bytes = std::fs::read(path).unwrap();
+    let mut tensors = vec![];
+    let mut offset = 0u64;
+    for t in file.tensors() {
+        let id = match t.dtype {
+            GgmlDType::F32 => 0,
+            GgmlDType::Q8_0 => 8,
+            other => panic!("{other:?}"),
+        };
+        let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+        tensors.push((t.name.clone(), dims, id, offset));
+        let n: usize = t.shape.iter().product();
+        let size = match id {
+            0 => n * 4,
+            _ => n / 32 * 34,
+        };
+        offset += (size as u64).next_multiple_of(32);
+    }
+    let data = bytes[bytes.len() - offset as usize..].to_vec();
+    RawGguf {
+        version: 3,
+        kv,
+        tensors,
+        data,
     }
 }
 
@@ -301,7 +262,7 @@ fn encode(v: &Value) -> (u32, Vec<u8>) {
         Value::I32(x) => (5, x.to_le_bytes().to_vec()),
         Value::F32(x) => (6, x.to_le_bytes().to_vec()),
         Value::Bool(b) => (7, vec![u8::from(*b)]),
-        Value::String(s) => (8, string(s)),
+        Value::String(s) => (8, gguf_string(s)),
         Value::Array(items) => {
             let t = items.first().map_or(4, |i| encode(i).0);
             let mut out = t.to_le_bytes().to_vec();
@@ -336,16 +297,16 @@ fn a_damaged_file_is_an_error_that_names_the_key_or_tensor() {
     let dir = TempDir::new("gguf-damaged");
     let model = load("qwen2-tied", DType::F32);
     let good = export(&model, &dir, "good", GgufQuant::Q8_0);
-    let raw = Raw::from_export(&good);
+    let raw = raw_from_export(&good);
     assert_eq!(
-        raw.bytes(),
+        raw.to_bytes(),
         std::fs::read(&good).unwrap(),
         "the test's writer is the export's"
     );
-    let check = |tag: &str, f: &dyn Fn(&mut Raw), needle: &str| {
-        let mut r = Raw::from_export(&good);
+    let check = |tag: &str, f: &dyn Fn(&mut RawGguf), needle: &str| {
+        let mut r = raw_from_export(&good);
         f(&mut r);
-        let msg = open_error(&dir, tag, &r.bytes());
+        let msg = open_error(&dir, tag, &r.to_bytes());
         assert!(msg.contains(needle), "{tag}: {msg}");
     };
     check(
@@ -392,7 +353,7 @@ fn a_damaged_file_is_an_error_that_names_the_key_or_tensor() {
                 r.kv.iter()
                     .position(|(k, _, _)| k == "qwen2.block_count")
                     .unwrap();
-            r.kv[i] = ("qwen2.block_count".into(), 8, string("two"));
+            r.kv[i] = ("qwen2.block_count".into(), 8, gguf_string("two"));
         },
         "qwen2.block_count",
     );
@@ -422,7 +383,7 @@ fn a_damaged_file_is_an_error_that_names_the_key_or_tensor() {
     );
     check(
         "unknown-arch",
-        &|r| r.kv[0].2 = string("mamba"),
+        &|r| r.kv[0].2 = gguf_string("mamba"),
         "\"mamba\" is not supported",
     );
     check(
@@ -441,7 +402,7 @@ fn a_damaged_file_is_an_error_that_names_the_key_or_tensor() {
     }
 }
 
-fn r_name(raw: &Raw, i: usize) -> String {
+fn r_name(raw: &RawGguf, i: usize) -> String {
     raw.tensors[i].0.clone()
 }
 
