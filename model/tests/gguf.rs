@@ -406,6 +406,40 @@ fn r_name(raw: &RawGguf, i: usize) -> String {
     raw.tensors[i].0.clone()
 }
 
+/// A stored type converted to another as the file is read (chunk by chunk) gives the blocks
+/// of quantizing the dense model's matrix whole: the same values, in the HF row order.
+#[test]
+fn a_stored_type_converted_on_reading_is_the_dense_matrix_quantized() {
+    let dir = TempDir::new("gguf-convert");
+    for name in ["llama3", "qwen2-untied", "gemma3"] {
+        let model = load(name, DType::F32);
+        let path = export(&model, &dir, name, GgufQuant::F16);
+        let file = GgufFile::open(&path).unwrap();
+        let dense = Model::load_gguf(&file, DType::F32, &Device::Cpu).unwrap();
+        let matrices: Vec<(String, candle_core::Tensor)> = dense
+            .params()
+            .iter()
+            .filter(|(_, v)| v.rank() == 2)
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let q = sft_model::Quantize {
+            dtype: GgmlDType::Q8_0,
+            names: matrices.iter().map(|(n, _)| n.clone()).collect(),
+        };
+        let blocks = Model::load_gguf_with(&file, DType::F32, &Device::Cpu, Some(&q)).unwrap();
+        assert_eq!(blocks.quantized().len(), matrices.len(), "{name}");
+        for (n, w) in blocks.quantized() {
+            let t = &matrices.iter().find(|(m, _)| m == n).unwrap().1;
+            let whole = sft_model::QWeight::quantize(t, w.dtype()).unwrap();
+            assert_eq!(w.dims(), whole.dims(), "{name} {n}");
+            assert!(
+                w.bytes().unwrap() == whole.bytes().unwrap(),
+                "{name} {n}: the converted blocks differ"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_base_kept_as_blocks_gives_the_logits_of_its_values() {
     let dir = TempDir::new("gguf-blocks");

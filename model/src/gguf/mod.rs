@@ -25,7 +25,7 @@ use crate::checkpoint::checkpoint_error;
 use crate::config::ModelConfig;
 use crate::error::{input_error, Error, Result};
 use crate::model::{check_dtype, Model, Parts};
-use crate::quant::{QWeight, Quantize};
+use crate::quant::{QWeight, Quantize, CHUNK_ROWS};
 
 pub use crate::gguf::file::{type_name, value_f64, value_uint, GgufFile, TensorEntry};
 pub use crate::gguf::mix::{GgufQuant, TensorRole};
@@ -116,21 +116,35 @@ impl Model {
             let named = |e: Error| checkpoint_error(file.path(), format!("tensor {name}: {e}"));
             let transform = arch::transform(a, &spec.name, heads, kv_heads);
             let blocks = quantize.and_then(|q| q.type_for(&spec.name, &spec.shape));
-            if blocks == Some(entry.dtype) && transform != arch::Transform::PlusOne {
-                let q = file.read_blocks(&name)?;
-                let q = match transform {
-                    arch::Transform::Permute { heads } => arch::permute_blocks(&q, heads),
-                    _ => Ok(q),
-                };
-                quantized.push((spec.name.clone(), q.map_err(named)?));
-                continue;
-            }
-            let t = transform.undo(&file.read_f32(&name)?).map_err(named)?;
             match blocks {
+                // Kept as blocks: the stored ones, in the HF row order (llama's q/k rows are
+                // reordered whole), converted to another type a chunk of rows at a time so that
+                // the f32 matrix never exists whole.
+                Some(b) if transform != arch::Transform::PlusOne => {
+                    let stored = file.read_blocks(&name)?;
+                    let stored = match transform {
+                        arch::Transform::Permute { heads } => {
+                            arch::permute_blocks(&stored, heads).map_err(named)?
+                        }
+                        _ => stored,
+                    };
+                    let q = if b == entry.dtype {
+                        stored
+                    } else {
+                        let (rows, cols) = stored.dims();
+                        QWeight::quantize_with(rows, cols, b, CHUNK_ROWS, &|range, out| {
+                            stored.dequantize_rows(range, out)
+                        })
+                        .map_err(named)?
+                    };
+                    quantized.push((spec.name.clone(), q));
+                }
                 Some(b) => {
-                    quantized.push((spec.name.clone(), QWeight::quantize(&t, b).map_err(named)?))
+                    let t = transform.undo(&file.read_f32(&name)?).map_err(named)?;
+                    quantized.push((spec.name.clone(), QWeight::quantize(&t, b).map_err(named)?));
                 }
                 None => {
+                    let t = transform.undo(&file.read_f32(&name)?).map_err(named)?;
                     let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?;
                     params.push((spec.name.clone(), var));
                 }
