@@ -70,8 +70,8 @@ pub(crate) fn open(
     open_with(dir, adapter, None, t)
 }
 
-/// [`open`], with the tokenizer of `tokenizer_from` (a model and its adapter) when `dir` and
-/// `adapter` have none of their own.
+/// [`open`], with the tokenizer of `tokenizer_from` (a model and its adapter) when `dir` has
+/// none of its own and no adapter is given (any other failure to read a tokenizer is an error).
 pub(crate) fn open_with(
     dir: &Path,
     adapter: Option<&Path>,
@@ -87,14 +87,11 @@ pub(crate) fn open_with(
     if let Some(a) = adapter {
         sft_model::manifest::check_complete(a)?;
     }
-    let tok = match (
-        sft::setup::inference_tokenizer(dir, adapter),
-        tokenizer_from,
-    ) {
-        (Err(_), Some((model, adapter))) => {
-            sft::setup::inference_tokenizer(&sft::hub::resolve_model(model)?, adapter)?
+    let tok = match tokenizer_from {
+        Some((model, from_adapter)) if adapter.is_none() && !sft::setup::has_tokenizer(dir) => {
+            sft::setup::inference_tokenizer(&sft::hub::resolve_model(model)?, from_adapter)?
         }
-        (tok, _) => tok?,
+        _ => sft::setup::inference_tokenizer(dir, adapter)?,
     };
     let model = sft::setup::load_for_inference(dir, adapter, DType::F32, &sft::setup::device()?)
         .with_context(|| match adapter {

@@ -65,7 +65,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         runs.push(("", tuned));
     }
     for (label, (dir, adapter)) in runs {
-        let ck = common::open_with(dir, adapter, Some(tuned), &args.template)?;
+        let fallback = (label == "base").then_some(tuned);
+        let ck = common::open_with(dir, adapter, fallback, &args.template)?;
         let outputs = generate_with(&ck, &prompt, &args)?;
         if !args.json && !label.is_empty() {
             println!("=== {label}: {} ===", dir.display());

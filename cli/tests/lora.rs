@@ -186,6 +186,26 @@ fn train_resume_eval_merge_an_adapter() {
     assert_eq!(generate(&[&base_tok, &adapter_tok, &base_tok]), expected);
     // A base without a tokenizer of its own reads the adapter's.
     assert_eq!(generate(&[&base, &adapter_tok, &base]), expected);
+    // A base whose own tokenizer is broken is an error naming it, not the adapter's instead.
+    let broken = dir.join("base-with-broken-tokenizer");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in std::fs::read_dir(&base).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(broken.join("char_tokenizer.json"), "{").unwrap();
+    let err = fails(
+        sft()
+            .args(["generate", "--json", "--prompt", "ab", "--model"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(&adapter_tok)
+            .arg("--compare")
+            .arg(&broken)
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("base-with-broken-tokenizer"), "{err}");
 
     // merge: a plain checkpoint with the same loss.
     let merged = dir.join("merged");

@@ -207,6 +207,15 @@ pub fn load_for_inference(
     Ok(model.load_adapter(adapter)?)
 }
 
+/// Whether `path` carries a tokenizer of its own: a `tokenizer.json` or `char_tokenizer.json`
+/// in the directory, or a GGUF file (whose metadata holds one).
+pub fn has_tokenizer(path: &Path) -> bool {
+    ["tokenizer.json", "char_tokenizer.json"]
+        .iter()
+        .any(|f| path.join(f).is_file())
+        || matches!(crate::gguf::gguf_path(path), Ok(Some(_)))
+}
+
 /// The tokenizer an inference command uses for `model` (with `adapter`): the adapter's when it
 /// carries one (an `sft` adapter does), else the base's (`model`, or, for an adapter directory
 /// given alone, its `base_model_name_or_path`).
