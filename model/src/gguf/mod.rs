@@ -139,9 +139,12 @@ impl Model {
                     };
                     quantized.push((spec.name.clone(), q));
                 }
-                Some(b) => {
-                    let t = transform.undo(&file.read_f32(&name)?).map_err(named)?;
-                    quantized.push((spec.name.clone(), QWeight::quantize(&t, b).map_err(named)?));
+                // Only matrices are kept as blocks, and only Gemma's norms (vectors) are stored
+                // as 1 + w.
+                Some(_) => {
+                    return Err(named(Error::Input {
+                        reason: "a norm stored as 1 + w cannot be kept as blocks".into(),
+                    }))
                 }
                 None => {
                     let t = transform.undo(&file.read_f32(&name)?).map_err(named)?;
