@@ -42,6 +42,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     for (i, path) in args.config.iter().enumerate() {
         let cfg = TrainConfig::load(path, &args.sets)?;
         let mut check = CheckSection::of(&cfg).with_context(|| format!("{}", path.display()))?;
+        check
+            .only_train_checks()
+            .with_context(|| format!("{}", path.display()))?;
         if i + 1 == args.config.len() {
             check.max_val_loss = args.max_val_loss.or(check.max_val_loss);
         }
@@ -121,6 +124,21 @@ impl CheckSection {
         toml::Value::Table(cfg.check.clone())
             .try_into()
             .map_err(|e| anyhow::anyhow!("[check]: {e}"))
+    }
+
+    /// Refuses the checks only `cargo xtask real-model` enforces: a training run would read them
+    /// and pass without them.
+    pub(crate) fn only_train_checks(&self) -> anyhow::Result<()> {
+        let theirs = [
+            ("min_general_match", self.min_general_match),
+            ("min_export_exact_match", self.min_export_exact_match),
+        ];
+        match theirs.iter().find(|(_, v)| v.is_some()) {
+            Some((key, _)) => anyhow::bail!(
+                "[check] {key} is checked by `cargo xtask real-model`, not by `cargo xtask train`"
+            ),
+            None => Ok(()),
+        }
     }
 }
 
@@ -478,6 +496,18 @@ mod tests {
             TrainConfig::from_toml_str(&CONFIG.replace("mach = 0.9", "match = \"high\""), &[])
                 .unwrap();
         assert!(CheckSection::of(&cfg).is_err());
+        // A check only `cargo xtask real-model` enforces is refused by name.
+        let cfg = TrainConfig::from_toml_str(
+            &CONFIG.replace("min_exact_mach = 0.9", "min_general_match = 0.9"),
+            &[],
+        )
+        .unwrap();
+        let err = CheckSection::of(&cfg)
+            .unwrap()
+            .only_train_checks()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("min_general_match"), "{err}");
     }
 
     /// The GitHub workflow's training step is a `cargo xtask train` that this program accepts,
