@@ -7,7 +7,7 @@
 //! `wrote DIR/Modelfile`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
@@ -62,9 +62,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     sft::setup::check_vocab(&model, &tok)?;
     let name = match &args.name {
         Some(n) => n.clone(),
-        None => path
-            .file_stem()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+        None => default_name(&args.model.path),
     };
 
     // `--out` may name a directory yet to be made, as `--out` of merge and train may.
@@ -123,4 +121,39 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         println!("wrote {}", modelfile.display());
     }
     Ok(())
+}
+
+/// `general.name` without `--name`: the model as the user named it (before a hub id resolves to
+/// its snapshot's commit): a directory's or hub id's last part whole (`Qwen2.5-0.5B-Instruct`
+/// has dots), a GGUF file's without `.gguf`.
+fn default_name(given: &Path) -> String {
+    let is_gguf = given
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let part = match is_gguf {
+        true => given.file_stem(),
+        false => given.file_name(),
+    };
+    part.map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_name_is_the_model_as_given() {
+        for (given, name) in [
+            ("models/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct"),
+            ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct"),
+            ("runs/x/merged/", "merged"),
+            (
+                "target/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "SmolLM2-135M-Instruct.Q4_1",
+            ),
+            ("..", "model"),
+        ] {
+            assert_eq!(default_name(Path::new(given)), name, "{given}");
+        }
+    }
 }
