@@ -204,9 +204,7 @@ fn allreduce(args: AllreduceArgs) -> anyhow::Result<()> {
         if coll.rank() != 0 {
             return Ok(());
         }
-        let mut sorted = seconds.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+        let median = sft::bench::median(&mut seconds.clone());
         let bytes = 4 * elements;
         if args.json {
             println!(

@@ -157,7 +157,8 @@ pub fn bench_train(model: &Model, opts: &BenchOptions) -> Result<BenchResult> {
     })
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The middle value (the upper one of an even count), sorting `v`; NaN for none.
+pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

@@ -51,9 +51,6 @@ pub struct Share {
 }
 
 impl Share {
-    /// One process: every micro-batch.
-    pub const ALL: Share = Share { rank: 0, ranks: 1 };
-
     /// This rank's micro-batches among a step's `n`, at most `accum` of them (empty when the
     /// step, at an epoch's end, has fewer).
     fn range(self, n: usize, accum: usize) -> std::ops::Range<usize> {

@@ -107,17 +107,15 @@ fn train(sft: &Path, dir: &Path, ranks: usize, threads: usize) -> anyhow::Result
     let mut allreduce: Vec<f64> = steps[1..].iter().map(|v| field(v, "allreduce_s")).collect();
     let tokens: f64 = steps[1..].iter().map(|v| field(v, "tokens")).sum();
     let total: f64 = step_s.iter().sum();
-    let (step, reduce) = (median(&mut step_s), median(&mut allreduce));
+    let (step, reduce) = (
+        sft::bench::median(&mut step_s),
+        sft::bench::median(&mut allreduce),
+    );
     Ok(serde_json::json!({
         "bench": "ranks", "ranks": ranks, "threads": threads, "steps": STEPS,
         "step_s": step, "tokens_per_s": tokens / total,
         "allreduce_s": reduce, "allreduce_share": reduce / step,
     }))
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The 0.5B model's all-reduce between two ranks here, its step on one thread, and the share
