@@ -92,6 +92,23 @@ impl BenchConfig {
     }
 }
 
+const E_LORA_Q8: BenchConfig = BenchConfig {
+    name: "e-lora-q8",
+    what: "the same LoRA on a q8_0 base",
+    preset: "qwen2.5-0.5b",
+    vocab: 151_936,
+    sets: &[],
+    batch: 1,
+    seq: 512,
+    single_step: false,
+    base: Some("d"),
+    dropout: false,
+    lora: true,
+    base_quant: Some("q8_0"),
+    checkpointing: false,
+    in_memory: false,
+};
+
 const CONFIGS: &[BenchConfig] = &[
     BenchConfig {
         name: "a",
@@ -205,37 +222,12 @@ const CONFIGS: &[BenchConfig] = &[
         checkpointing: false,
         in_memory: false,
     },
-    BenchConfig {
-        name: "e-lora-q8",
-        what: "the same LoRA on a q8_0 base",
-        preset: "qwen2.5-0.5b",
-        vocab: 151_936,
-        sets: &[],
-        batch: 1,
-        seq: 512,
-        single_step: false,
-        base: Some("d"),
-        dropout: false,
-        lora: true,
-        base_quant: Some("q8_0"),
-        checkpointing: false,
-        in_memory: false,
-    },
+    E_LORA_Q8,
     BenchConfig {
         name: "e-lora-q8-ckpt",
         what: "the same LoRA on a q8_0 base, with activation checkpointing",
-        preset: "qwen2.5-0.5b",
-        vocab: 151_936,
-        sets: &[],
-        batch: 1,
-        seq: 512,
-        single_step: false,
-        base: Some("d"),
-        dropout: false,
-        lora: true,
-        base_quant: Some("q8_0"),
         checkpointing: true,
-        in_memory: false,
+        ..E_LORA_Q8
     },
     BenchConfig {
         name: "e-lora-q4k",

@@ -432,6 +432,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let _ = writeln!(md, "#### The facts task (`{}`)\n", args.config.display());
     let rows = Rows {
         base: (&base, base_right),
+        base_mb: std::fs::metadata(&gguf)?.len() as f64 / 1e6,
         tuned: (&stage, tuned_right),
         merged: &merged_scores,
         exported: &exported,
@@ -472,6 +473,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 struct Rows<'a> {
     /// The base model and how many general answers hold their word.
     base: (&'a Scores, usize),
+    /// The base file's size.
+    base_mb: f64,
     tuned: (&'a crate::train::Stage, usize),
     merged: &'a Scores,
     exported: &'a [Exported],
@@ -489,10 +492,11 @@ impl Rows<'_> {
         );
         let _ = writeln!(
             md,
-            "| base (`{FILE}`, read by sft) | {:.4} | {:.4} | {:.1}% | {base_right}/{n} | 98.4 MB |",
+            "| base (`{FILE}`, read by sft) | {:.4} | {:.4} | {:.1}% | {base_right}/{n} | {:.1} MB |",
             base.loss,
             base.replay_loss,
-            100.0 * base.exact
+            100.0 * base.exact,
+            self.base_mb
         );
         let _ = writeln!(
             md,
