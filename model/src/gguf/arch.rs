@@ -192,21 +192,25 @@ fn permute(t: &Tensor, heads: usize, inverse: bool) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
-/// [`Transform::undo`]'s permutation of llama's q or k rows on a matrix kept as blocks: whole
-/// rows move, each row's blocks as they are.
-pub(crate) fn permute_blocks(q: &QWeight, heads: usize) -> Result<QWeight> {
+/// The permutation of llama's q or k rows on a matrix kept as blocks: whole rows move, each
+/// row's blocks as they are; into Hugging Face's order ([`Transform::undo`]) or, with
+/// `to_gguf`, back into llama.cpp's ([`Transform::apply`]).
+pub(crate) fn permute_blocks(q: &QWeight, heads: usize, to_gguf: bool) -> Result<QWeight> {
     let (rows, cols) = q.dims();
     let bytes = q.bytes()?;
     let row = bytes.len() / rows.max(1);
     let half = rows / heads / 2;
     let mut out = Vec::with_capacity(bytes.len());
-    // Hugging Face's row h*d + j*half + i is llama.cpp's h*d + 2*i + j.
+    // Hugging Face's row h*d + j*half + i is llama.cpp's h*d + 2*i + j. Each target row in its
+    // order takes its source row from the other order.
     for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..half {
-                let src = h * 2 * half + 2 * i + j;
-                out.extend_from_slice(&bytes[src * row..(src + 1) * row]);
-            }
+        let base = h * 2 * half;
+        for r in 0..2 * half {
+            let src = match to_gguf {
+                false => base + 2 * (r % half) + r / half,
+                true => base + (r % 2) * half + r / 2,
+            };
+            out.extend_from_slice(&bytes[src * row..(src + 1) * row]);
         }
     }
     QWeight::from_bytes(&out, q.dtype(), rows, cols)

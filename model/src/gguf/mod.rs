@@ -124,7 +124,7 @@ impl Model {
                     let stored = file.read_blocks(&name)?;
                     let stored = match transform {
                         arch::Transform::Permute { heads } => {
-                            arch::permute_blocks(&stored, heads).map_err(named)?
+                            arch::permute_blocks(&stored, heads, false).map_err(named)?
                         }
                         _ => stored,
                     };
@@ -253,6 +253,20 @@ impl Model {
                     &Device::Cpu,
                 )?,
                 Some(hf) => {
+                    let transform = arch::transform(a, hf, heads, kv_heads);
+                    // Blocks already of the file's type go as they are: quantizing their values
+                    // again would cost the time and, for the k-quants, change them.
+                    if let (None, Some(q)) = (dense.get(hf), blocks.get(hf)) {
+                        if q.dtype() == *dtype && transform != arch::Transform::PlusOne {
+                            let q = match transform {
+                                arch::Transform::Permute { heads } => {
+                                    arch::permute_blocks(q, heads, true).map_err(named)?
+                                }
+                                _ => QWeight::clone(q),
+                            };
+                            return Ok(q.bytes().map_err(named)?.into_owned());
+                        }
+                    }
                     let w = match (dense.get(hf), blocks.get(hf)) {
                         (Some(v), _) => v.as_tensor().to_device(&Device::Cpu)?,
                         (None, Some(q)) => q.dequantize().map_err(named)?,
@@ -261,7 +275,7 @@ impl Model {
                         }
                     };
                     let w = w.to_dtype(DType::F32)?;
-                    arch::transform(a, hf, heads, kv_heads).apply(&w)?
+                    transform.apply(&w)?
                 }
             };
             tensor_bytes(&t, *dtype).map_err(named)
