@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
-use sft_data::{Template, TemplateChoice};
+use sft_data::{TemplateChoice, TemplateOptions};
 use sft_model::gguf::{type_name, GgufQuant};
 
 use crate::common::ModelArgs;
@@ -65,6 +65,37 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         None => default_name(&args.model.path),
     };
 
+    // The Modelfile is made before the GGUF file is written, so that what it cannot say (a chat
+    // template that does not build) stops the export before anything is on disk.
+    let modelfile = match args.ollama {
+        true => {
+            // Through the commands' template builder, whose error names the template's file.
+            let template = crate::common::template(
+                TemplateChoice::Auto,
+                &tok,
+                &TemplateOptions::default(),
+                None,
+            )?;
+            let mut stops: Vec<String> = vec![];
+            for &id in template.stop_ids().iter().chain(tok.eos_id().iter()) {
+                if let Some(t) = tok.id_to_token(id) {
+                    if !stops.contains(&t) {
+                        stops.push(t);
+                    }
+                }
+            }
+            let file_name = args
+                .out
+                .file_name()
+                .context("--out names no file")?
+                .to_string_lossy();
+            Some((
+                args.out.with_file_name("Modelfile"),
+                sft::gguf::modelfile(&file_name, &stops),
+            ))
+        }
+        false => None,
+    };
     // `--out` may name a directory yet to be made, as `--out` of merge and train may.
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -100,24 +131,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         types.join(", ")
     );
 
-    if args.ollama {
-        let template = Template::new(TemplateChoice::Auto, &tok)?;
-        let mut stops: Vec<String> = vec![];
-        for &id in template.stop_ids().iter().chain(tok.eos_id().iter()) {
-            if let Some(t) = tok.id_to_token(id) {
-                if !stops.contains(&t) {
-                    stops.push(t);
-                }
-            }
-        }
-        let file_name = args
-            .out
-            .file_name()
-            .context("--out names no file")?
-            .to_string_lossy();
-        let modelfile = args.out.with_file_name("Modelfile");
-        std::fs::write(&modelfile, sft::gguf::modelfile(&file_name, &stops))
-            .with_context(|| modelfile.display().to_string())?;
+    if let Some((modelfile, text)) = &modelfile {
+        std::fs::write(modelfile, text).with_context(|| modelfile.display().to_string())?;
         println!("wrote {}", modelfile.display());
     }
     Ok(())

@@ -246,7 +246,31 @@ fn what_llama_cpp_cannot_hold_is_refused_by_name() {
             .unwrap(),
     );
     assert!(err.contains("--quant \"q3_k\""), "{err}");
+    // With --ollama, a chat template that does not build stops the export before the file.
+    let broken = dir.join("broken-template");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in std::fs::read_dir(data_dir().join("gguf/qwen2")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();
+    }
+    let tc = broken.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&tc).unwrap()).unwrap();
+    config["chat_template"] = "{% for message in messages %}".into();
+    std::fs::write(&tc, config.to_string()).unwrap();
+    let err = fails(
+        sft()
+            .args(["export", "--quant", "f16", "--ollama", "--model"])
+            .arg(&broken)
+            .arg("--out")
+            .arg(dir.join("z.gguf"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("tokenizer_config.json"), "{err}");
+    std::fs::remove_dir_all(&broken).unwrap();
     assert!(!dir.join("x.gguf").exists() && !dir.join("y.gguf").exists());
+    assert!(!dir.join("z.gguf").exists() && !dir.join("Modelfile").exists());
     assert_eq!(
         std::fs::read_dir(&dir).unwrap().count(),
         0,
