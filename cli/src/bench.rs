@@ -179,18 +179,13 @@ fn allreduce(args: AllreduceArgs) -> anyhow::Result<()> {
     json["vocab_size"] = args.vocab_size.into();
     let config = ModelConfig::from_json_str(&json.to_string())
         .map_err(|e| anyhow::anyhow!("--preset {}: {e}", args.preset))?;
-    // The parameters' shapes, from a model drawn once and dropped before the gradients exist.
-    let shapes: Vec<Vec<usize>> = Model::init(&config, 0, DType::F32, &candle_core::Device::Cpu)?
-        .params()
-        .iter()
-        .map(|(_, v)| v.as_tensor().dims().to_vec())
-        .collect();
+    let shapes = config.param_shapes();
     crate::ranks::run(|coll| {
+        // On the device the collective sums on (a GPU's with NCCL), as a training step's are.
+        let device = coll.device().unwrap_or(candle_core::Device::Cpu);
         let mut grads = shapes
             .iter()
-            .map(|s| {
-                candle_core::Tensor::zeros(s.as_slice(), DType::F32, &candle_core::Device::Cpu)
-            })
+            .map(|s| candle_core::Tensor::zeros(s.as_slice(), DType::F32, &device))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let elements: usize = grads.iter().map(|g| g.elem_count()).sum();
         let mut seconds = vec![];

@@ -489,3 +489,40 @@ fn early_stopping_and_the_time_budget_end_every_rank_together() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `sft bench allreduce` sums gradients of every parameter's shape over the ranks, and says so
+/// on rank 0 alone.
+#[test]
+fn bench_allreduce_sums_every_parameter_over_the_ranks() {
+    let out = mpirun(
+        2,
+        &[
+            "bench",
+            "allreduce",
+            "--preset",
+            "tiny-qwen2",
+            "--vocab-size",
+            "64",
+            "--rounds",
+            "2",
+            "--json",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let mut json = sft_model::presets::preset("tiny-qwen2").unwrap();
+    json["vocab_size"] = 64.into();
+    let cfg = sft_model::ModelConfig::from_json_str(&json.to_string()).unwrap();
+    assert_eq!(r["ranks"], 2);
+    assert_eq!(r["elements"].as_u64().unwrap() as usize, cfg.num_params());
+    assert_eq!(r["seconds"].as_array().unwrap().len(), 2);
+}

@@ -134,6 +134,11 @@ impl ModelConfig {
         self.family().param_specs()
     }
 
+    /// Every trainable tensor's shape, computed without allocating (a tied head once).
+    pub fn param_shapes(&self) -> Vec<Vec<usize>> {
+        self.param_specs().into_iter().map(|s| s.shape).collect()
+    }
+
     /// Number of trainable scalars (a tied head counted once), computed without allocating.
     pub fn num_params(&self) -> usize {
         self.param_specs()

@@ -71,6 +71,12 @@ fn qwen_init_scales() {
     assert_eq!(model.params().len(), 1 + 2 * 12 + 2);
     let count: usize = model.params().iter().map(|(_, v)| v.elem_count()).sum();
     assert_eq!(count, model.config().num_params());
+    let shapes: Vec<Vec<usize>> = model
+        .params()
+        .iter()
+        .map(|(_, v)| v.as_tensor().dims().to_vec())
+        .collect();
+    assert_eq!(shapes, model.config().param_shapes());
     for (name, v) in values(&model) {
         let (mean, std) = mean_std(&v);
         if name.ends_with(".bias") {
