@@ -186,28 +186,32 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// A tensor dequantized to f32 on the CPU, in its row-major shape.
+    /// A tensor dequantized to f32 on the CPU, in its row-major shape (a matrix in parallel
+    /// chunks of rows, as [`QWeight`] dequantizes; candle's `dequantize` runs on one thread).
     pub fn read_f32(&self, name: &str) -> Result<Tensor> {
-        let fail = |e: String| checkpoint_error(&self.path, format!("tensor {name}: {e}"));
-        let file = File::open(&self.path).map_err(io_error(&self.path))?;
-        let mut reader = BufReader::new(file);
-        let q = self
-            .content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| fail(e.to_string()))?;
-        q.dequantize(&Device::Cpu).map_err(|e| fail(e.to_string()))
+        let q = self.qtensor(name)?;
+        let fail = |e: Error| checkpoint_error(&self.path, format!("tensor {name}: {e}"));
+        match q.shape().rank() {
+            2 => QWeight::from_qtensor(q)
+                .and_then(|w| w.dequantize())
+                .map_err(fail),
+            _ => q.dequantize(&Device::Cpu).map_err(|e| fail(e.into())),
+        }
     }
 
     /// A matrix as its stored blocks.
     pub(crate) fn read_blocks(&self, name: &str) -> Result<QWeight> {
-        let fail = |e: String| checkpoint_error(&self.path, format!("tensor {name}: {e}"));
+        QWeight::from_qtensor(self.qtensor(name)?)
+            .map_err(|e| checkpoint_error(&self.path, format!("tensor {name}: {e}")))
+    }
+
+    /// A tensor as candle reads it.
+    fn qtensor(&self, name: &str) -> Result<candle_core::quantized::QTensor> {
         let file = File::open(&self.path).map_err(io_error(&self.path))?;
         let mut reader = BufReader::new(file);
-        let q = self
-            .content
+        self.content
             .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| fail(e.to_string()))?;
-        QWeight::from_qtensor(q).map_err(|e| fail(e.to_string()))
+            .map_err(|e| checkpoint_error(&self.path, format!("tensor {name}: {e}")))
     }
 
     /// An error about this file.
