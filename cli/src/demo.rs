@@ -149,21 +149,12 @@ fn evaluate(
         template: sft_data::TemplateChoice::Auto,
         chat_template: None,
     };
-    let mut counts = vec![];
-    for dir in [pretrained, tuned] {
-        let ck = common::open(dir, None, &template)?;
-        counts.push(poem_compliance(
-            &ck.model,
-            &ck.tok,
-            &ck.template,
-            &patterns,
-            &opts,
-        )?);
-    }
-    let ck = common::open(tuned, None, &template)?;
-    let samples = samples(&ck, &check.poem_styles)?;
-    let fine_tuned = counts.pop().expect("two models");
-    let pretrained = counts.pop().expect("two models");
+    let count =
+        |ck: &Checkpoint| poem_compliance(&ck.model, &ck.tok, &ck.template, &patterns, &opts);
+    let pretrained = count(&common::open(pretrained, None, &template)?)?;
+    let tuned = common::open(tuned, None, &template)?;
+    let fine_tuned = count(&tuned)?;
+    let samples = samples(&tuned, &check.poem_styles)?;
     Ok(Outcome {
         pretrained,
         fine_tuned,
