@@ -122,15 +122,11 @@ fn run_on(
         std::process::exit(128 + sig as i32);
     }
     if json {
-        let mut v = serde_json::to_value(&summary)?;
-        v["peak_rss_mib"] = sft::bench::peak_rss_mib().into();
-        println!("{v}");
+        println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
             "trained {} steps in {:.0} s (peak memory {:.0} MiB)",
-            summary.steps,
-            summary.elapsed_s,
-            sft::bench::peak_rss_mib()
+            summary.steps, summary.elapsed_s, summary.peak_rss_mib
         );
         if let Some(l) = summary.final_train_loss {
             println!("  final train loss      {l:.4}");

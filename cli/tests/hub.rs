@@ -191,6 +191,15 @@ fn a_hub_dataset_split_trains_from_the_local_cache() {
     );
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["steps"], 2);
+    // The process's peak memory, from /proc (this machine has it).
+    assert!(
+        summary["peak_rss_mib"].as_f64().is_some_and(|m| m > 1.0),
+        "{summary}"
+    );
+    assert!(
+        summary.get("streamed").is_none(),
+        "a planned run has no stream counts"
+    );
     // The eval command takes the same spelling.
     let eval = ok(&sft(&cache)
         .args(["eval", "--json", "--model"])

@@ -115,6 +115,9 @@ pub struct Summary {
     /// The run was stopped through [`RunOptions::stop`] before its last step: `last_checkpoint`
     /// holds where it stood, and `final_model` was not written.
     pub interrupted: bool,
+    /// The process's peak resident memory when the run ended (a process that runs several
+    /// stages, as the demo does, counts them all); 0 where `/proc` is not there.
+    pub peak_rss_mib: f64,
     /// A streamed run (`data.streaming`): what it read and left out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streamed: Option<StreamCounts>,
@@ -701,6 +704,7 @@ impl<'a> Run<'a> {
             plot: plot_path,
             elapsed_s: state.elapsed_s,
             interrupted: self.interrupted,
+            peak_rss_mib: crate::bench::peak_rss_mib(),
             streamed: self.feed.stream_counts(),
         })
     }
