@@ -350,6 +350,31 @@ fn bundled_demo_runs_end_to_end() {
         assert_eq!(demo[model][1]["generated"], 1, "{demo}");
     }
     assert_eq!(demo["samples"].as_array().map(Vec::len), Some(6));
+    // The "count again" command gives the demo's counts and examples.
+    let again = ok(sft()
+        .args(["eval-poems", "--json", "--model"])
+        .arg(out.join("sft/final"))
+        .arg("--data")
+        .arg(out.join("data/jueju.jsonl"))
+        .args([
+            "--styles",
+            "五言绝句,七言绝句",
+            "--per-style",
+            "1",
+            "--author-poems",
+            "0",
+        ])
+        .output()
+        .unwrap());
+    let again: serde_json::Value = serde_json::from_str(again.trim()).unwrap();
+    for (i, style) in demo["fine_tuned"].as_array().unwrap().iter().enumerate() {
+        for key in ["style", "generated", "compliant", "examples"] {
+            assert_eq!(
+                again["styles"][i][key], style[key],
+                "{key}: {again} vs {demo}"
+            );
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
